@@ -1,0 +1,48 @@
+# One entry point for everything: `make install`, `make test`, `make demo`, `make bench`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+REQS := requirements/torch.txt requirements/build.txt requirements/fairseq.txt requirements/runtime.txt
+DEPS := $(VENV)/.deps-installed
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+# The order matters: torch first (so nothing pulls another one), then the build tools fairseq's
+# extensions compile against, then fairseq without its dependencies and without build isolation
+# (isolation would download a fresh multi-GB torch to build against), then everything else.
+$(DEPS): $(REQS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements/torch.txt
+	$(PIP) install --quiet -r requirements/build.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -r requirements/fairseq.txt
+	$(PIP) install --quiet -r requirements/runtime.txt -c requirements/torch.txt
+	@touch $(DEPS)
+
+# The project itself, editable; redone only when setup.py changes.
+$(STAMP): $(DEPS) setup.py
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@$(PY) -c "import torch, torchvision, fairseq, fairseq_asam; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| fairseq', fairseq.__version__)"
+	@! $(PIP) show torchaudio >/dev/null 2>&1 || { echo "torchaudio got installed; it must not be" >&2; exit 1; }
+	@touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -ra tests
+
+demo: install
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+
+bench: install
+	$(PY) scripts/benchmark.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

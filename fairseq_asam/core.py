@@ -1,0 +1,508 @@
+"""The sharpness-aware step: ASAM (Kwon et al., ICML 2021, Section 4, Algorithm 1) and SAM (Foret et al.).
+
+Torch only: fairseq and torchvision code call this module, they never re-derive the math.
+
+One update with weights w, radius rho and normalization operator T_w (paper Eq. 5, plus eta I):
+
+    g     = grad L(w)
+    eps   = rho * T_w^2 g / ||T_w g||_2          (p = 2)
+    eps   = rho * T_w sign(g)                    (p = inf)
+    g'    = grad L(w + eps)
+    w     <- w exactly (restored from a copy), then the base optimizer steps with g'
+
+SAM is T_w = I. Example (runs as is)::
+
+    import torch
+    from fairseq_asam import ASAM
+    model = torch.nn.Linear(4, 2)
+    opt = ASAM(model.named_parameters(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.ascent_step()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.descent_step()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ASAM", "SAM", "ParamSpec", "perturbation", "resolve_params"]
+
+_NORMALIZATIONS = ("element", "filter")
+
+
+def _check_p(p) -> float:
+    try:
+        pf = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid p: {p!r}; p must be 2 or inf (float('inf') or the string 'inf')") from None
+    if pf not in (2.0, math.inf):
+        raise ValueError(f"Invalid p: {p!r}; p must be 2 or inf (float('inf') or the string 'inf')")
+    return pf
+
+
+def check_hyperparameters(rho, eta, p, normalization, *, adaptive: bool = True) -> float:
+    """Validate the sharpness-aware hyper-parameters; returns p as a float (2.0 or inf)."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"Invalid rho: {rho!r}; rho (the radius of the perturbation) must be a finite number > 0")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"Invalid eta: {eta!r}; eta must be a finite number >= 0")
+    pf = _check_p(p)
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"Invalid normalization: {normalization!r}; expected one of {_NORMALIZATIONS}")
+    return pf
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter is normalized.
+
+    kind: "none" (T = 1: SAM, or a bias without bias normalization), "element" (T = |w| + eta)
+    or "filter" (T = ||filter||_2 + eta for every entry of each output-channel filter).
+    """
+
+    name: str
+    kind: str
+
+
+def resolve_params(params, *, adaptive: bool, normalization: str, normalize_bias: bool):
+    """Turn what the user passed into a list of (tensor, ParamSpec).
+
+    Accepted, the way torch.optim accepts them:
+
+    - ``model.named_parameters()`` (pairs ``(name, tensor)``): a name ending in ``bias`` is a bias;
+    - plain tensors (``model.parameters()``);
+    - param groups: dicts with ``"params"`` holding either of the above, and optionally
+      ``"is_bias": True/False`` marking every tensor of the group.
+
+    The documented rule for unnamed tensors: a tensor with two or more dimensions is a weight. A 1-D
+    tensor is ambiguous (a bias, or the weight of a norm layer?), and when the answer changes the
+    perturbation (ASAM without bias normalization) it raises ``ValueError`` instead of guessing.
+    """
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or param groups, got a Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("ASAM/SAM got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out: list[tuple[Tensor, ParamSpec]] = []
+    seen: set[int] = set()
+    for gi, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param group {gi} must be a dict with a 'params' key, got {type(group).__name__}")
+        plist = group["params"]
+        plist = [plist] if isinstance(plist, Tensor) else list(plist)
+        group_bias = group.get("is_bias")
+        if group_bias is not None and not isinstance(group_bias, bool):
+            raise ValueError(f"param group {gi}: 'is_bias' must be True or False, got {group_bias!r}")
+        for idx, entry in enumerate(plist):
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
+                name, t = entry
+            elif isinstance(entry, Tensor):
+                name, t = None, entry
+            else:
+                raise TypeError(
+                    f"param group {gi}, entry {idx}: expected a tensor or a (name, tensor) pair, got {type(entry).__name__}"
+                )
+            if id(t) in seen:
+                raise ValueError(f"parameter {name or idx} appears more than once")
+            seen.add(id(t))
+            label = name if name is not None else f"group {gi} #{idx} (shape {list(t.shape)})"
+            if group_bias is not None:
+                is_bias = group_bias
+            elif name is not None:
+                is_bias = name.endswith("bias")
+            elif t.dim() >= 2:
+                is_bias = False
+            elif not adaptive or normalize_bias:
+                is_bias = False  # the answer does not change the perturbation
+            else:
+                raise ValueError(
+                    f"ASAM cannot tell whether the 1-D parameter {label} is a bias (T = 1) or a weight "
+                    "(T = |w| + eta). Pass model.named_parameters() (names ending in 'bias' are biases), "
+                    "or param groups with 'is_bias': True/False, or normalize_bias=True."
+                )
+            if not adaptive or (is_bias and not normalize_bias):
+                kind = "none"
+            elif normalization == "filter" and t.dim() >= 3 and not is_bias:
+                kind = "filter"
+            else:
+                kind = "element"
+            out.append((t, ParamSpec(label, kind)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Both take the weights W, their grads G and a scratch list S (the persistent copy of w,
+# one buffer per parameter). On return: S holds an exact copy of w, G holds T^2 g (p = 2) or T sign(g)
+# (p = inf), and the function returns the fp32 scalar the eps direction must be multiplied by,
+# or None if the gradient is not finite. They use S as scratch for T before it takes the copy of w,
+# so the ascent allocates nothing of parameter size (Memory: one persistent copy, nothing else).
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    # Norms of fp16/bf16 tensors are accumulated in fp32 (fp16 squares overflow at 256); fp64 stays fp64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sum_sq(tensors, foreach: bool) -> Tensor:
+    """sum_i ||t_i||_2^2, accumulated in fp32 on the first tensor's device (no host sync)."""
+    sq = None
+    if foreach:
+        for group in _by_device_dtype(tensors):
+            part = torch.stack(torch._foreach_norm(group, 2, dtype=_acc(group[0].dtype))).square().sum()
+            sq = part if sq is None else sq + part.to(sq.device)
+    else:
+        for t in tensors:
+            part = torch.linalg.vector_norm(t, dtype=_acc(t.dtype)).square()
+            sq = part if sq is None else sq + part.to(sq.device)
+    return sq
+
+
+def _filter_t(w: Tensor, eta: float) -> Tensor:
+    # Eq. 5 filter-wise: ||f_i||_2 + eta for every entry of filter i (an output channel).
+    n = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=_acc(w.dtype)) + eta
+    return n.to(w.dtype).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+
+
+def _single_tensor_direction(W, G, S, kinds, eta: float, p: float):
+    sq = None
+    for w, g, s, kind in zip(W, G, S, kinds):
+        # Per tensor: T into the scratch copy, g <- T g, its squared norm, g <- T^2 g, then the copy of w.
+        if kind == "element":
+            s.copy_(w).abs_().add_(eta)
+            t = s
+        elif kind == "filter":
+            t = _filter_t(w, eta)
+        else:
+            t = None
+        if p == 2:
+            if t is not None:
+                g.mul_(t)
+            n2 = _sum_sq([g], False)
+            sq = n2 if sq is None else sq + n2.to(sq.device)
+            if t is not None:
+                g.mul_(t)
+        else:
+            n2 = _sum_sq([g], False)  # p = inf needs no norm; this detects a non-finite gradient
+            sq = n2 if sq is None else sq + n2.to(sq.device)
+            g.sign_()
+            if t is not None:
+                g.mul_(t)
+        s.copy_(w)
+    return sq
+
+
+def _multi_tensor_direction(W, G, S, kinds, eta: float, p: float):
+    el = [i for i, k in enumerate(kinds) if k == "element"]
+    fl = [i for i, k in enumerate(kinds) if k == "filter"]
+    We, Ge, Se = [W[i] for i in el], [G[i] for i in el], [S[i] for i in el]
+    ft = [_filter_t(W[i], eta) for i in fl]
+    Gf = [G[i] for i in fl]
+    if We:
+        torch._foreach_copy_(Se, We)
+        torch._foreach_abs_(Se)
+        torch._foreach_add_(Se, eta)
+
+    def apply_t():
+        if We:
+            torch._foreach_mul_(Ge, Se)
+        for g, t in zip(Gf, ft):
+            g.mul_(t)
+
+    if p == 2:
+        apply_t()
+        sq = _sum_sq(G, True)
+        apply_t()
+    else:
+        sq = _sum_sq(G, True)
+        torch._foreach_sign_(G)
+        apply_t()
+    torch._foreach_copy_(S, W)
+    return sq
+
+
+def _by_device_dtype(tensors):
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
+def perturbation(params, grads, *, rho: float, eta: float = 0.01, p=2, kinds=None, foreach: bool = False):
+    """eps of the paper (Section 4) as new tensors, for inspection and tests; the optimizer works in place.
+
+    ``kinds`` is one of "none"/"element"/"filter" per tensor (see ParamSpec); default all "element".
+    """
+    pf = _check_p(p)
+    W = [w.detach() for w in params]
+    G = [g.detach().clone() for g in grads]
+    S = [torch.empty_like(w) for w in W]
+    kinds = list(kinds) if kinds is not None else ["element"] * len(W)
+    kernel = _multi_tensor_direction if foreach else _single_tensor_direction
+    sq = kernel(W, G, S, kinds, eta, pf)
+    norm = float(sq.sqrt())
+    if not math.isfinite(norm):
+        raise ValueError("the gradient is not finite")
+    scale = rho / norm if pf == 2 else rho
+    if pf == 2 and norm == 0.0:
+        scale = 0.0
+    return [g * scale for g in G]
+
+
+class ASAM(torch.optim.Optimizer):
+    """Adaptive Sharpness-Aware Minimization around any base optimizer.
+
+    Args:
+        params: ``model.named_parameters()`` (recommended: names decide which tensors are biases),
+            plain tensors or param groups; see :func:`resolve_params` for the rule on unnamed 1-D tensors.
+        base_optimizer: a ``torch.optim`` optimizer (or a fairseq optimizer) over the same parameters.
+        rho: radius of the perturbation region (paper: 0.5 CIFAR-10, 1.0 CIFAR-100/ImageNet, 0.2 IWSLT'14).
+        eta: the eta of T_w + eta I (paper: 0.01), for stability where weights are near zero.
+        p: 2 or ``float("inf")``.
+        normalization: ``"element"`` or ``"filter"`` (paper Eq. 5).
+        normalize_bias: also normalize biases (T = |b| + eta); the paper's default is off (T = 1).
+        foreach: ``None`` picks the way torch.optim does (foreach on CUDA, the per-tensor loop on
+            CPU, where it measured faster); ``True``/``False`` force a kernel. Both give the same numbers.
+
+    The wrapper shares ``param_groups`` with the base optimizer, so an LR scheduler built on either works.
+    """
+
+    _adaptive = True
+
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        p=2,
+        normalization: str = "element",
+        normalize_bias: bool = False,
+        *,
+        foreach: bool | None = None,
+    ):
+        pf = check_hyperparameters(rho, eta, p, normalization)
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r}; expected None, True or False")
+        if not isinstance(normalize_bias, bool):
+            raise ValueError(f"Invalid normalize_bias: {normalize_bias!r}; expected True or False")
+        base_groups = getattr(base_optimizer, "param_groups", None)
+        if base_groups is None or not callable(getattr(base_optimizer, "step", None)):
+            raise ValueError(
+                f"Invalid base_optimizer: {type(base_optimizer).__name__} has no param_groups/step(); "
+                "pass an optimizer instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
+            )
+        specs = resolve_params(params, adaptive=self._adaptive, normalization=normalization, normalize_bias=normalize_bias)
+        mine = {id(t) for t, _ in specs}
+        theirs = {id(t) for g in base_groups for t in g["params"]}
+        if mine != theirs:
+            raise ValueError(
+                f"the base optimizer must hold the same parameters as {type(self).__name__}: "
+                f"{len(mine - theirs)} of the {len(mine)} parameters given are not in the base optimizer, "
+                f"and {len(theirs - mine)} of its {len(theirs)} parameters were not given"
+            )
+        self.base_optimizer = base_optimizer
+        self.rho = float(rho)
+        self.eta = float(eta)
+        self.p = pf
+        self.normalization = normalization
+        self.normalize_bias = normalize_bias
+        self.foreach = foreach
+        self._params = [t for t, _ in specs]
+        self._specs = [s for _, s in specs]
+        self._copies: dict[int, Tensor] = {}  # the one persistent extra buffer: a copy of w
+        self._perturbed: list[Tensor] = []
+        self.last_eps_norm: Tensor | None = None
+        self.last_grad_finite = True
+        defaults = dict(rho=self.rho, eta=self.eta, p=self.p)
+        super().__init__(self._params, defaults)
+        # Share, not copy: an LR scheduler on either object changes the lr the base optimizer uses.
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = getattr(base_optimizer, "defaults", defaults)
+
+    # -- the two half-steps --------------------------------------------------------------------
+
+    def _use_foreach(self, tensors) -> bool:
+        if self.foreach is not None:
+            return self.foreach
+        return bool(tensors) and all(t.is_cuda for t in tensors)
+
+    @torch.no_grad()
+    def ascent_step(self, zero_grad: bool = True) -> bool:
+        """w -> w + eps using the gradients in ``.grad``; grads are zeroed afterwards.
+
+        Returns False (weights untouched) when the gradient is not finite, so the caller can skip
+        the update; ``descent_step()`` after a skipped ascent only runs the base optimizer if asked.
+        """
+        if self._perturbed:
+            raise RuntimeError("ascent_step() called twice without descent_step(): the weights are still perturbed")
+        W, G, S, kinds = [], [], [], []
+        for t, spec in zip(self._params, self._specs):
+            if t.grad is None:
+                continue  # parameters with no grad are left alone
+            if t.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({spec.name})")
+            buf = self._copies.get(id(t))
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+                buf = self._copies[id(t)] = torch.empty_like(t, memory_format=torch.preserve_format)
+            W.append(t)
+            G.append(t.grad)
+            S.append(buf)
+            kinds.append(spec.kind)
+        if not W:
+            self.last_grad_finite = True
+            self.last_eps_norm = None
+            return True
+        kernel = _multi_tensor_direction if self._use_foreach(W) else _single_tensor_direction
+        sq = kernel(W, G, S, kinds, self.eta, self.p)
+        # One host sync per update: needed to report a non-finite gradient to the caller.
+        norm = float(sq.sqrt())
+        if not math.isfinite(norm):
+            self.last_grad_finite = False
+            self.last_eps_norm = None
+            if zero_grad:
+                self._zero(G)
+            return False
+        self.last_grad_finite = True
+        if self.p == 2:
+            scale = self.rho / norm if norm > 0 else 0.0  # all-zero gradient: eps = 0, no NaN
+        else:
+            scale = self.rho
+        foreach = self._use_foreach(W)
+        if foreach:
+            torch._foreach_mul_(G, scale)
+            torch._foreach_add_(W, G)
+        else:
+            for w, g in zip(W, G):
+                g.mul_(scale)
+                w.add_(g)
+        # ||eps||_2 for logging, left on the device (no sync).
+        self.last_eps_norm = _sum_sq(G, foreach).sqrt()
+        self._perturbed = W
+        if zero_grad:
+            self._zero(G)
+        return True
+
+    first_step = ascent_step  # the name used by the davda54/sam wrapper
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights of the last ascent bit for bit (a copy, not w + eps - eps)."""
+        if not self._perturbed:
+            return
+        S = [self._copies[id(t)] for t in self._perturbed]
+        if self._use_foreach(self._perturbed):
+            torch._foreach_copy_(self._perturbed, S)
+        else:
+            for w, s in zip(self._perturbed, S):
+                w.copy_(s)
+        self._perturbed = []
+
+    def descent_step(self, zero_grad: bool = True):
+        """Restore w exactly, then run the base optimizer's step with the gradients taken at w + eps."""
+        self.restore()
+        out = self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+        return out
+
+    second_step = descent_step
+
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """Both passes. ``closure`` must zero the grads, run forward and backward, and return the loss."""
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that zeroes the grads, runs forward and "
+                "backward and returns the loss, e.g. step(lambda: (opt.zero_grad(), loss_fn(model(x), y).backward())...); "
+                "or call ascent_step() and descent_step() around your own second forward/backward."
+            )
+        with torch.enable_grad():
+            loss = closure()
+        if not self.ascent_step():
+            self.zero_grad()  # non-finite gradient: skip the update, weights untouched
+            return loss
+        with torch.enable_grad():
+            closure()
+        self.descent_step()
+        return loss
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _zero(G):
+        for g in G:
+            g.zero_()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none:
+            self.base_optimizer.zero_grad()  # fairseq's optimizers take no set_to_none argument
+        else:
+            self.base_optimizer.zero_grad(set_to_none=False)
+
+    def state_dict(self):
+        return {
+            "base": self.base_optimizer.state_dict(),
+            "asam": dict(
+                rho=self.rho,
+                eta=self.eta,
+                p=self.p,
+                normalization=self.normalization,
+                normalize_bias=self.normalize_bias,
+                adaptive=self._adaptive,
+            ),
+        }
+
+    def load_state_dict(self, state_dict) -> None:
+        """Restores the base optimizer's state and these hyper-parameters (as torch.optim restores lr).
+
+        A plain state dict of the base optimizer (no ``"base"`` key) is accepted too, to switch a run
+        from its base optimizer to SAM/ASAM.
+        """
+        if self._perturbed:
+            raise RuntimeError("load_state_dict() between ascent_step() and descent_step()")
+        if "base" not in state_dict:
+            self.base_optimizer.load_state_dict(state_dict)
+            return
+        hp = state_dict.get("asam", {})
+        if hp.get("adaptive", self._adaptive) != self._adaptive:
+            raise ValueError(
+                f"this state dict was saved by {'ASAM' if hp['adaptive'] else 'SAM'}, not {type(self).__name__}; "
+                "load state_dict['base'] to move the base optimizer's state across"
+            )
+        if hp:
+            self.p = check_hyperparameters(hp["rho"], hp["eta"], hp["p"], hp["normalization"])
+            self.rho, self.eta = float(hp["rho"]), float(hp["eta"])
+            if hp["normalization"] != self.normalization or hp["normalize_bias"] != self.normalize_bias:
+                raise ValueError(
+                    "the state dict's normalization/normalize_bias "
+                    f"({hp['normalization']}/{hp['normalize_bias']}) differ from this optimizer's "
+                    f"({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
+                )
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+
+    def __repr__(self) -> str:
+        p = "inf" if self.p == math.inf else "2"
+        extra = f", eta={self.eta}, normalization={self.normalization!r}, normalize_bias={self.normalize_bias}" if self._adaptive else ""
+        return f"{type(self).__name__}(rho={self.rho}, p={p}{extra}, base={type(self.base_optimizer).__name__})"
+
+
+class SAM(ASAM):
+    """Sharpness-Aware Minimization (Foret et al., 2021): ASAM with T_w = I."""
+
+    _adaptive = False
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, p=2, *, foreach: bool | None = None):
+        super().__init__(params, base_optimizer, rho=rho, eta=0.0, p=p, foreach=foreach)
+
+    def __repr__(self) -> str:
+        return f"SAM(rho={self.rho}, p={'inf' if self.p == math.inf else '2'}, base={type(self.base_optimizer).__name__})"
+

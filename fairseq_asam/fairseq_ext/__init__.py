@@ -1,0 +1,1 @@
+"""fairseq adapters: registered optimizers, the two-pass task, checkpoint loading."""
