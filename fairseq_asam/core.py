@@ -410,6 +410,8 @@ class ASAM(torch.optim.Optimizer):
         """Restore w exactly, then run the base optimizer's step with the gradients taken at w + eps."""
         self.restore()
         out = self.base_optimizer.step()
+        # torch's LR schedulers warn unless the optimizer's step() ran; descent_step() is that step.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
         return out
