@@ -339,7 +339,7 @@ def test_works_with_fairseq_adam_and_adamw():
         opt = ASAM(model.named_parameters(), cls(model.parameters(), lr=1e-2), rho=0.5)
         before = float(loss_of(model, x, y))
 
-        def closure(m=model, o=opt):
+        def closure(m=model, o=opt, x=x, y=y):
             o.zero_grad()
             loss = loss_of(m, x, y)
             loss.backward()
