@@ -1,0 +1,578 @@
+"""asam-vision-train: CIFAR-10/100 and ImageNet with SGD, SAM or ASAM (paper Section 5.2, 5.4; Tables 2, 3, 4, 6).
+
+The defaults are the paper's (Section 5.2): batch 128, lr 0.1 with cosine decay, momentum 0.9, weight
+decay 5e-4, label smoothing 0.1, crop with 4-pixel padding + flip; 200 epochs for SAM/ASAM and 400 for
+SGD; rho 0.5 / 1.0 (ASAM, CIFAR-10 / CIFAR-100), 0.05 / 0.1 (SAM); eta 0.01. ImageNet: ResNet-50,
+batch 512, lr 0.2, weight decay 1e-4, 100 epochs for SAM/ASAM and 200 for SGD, rho 1.0 (ASAM) / 0.05
+(SAM), m = 128. The update itself is :func:`fairseq_asam.vision.step.train_step` around the core.
+
+    asam-vision-train --dataset cifar10 --data-dir data --model resnet20 --minimizer asam --run-dir runs/r20-asam
+    torchrun --nproc_per_node 4 -m fairseq_asam.vision --dataset imagenet --data-dir /data/imagenet --minimizer asam
+
+Each epoch writes <run-dir>/checkpoint_last.pt (and checkpoint_best.pt), metrics.csv and metrics.json;
+args.json holds the resolved arguments; ``--resume`` continues a stopped run to the same final weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core import ASAM, SAM
+from . import data as vdata
+from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
+from .step import train_step
+
+logger = logging.getLogger("fairseq_asam.vision")
+
+__all__ = ["build_parser", "cli_main", "load_model_from_checkpoint", "main", "resolve_args"]
+
+CHECKPOINT_VERSION = 1
+
+# Section 5.2 (CIFAR) and 5.2 "ImageNet" paragraph: values that depend on the data set and the minimizer.
+_RHO = {("cifar10", "asam"): 0.5, ("cifar100", "asam"): 1.0, ("imagenet", "asam"): 1.0,
+        ("cifar10", "sam"): 0.05, ("cifar100", "sam"): 0.1, ("imagenet", "sam"): 0.05}
+_EPOCHS = {("cifar", "sgd"): 400, ("cifar", "sam"): 200, ("cifar", "asam"): 200,
+           ("imagenet", "sgd"): 200, ("imagenet", "sam"): 100, ("imagenet", "asam"): 100}
+
+# Arguments that must not change when a run is resumed (they change the trajectory or the model).
+_RESUME_FIXED = ("dataset", "model", "minimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                 "label_smoothing", "rho", "eta", "p", "normalization", "normalize_bias", "m", "label_noise",
+                 "seed", "amp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asam-vision-train",
+        description="Train a CIFAR/ImageNet classifier with SGD, SAM or ASAM (Kwon et al., ICML 2021). "
+        "Unset values take the paper's defaults for the data set and minimizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=vdata.DATASETS, default="cifar10")
+    g.add_argument("--data-dir", default="data",
+                   help="holds cifar-10-batches-py/ or cifar-100-python/, or train/ and val/ for imagenet")
+    g.add_argument("--download", action="store_true",
+                   help="download CIFAR into --data-dir when the files are missing (MD5-checked by torchvision)")
+    g.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
+                   help="symmetric label noise on the training set (Table 6), reproducible from --seed")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 8)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="default: resnet20 for CIFAR, resnet50 for ImageNet")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--minimizer", choices=("sgd", "sam", "asam"), default="asam")
+    g.add_argument("--epochs", type=int, default=None, help="default: 200 SAM/ASAM, 400 SGD (ImageNet 100/200)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch, all workers (default 128, ImageNet 512)")
+    g.add_argument("--lr", type=float, default=None, help="initial lr, cosine decay (default 0.1, ImageNet 0.2)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, ImageNet 1e-4")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+
+    g = p.add_argument_group("sharpness-aware minimization (SAM/ASAM)")
+    g.add_argument("--rho", type=float, default=None,
+                   help="default: ASAM 0.5 CIFAR-10, 1.0 CIFAR-100/ImageNet; SAM 0.05 CIFAR-10/ImageNet, 0.1 CIFAR-100")
+    g.add_argument("--eta", type=float, default=0.01, help="ASAM: T_w = |w| + eta")
+    g.add_argument("--p", choices=("2", "inf"), default="2")
+    g.add_argument("--normalization", choices=("element", "filter"), default="element")
+    g.add_argument("--normalize-bias", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--m", type=int, default=None,
+                   help="m-sharpness: a separate perturbation per shard of m examples of each worker's batch "
+                   "(default: the whole worker batch; ImageNet 128)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", default=None, help="default: runs/vision/<dataset>-<model>-<minimizer>-s<seed>")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision; fp16 uses a GradScaler across the two passes")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bit-exact --resume on GPU; slower)")
+    g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                   help="continue from <run-dir>/checkpoint_last.pt, or from the given checkpoint")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop once this many epochs are done (the schedule still spans --epochs); resume later")
+    g.add_argument("--test-batch-size", type=int, default=256)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar per epoch")
+    return p
+
+
+def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Fill the paper's defaults and check every value; errors name the flag."""
+
+    def fail(msg):
+        if parser is not None:
+            parser.error(msg)
+        raise ValueError(msg)
+
+    imagenet = args.dataset == "imagenet"
+    if args.model is None:
+        args.model = "resnet50" if imagenet else "resnet20"
+    if imagenet and args.model not in IMAGENET_MODELS:
+        fail(f"--model {args.model} is a 32x32 CIFAR model; for imagenet use one of {sorted(IMAGENET_MODELS)}")
+    if not imagenet and args.model not in CIFAR_MODELS:
+        fail(f"--model {args.model} is an ImageNet model; for {args.dataset} use one of {sorted(CIFAR_MODELS)}")
+    fam = "imagenet" if imagenet else "cifar"
+    if args.epochs is None:
+        args.epochs = _EPOCHS[(fam, args.minimizer)]
+    if args.batch_size is None:
+        args.batch_size = 512 if imagenet else 128
+    if args.lr is None:
+        args.lr = 0.2 if imagenet else 0.1
+    if args.weight_decay is None:
+        args.weight_decay = 1e-4 if imagenet else 5e-4
+    if args.minimizer == "sgd":
+        if args.rho is not None or args.m is not None:
+            fail("--rho and --m apply to --minimizer sam/asam, not sgd")
+    else:
+        if args.rho is None:
+            args.rho = _RHO[(args.dataset, args.minimizer)]
+        if args.m is None and imagenet:
+            args.m = 128
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "vision", f"{args.dataset}-{args.model}-{args.minimizer}-s{args.seed}")
+    if args.workers is None:
+        args.workers = vdata.default_num_workers()
+
+    checks = [
+        ("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "> 0"),
+        ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)"),
+        ("--weight-decay", args.weight_decay, math.isfinite(args.weight_decay) and args.weight_decay >= 0, ">= 0"),
+        ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)"),
+        ("--label-noise", args.label_noise, 0 <= args.label_noise < 1, "in [0, 1)"),
+        ("--eta", args.eta, math.isfinite(args.eta) and args.eta >= 0, ">= 0"),
+        ("--workers", args.workers, args.workers >= 0, ">= 0"),
+        ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, ">= 1"),
+    ]
+    if args.rho is not None:
+        checks.append(("--rho", args.rho, math.isfinite(args.rho) and args.rho > 0, "> 0"))
+    if args.m is not None:
+        checks.append(("--m", args.m, args.m >= 1, ">= 1"))
+    if args.stop_after is not None:
+        checks.append(("--stop-after", args.stop_after, 1 <= args.stop_after <= args.epochs, f"in [1, --epochs={args.epochs}]"))
+    for flag, value, ok, want in checks:
+        if not ok:
+            fail(f"{flag} must be {want}, got {value}")
+    if args.amp == "fp16" and args.minimizer == "sgd" and args.device == "cpu":
+        pass  # allowed: CPU autocast supports fp16 in this torch
+    return args
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _device(args, local_rank: int) -> torch.device:
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("asam-vision-train: --device cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    # BatchNorm statistics drift apart on the workers (each saw its own shards): evaluate rank 0's.
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+def _ranks_agree(model: nn.Module, device) -> bool:
+    ok = True
+    for t in list(model.parameters()) + list(model.buffers()):
+        ref = t.detach().clone()
+        dist.broadcast(ref, 0)
+        ok = ok and torch.equal(ref, t.detach())
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    # Every epoch starts from an RNG state that depends only on (seed, epoch, rank): a resumed run
+    # draws the same crops, flips and shuffles as an uninterrupted one.
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_json(path, obj):
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    _atomic_write(path, w)
+
+
+def _write_metrics(run_dir: str, history: list[dict]) -> None:
+    _save_json(os.path.join(run_dir, "metrics.json"), history)
+    if not history:
+        return
+
+    def w(tmp):
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(history[0]))
+            wr.writeheader()
+            wr.writerows(history)
+
+    _atomic_write(os.path.join(run_dir, "metrics.csv"), w)
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
+    k = min(max(ks), logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top.eq(y.unsqueeze(1))
+    return [int(hit[:, : min(kk, k)].any(1).sum()) for kk in ks]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast) -> dict:
+    """Mean cross-entropy (no smoothing), top-1 and top-5 accuracy in %, summed over all ranks."""
+    model.eval()
+    tot = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        c1, c5 = _topk_correct(logits, y)
+        tot += torch.tensor([float(ce(logits, y)), c1, c5, len(y)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tot)
+    loss, c1, c5, n = tot.tolist()
+    model.train()
+    return {"loss": loss / max(n, 1), "top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
+
+
+def _make_optimizer(model: nn.Module, args):
+    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    p = math.inf if args.p == "inf" else 2
+    if args.minimizer == "asam":
+        opt = ASAM(model.named_parameters(), base, rho=args.rho, eta=args.eta, p=p,
+                   normalization=args.normalization, normalize_bias=args.normalize_bias)
+    elif args.minimizer == "sam":
+        opt = SAM(model.named_parameters(), base, rho=args.rho, p=p)
+    else:
+        opt = base
+    return opt, base
+
+
+def _autocast_factory(args, device):
+    if args.amp == "none":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _setup_logging(run_dir: str | None, rank: int) -> None:
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%H:%M:%S")
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(fmt)
+    logger.addHandler(sh)
+    if run_dir is not None and rank == 0:
+        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items()}
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+
+
+def load_model_from_checkpoint(path: str, map_location="cpu"):
+    """(model in eval mode with the checkpoint's weights, the run's resolved args as a dict).
+
+    The args dict has what :func:`fairseq_asam.vision.data.build_eval_dataset` needs (dataset, data_dir,
+    seed, label_noise) and ``num_classes``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"{path} is not an asam-vision-train checkpoint (no 'model'/'args')")
+    args = dict(ckpt["args"])
+    model = build_model(args["model"], int(args["num_classes"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, args
+
+
+def _save_checkpoint(path, model, opt, sched, scaler, epoch, history, best, args_dict):
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "history": history,
+        "best": best,
+        "args": args_dict,
+    }
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
+    """Train; returns the summary (best and final test accuracy). ``args`` as from :func:`build_parser`."""
+
+    def fail(msg):
+        if parser is not None:
+            parser.error(msg)
+        raise ValueError(msg)
+
+    args = resolve_args(args, parser)
+    world, rank, local_rank = _dist_env()
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} must be divisible by the number of workers ({world})")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    device = _device(args, local_rank)
+    if device.type == "cuda" and not args.deterministic:
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    _setup_logging(None, rank)
+    ckpt_path = None
+    if args.resume is not None:
+        ckpt_path = os.path.join(args.run_dir, "checkpoint_last.pt") if args.resume == "last" else args.resume
+        if not os.path.isfile(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+    elif os.path.exists(os.path.join(args.run_dir, "checkpoint_last.pt")):
+        fail(f"--run-dir {args.run_dir} already holds a run (checkpoint_last.pt); pass --resume or another --run-dir")
+
+    # Data and model before the run directory exists: bad input leaves nothing behind.
+    try:
+        train_ds, n_noisy = vdata.build_train_dataset(vars(args), download=args.download and rank == 0)
+        if world > 1:
+            dist.barrier()  # rank 0 downloaded; the others read the files now
+            if rank != 0:
+                train_ds, n_noisy = vdata.build_train_dataset(vars(args))
+        test_ds = vdata.build_eval_dataset(vars(args), "test")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        fail(f"--data-dir: {e}")
+    base_train = train_ds.base if isinstance(train_ds, vdata.NoisyLabels) else train_ds
+    num_classes = vdata.num_classes_of(args.dataset, base_train)
+    if args.dataset == "imagenet" and list(base_train.classes) != list(test_ds.classes):
+        fail(f"--data-dir: train/ and val/ of {args.data_dir} do not have the same class folders")
+
+    _seed_everything(args.seed)
+    model = build_model(args.model, num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt, base = _make_optimizer(model, args)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    autocast = _autocast_factory(args, device)
+
+    args_dict = _jsonable(args)
+    args_dict.update(num_classes=num_classes, world_size=world, torch_version=torch.__version__,
+                     labels_corrupted=n_noisy, train_size=len(train_ds), test_size=len(test_ds))
+    start_epoch, history = 0, []
+    best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
+    if ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ckpt["args"]
+        diff = [k for k in _RESUME_FIXED if saved.get(k) != args_dict.get(k)]
+        if diff:
+            fail("--resume: these arguments differ from the checkpoint's: "
+                 + ", ".join(f"--{k.replace('_', '-')} {args_dict.get(k)} (checkpoint: {saved.get(k)})" for k in diff))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history, best = ckpt["epoch"], list(ckpt["history"]), dict(ckpt["best"])
+
+    if rank == 0:
+        os.makedirs(args.run_dir, exist_ok=True)
+        _save_json(os.path.join(args.run_dir, "args.json"), args_dict)
+    if world > 1:
+        dist.barrier()
+    _setup_logging(args.run_dir, rank)
+    logger.info("asam-vision-train %s", " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
+    logger.info("%s: %d training / %d test images, %d classes; model %s, %d parameters; %d worker(s) on %s",
+                args.dataset, len(train_ds), len(test_ds), num_classes, args.model,
+                sum(p.numel() for p in model.parameters()), world, device)
+    if args.label_noise:
+        logger.info("label noise: %d of %d training labels corrupted (%.4f; requested %.4f)",
+                    n_noisy, len(train_ds), n_noisy / len(train_ds), args.label_noise)
+    if ckpt_path is not None:
+        logger.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    local_bs = args.batch_size // world
+    gen = torch.Generator()
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=gen)
+    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=False, worker_init_fn=vdata.seed_worker)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=local_bs, sampler=sampler, generator=gen, **loader_kw)
+    # Each rank evaluates every world-th test image; the sums are all-reduced (no padding, exact).
+    test_part = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world))
+    test_loader = torch.utils.data.DataLoader(test_part, batch_size=args.test_batch_size, shuffle=False, **loader_kw)
+
+    from tqdm import tqdm
+
+    last_epoch = args.stop_after if args.stop_after is not None else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        seed = _epoch_seed(args.seed, epoch, rank)
+        _seed_everything(seed)
+        gen.manual_seed(_epoch_seed(args.seed, epoch, 0))
+        if world > 1:
+            sampler.set_epoch(epoch)
+        model.train()
+        t0 = time.time()
+        lr = base.param_groups[0]["lr"]
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, eps_norm sum
+        steps = skipped = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and rank == 0),
+                   leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            r = train_step(ddp_model, opt, criterion, x, y, m_sharpness=args.m, scaler=scaler, autocast=autocast)
+            n = r.logits.shape[0]
+            with torch.no_grad():
+                correct = (r.logits.argmax(1) == y[:n]).sum()
+                eps = r.eps_norm if r.eps_norm is not None else torch.zeros((), device=device)
+                sums += torch.stack([r.loss.double() * n, correct.double(), torch.tensor(float(n), device=device,
+                                     dtype=torch.float64), eps.double().to(device)])
+            steps += 1
+            skipped += int(r.skipped)
+            if steps % 20 == 0 and bar.disable is False:
+                s = sums.tolist()
+                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}")
+        bar.close()
+        sched.step()
+        if world > 1:
+            dist.all_reduce(sums)
+            _broadcast_buffers(model)
+        s = sums.tolist()
+        test = evaluate(model, test_loader, device, autocast)
+        rec = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": s[0] / max(s[2], 1),
+            "train_acc": 100.0 * s[1] / max(s[2], 1),
+            "test_loss": test["loss"],
+            "test_acc": test["top1"],
+            "test_top5": test["top5"],
+            "eps_norm": s[3] / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
+            "skipped_steps": skipped,
+            "time_s": round(time.time() - t0, 3),
+        }
+        history.append(rec)
+        if test["top1"] > best["top1"]:
+            best = {"top1": test["top1"], "top5": test["top5"], "epoch": epoch + 1}
+        logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | %.1fs%s",
+                    epoch + 1, args.epochs, lr, rec["train_loss"], rec["train_acc"], rec["test_loss"], rec["test_acc"],
+                    rec["test_top5"], rec["time_s"], f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
+        if rank == 0:
+            path = os.path.join(args.run_dir, "checkpoint_last.pt")
+            _save_checkpoint(path, model, opt, sched, scaler, epoch + 1, history, best, args_dict)
+            if best["epoch"] == epoch + 1:
+                _atomic_write(os.path.join(args.run_dir, "checkpoint_best.pt"),
+                              lambda tmp, src=path: _copy(src, tmp))
+            _write_metrics(args.run_dir, history)
+
+    if world > 1:
+        if not _ranks_agree(model, device):
+            raise RuntimeError("the workers' weights differ after training: the DDP update is broken")
+        logger.info("weights identical on all %d ranks", world)
+    done = len(history)
+    summary = {
+        "dataset": args.dataset, "model": args.model, "minimizer": args.minimizer, "seed": args.seed,
+        "label_noise": args.label_noise, "epochs_done": done, "epochs": args.epochs,
+        "best_test_acc": best["top1"], "best_test_top5": best["top5"], "best_epoch": best["epoch"],
+        "final_test_acc": history[-1]["test_acc"] if history else None,
+        "final_test_top5": history[-1]["test_top5"] if history else None,
+    }
+    if rank == 0:
+        _save_json(os.path.join(args.run_dir, "summary.json"), summary)
+    if done < args.epochs:
+        logger.info("stopped after epoch %d of %d; continue with --resume --run-dir %s", done, args.epochs, args.run_dir)
+    top5 = args.dataset == "imagenet"
+    logger.info("best test top-1 %.2f%%%s (epoch %d) | final test top-1 %.2f%%%s",
+                best["top1"], f" top-5 {best['top5']:.2f}%" if top5 else "", best["epoch"],
+                summary["final_test_acc"] or 0.0, f" top-5 {summary['final_test_top5']:.2f}%" if top5 else "")
+    return summary
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copyfile(src, dst)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        main(args, parser)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
