@@ -140,10 +140,11 @@ def resolve_params(params, *, adaptive: bool, normalization: str, normalize_bias
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Both take the weights W, their grads G and a scratch list S (the persistent copy of w,
-# one buffer per parameter). On return: S holds an exact copy of w, G holds T^2 g (p = 2) or T sign(g)
-# (p = inf), and the function returns the fp32 scalar the eps direction must be multiplied by,
-# or None if the gradient is not finite. They use S as scratch for T before it takes the copy of w,
-# so the ascent allocates nothing of parameter size (Memory: one persistent copy, nothing else).
+# one buffer per parameter). On return S holds an exact copy of w and G holds the unscaled eps
+# direction, T^2 g (p = 2) or T sign(g) (p = inf); they return two fp32 sums of squares, left on the
+# device: ||T g||^2 (p = 2; ||g||^2 for p = inf, only to detect a non-finite gradient) and ||G||^2
+# (for the logged ||eps||). S serves as scratch for T before it takes the copy of w, so the ascent
+# allocates nothing of parameter size (one persistent copy of w, nothing else).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -154,16 +155,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _sum_sq(tensors, foreach: bool) -> Tensor:
     """sum_i ||t_i||_2^2, accumulated in fp32 on the first tensor's device (no host sync)."""
-    sq = None
     if foreach:
-        for group in _by_device_dtype(tensors):
-            part = torch.stack(torch._foreach_norm(group, 2, dtype=_acc(group[0].dtype))).square().sum()
-            sq = part if sq is None else sq + part.to(sq.device)
+        parts = [
+            torch.stack(torch._foreach_norm(group, 2, dtype=_acc(group[0].dtype))).square().sum()
+            for group in _by_device_dtype(tensors)
+        ]
     else:
-        for t in tensors:
-            part = torch.linalg.vector_norm(t, dtype=_acc(t.dtype)).square()
-            sq = part if sq is None else sq + part.to(sq.device)
-    return sq
+        parts = [_sq(t) for t in tensors]
+    return _total(parts)
+
+
+def _total(parts) -> Tensor:
+    dev = parts[0].device
+    return torch.stack([q.to(device=dev, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                        for q in parts]).sum()
 
 
 def _filter_t(w: Tensor, eta: float) -> Tensor:
@@ -172,13 +177,20 @@ def _filter_t(w: Tensor, eta: float) -> Tensor:
     return n.to(w.dtype).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
 
+def _sq(t: Tensor) -> Tensor:
+    """||t||_2^2; a BLAS dot where it can (about twice as fast as vector_norm on CPU, measured)."""
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        flat = t.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(t, dtype=_acc(t.dtype)).square()
+
+
 def _single_tensor_direction(W, G, S, kinds, eta: float, p: float):
-    sq = None
+    # All the work on one tensor is done while it is hot in cache, then the next tensor.
+    dir_sq, eps_sq = [], []
     for w, g, s, kind in zip(W, G, S, kinds):
-        # Per tensor: T into the scratch copy, g <- T g, its squared norm, g <- T^2 g, then the copy of w.
         if kind == "element":
-            s.copy_(w).abs_().add_(eta)
-            t = s
+            t = torch.abs(w, out=s).add_(eta)
         elif kind == "filter":
             t = _filter_t(w, eta)
         else:
@@ -186,18 +198,17 @@ def _single_tensor_direction(W, G, S, kinds, eta: float, p: float):
         if p == 2:
             if t is not None:
                 g.mul_(t)
-            n2 = _sum_sq([g], False)
-            sq = n2 if sq is None else sq + n2.to(sq.device)
+            dir_sq.append(_sq(g))
             if t is not None:
                 g.mul_(t)
         else:
-            n2 = _sum_sq([g], False)  # p = inf needs no norm; this detects a non-finite gradient
-            sq = n2 if sq is None else sq + n2.to(sq.device)
+            dir_sq.append(_sq(g))
             g.sign_()
             if t is not None:
                 g.mul_(t)
+        eps_sq.append(_sq(g))
         s.copy_(w)
-    return sq
+    return _total(dir_sq), _total(eps_sq)
 
 
 def _multi_tensor_direction(W, G, S, kinds, eta: float, p: float):
@@ -226,7 +237,15 @@ def _multi_tensor_direction(W, G, S, kinds, eta: float, p: float):
         torch._foreach_sign_(G)
         apply_t()
     torch._foreach_copy_(S, W)
-    return sq
+    return sq, _sum_sq(G, True)
+
+
+def _apply(W, G, scale: float, foreach: bool) -> None:
+    if foreach:
+        torch._foreach_add_(W, G, alpha=scale)
+    else:
+        for w, g in zip(W, G):
+            w.add_(g, alpha=scale)
 
 
 def _by_device_dtype(tensors):
@@ -247,7 +266,7 @@ def perturbation(params, grads, *, rho: float, eta: float = 0.01, p=2, kinds=Non
     S = [torch.empty_like(w) for w in W]
     kinds = list(kinds) if kinds is not None else ["element"] * len(W)
     kernel = _multi_tensor_direction if foreach else _single_tensor_direction
-    sq = kernel(W, G, S, kinds, eta, pf)
+    sq, _ = kernel(W, G, S, kinds, eta, pf)
     norm = float(sq.sqrt())
     if not math.isfinite(norm):
         raise ValueError("the gradient is not finite")
@@ -361,34 +380,27 @@ class ASAM(torch.optim.Optimizer):
             self.last_grad_finite = True
             self.last_eps_norm = None
             return True
-        kernel = _multi_tensor_direction if self._use_foreach(W) else _single_tensor_direction
-        sq = kernel(W, G, S, kinds, self.eta, self.p)
+        foreach = self._use_foreach(W)
+        kernel = _multi_tensor_direction if foreach else _single_tensor_direction
+        sq, sq_eps = kernel(W, G, S, kinds, self.eta, self.p)
         # One host sync per update: needed to report a non-finite gradient to the caller.
         norm = float(sq.sqrt())
         if not math.isfinite(norm):
             self.last_grad_finite = False
             self.last_eps_norm = None
             if zero_grad:
-                self._zero(G)
+                self._zero(W)
             return False
         self.last_grad_finite = True
         if self.p == 2:
             scale = self.rho / norm if norm > 0 else 0.0  # all-zero gradient: eps = 0, no NaN
         else:
             scale = self.rho
-        foreach = self._use_foreach(W)
-        if foreach:
-            torch._foreach_mul_(G, scale)
-            torch._foreach_add_(W, G)
-        else:
-            for w, g in zip(W, G):
-                g.mul_(scale)
-                w.add_(g)
-        # ||eps||_2 for logging, left on the device (no sync).
-        self.last_eps_norm = _sum_sq(G, foreach).sqrt()
+        _apply(W, G, scale, foreach)
+        self.last_eps_norm = sq_eps.sqrt() * scale  # ||eps||_2 for logging, left on the device
         self._perturbed = W
         if zero_grad:
-            self._zero(G)
+            self._zero(W)
         return True
 
     first_step = ascent_step  # the name used by the davda54/sam wrapper
@@ -439,9 +451,11 @@ class ASAM(torch.optim.Optimizer):
     # -- plumbing ------------------------------------------------------------------------------
 
     @staticmethod
-    def _zero(G):
-        for g in G:
-            g.zero_()
+    def _zero(W):
+        # The grads hold eps now; dropping them (as zero_grad(set_to_none=True) does) costs no pass
+        # over memory, and the second backward writes fresh ones.
+        for w in W:
+            w.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:

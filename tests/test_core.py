@@ -95,8 +95,8 @@ def test_perturbation_equals_closed_form(combo, foreach):
     if combo["p"] == 2 and combo["adaptive"] and combo["normalization"] == "element" and combo["normalize_bias"]:
         t_inv_eps = [e / (w.abs() + 0.01) for e, w in zip(expected, w0)]
         assert math.sqrt(sum(float((v**2).sum()) for v in t_inv_eps)) == pytest.approx(rho, rel=1e-9)
-    # the grads are zeroed for the second pass
-    assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+    # the grads are cleared for the second pass
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(v) for v in c.values()))
