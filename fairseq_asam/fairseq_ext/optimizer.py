@@ -1,0 +1,275 @@
+"""The registered optimizers ``asam_adam`` and ``sam_adam``: fairseq's Adam plus the sharpness-aware flags.
+
+ASAM (Kwon et al., ICML 2021, Section 4, Algorithm 1; T_w of Eq. 5 plus eta I) and SAM (Foret et al.,
+T_w = I) around fairseq's own Adam, so every Adam flag (``--adam-betas``, ``--weight-decay``, ``--lr``,
+schedulers, ``--fp16``, ...) keeps working. The optimizer only holds the hyper-parameters and does the
+*descent* (Adam's step); the two-pass update lives in the task (``--task translation_sam``, see
+``task.py``), which calls :meth:`FairseqSharpnessAdam.perturber` for the ascent. Used alone, with a task
+that does not run the second pass, the first update stops with an error instead of silently training
+plain Adam. Example (from the repository root, after ``make install``)::
+
+    fairseq-train data-bin/iwslt14.tokenized.de-en --user-dir fairseq_asam --task translation_sam \\
+        --arch transformer_iwslt_de_en --optimizer asam_adam --asam-rho 0.2 --adam-betas '(0.9, 0.98)' \\
+        --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --max-tokens 4096
+"""
+
+# No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
+import argparse
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fairseq.dataclass import ChoiceEnum
+from fairseq.optim import register_optimizer
+from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
+from omegaconf import II
+
+from ..core import ASAM, SAM, check_hyperparameters
+
+__all__ = ["AsamAdamConfig", "SamAdamConfig", "FairseqASAMAdam", "FairseqSAMAdam", "find_sharpness_optimizer"]
+
+NORMALIZATION_CHOICES = ChoiceEnum(["element", "filter"])
+
+
+# ---- flag checks: one message per flag, the same on the command line and in a hydra config ----------
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else repr(v)
+
+
+def _number(flag: str, v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag} must be a number, got {v!r}") from None
+
+
+def check_rho(v) -> float:
+    v = _number("--asam-rho", v)
+    if not math.isfinite(v):
+        raise ValueError(f"--asam-rho must be a finite number > 0, got {_fmt(v)}")
+    if v <= 0:
+        raise ValueError(f"--asam-rho must be > 0, got {_fmt(v)}")
+    return v
+
+
+def check_eta(v) -> float:
+    v = _number("--asam-eta", v)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"--asam-eta must be a finite number >= 0, got {_fmt(v)}")
+    return v
+
+
+def check_p(v) -> float:
+    f = _number("--asam-p", v)
+    if f not in (2.0, math.inf):
+        raise ValueError(f"--asam-p must be 2 or inf, got {_fmt(f)}")
+    return f
+
+
+def check_normalization(v) -> str:
+    v = str(getattr(v, "value", v))  # a ChoiceEnum member in configs built from the dataclass
+    if v not in ("element", "filter"):
+        raise ValueError(f"--asam-normalization must be element or filter, got {v!r}")
+    return v
+
+
+def _argparse_type(check):
+    """An argparse ``type=`` that runs ``check`` so a bad value stops fairseq-train while parsing, before
+    it creates the checkpoint directory; argparse prints 'argument --asam-rho: --asam-rho must be > 0, got -1'."""
+
+    def parse(text: str) -> float:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__.replace("check_", "")
+    return parse
+
+
+_FLAG_CHECKS = {"--asam-rho": check_rho, "--asam-eta": check_eta, "--asam-p": check_p}
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SharpnessAdamConfig(FairseqAdamConfig):
+    asam_p: float = field(
+        default=2.0,
+        metadata={
+            "help": "the norm of the perturbation region: 2 (the paper's choice, eps = rho T^2 g / ||T g||_2) "
+            "or inf (eps = rho T sign(g))"
+        },
+    )
+    # Read from the rest of the config (not command-line flags of their own): the second pass clips
+    # its gradient exactly as fairseq clipped the first one, and some setups are refused up front.
+    clip_norm: float = II("optimization.clip_norm")
+    use_bmuf: bool = II("optimization.use_bmuf")
+    ddp_backend: Any = II("distributed_training.ddp_backend")
+
+
+@dataclass
+class AsamAdamConfig(_SharpnessAdamConfig):
+    asam_rho: float = field(
+        default=0.2,
+        metadata={
+            "help": "radius rho of the perturbation region ||T_w^-1 eps||_p <= rho (default 0.2: the paper's "
+            "ASAM value for IWSLT'14 DE-EN with Adam)"
+        },
+    )
+    asam_eta: float = field(
+        default=0.01,
+        metadata={"help": "eta of the normalization operator T_w + eta I, for stability near w = 0 (paper: 0.01)"},
+    )
+    asam_normalization: NORMALIZATION_CHOICES = field(
+        default="element",
+        metadata={
+            "help": "T_w: element (|w| + eta per entry) or filter (the L2 norm of each convolution filter + eta; "
+            "for a transformer, which has no convolution filters, both are the same)"
+        },
+    )
+    asam_normalize_bias: bool = field(
+        default=False,
+        metadata={"help": "normalize biases too (T = |b| + eta); off by default as in the paper (T = 1 on biases)"},
+    )
+
+
+@dataclass
+class SamAdamConfig(_SharpnessAdamConfig):
+    asam_rho: float = field(
+        default=0.1,
+        metadata={
+            "help": "radius rho of the perturbation ball ||eps||_p <= rho (default 0.1: the paper's SAM value "
+            "for IWSLT'14 DE-EN with Adam)"
+        },
+    )
+
+
+# ---- the optimizers ------------------------------------------------------------------------------
+
+
+class _PerturbOnly(torch.optim.Optimizer):
+    """The base optimizer handed to the core object: the core only perturbs and restores; the fairseq
+    optimizer (with its fp16 master weights, loss scaling and clipping) does the descent."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        raise RuntimeError("the fairseq optimizer does the descent; the core object only perturbs and restores")
+
+
+class FairseqSharpnessAdam(FairseqAdam):
+    """fairseq's Adam whose ``step()`` is the descent of a two-pass (SAM/ASAM) update."""
+
+    adaptive = True
+
+    def __init__(self, cfg, params):
+        self.rho = check_rho(cfg.asam_rho)
+        self.p = check_p(cfg.asam_p)
+        if self.adaptive:
+            self.eta = check_eta(cfg.asam_eta)
+            self.normalization = check_normalization(cfg.asam_normalization)
+            self.normalize_bias = bool(cfg.asam_normalize_bias)
+            check_hyperparameters(self.rho, self.eta, self.p, self.normalization)  # the core agrees
+        name = self.registry_name
+        if getattr(cfg, "use_bmuf", False):
+            raise ValueError(f"--optimizer {name} does not support --use-bmuf (its local steps have no second pass)")
+        backend = str(getattr(cfg.ddp_backend, "value", cfg.ddp_backend))
+        if backend in ("fully_sharded", "slowmo"):
+            raise ValueError(
+                f"--optimizer {name} does not support --ddp-backend {backend}; use pytorch_ddp, c10d, "
+                "legacy_ddp or no_c10d"
+            )
+        if getattr(cfg, "tpu", False):
+            raise ValueError(f"--optimizer {name} does not support --tpu")
+        super().__init__(cfg, params)
+        self.clip_norm = float(cfg.clip_norm)
+        self._descent_allowed = False
+        self._perturber = None
+        self._perturber_key = None
+
+    @property
+    def registry_name(self) -> str:
+        return "asam_adam" if self.adaptive else "sam_adam"
+
+    def perturber(self, model) -> ASAM:
+        """The core ASAM/SAM object over the parameters the model's forward uses (fp16 ones under --fp16).
+
+        Built from ``model.named_parameters()``, so the core's rule 'a name ending in bias is a bias' decides
+        which tensors get T = 1; rebuilt if the model's parameter tensors change.
+        """
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        key = (id(model), tuple(id(p) for _, p in named))
+        if self._perturber is None or self._perturber_key != key:
+            base = _PerturbOnly([p for _, p in named])
+            if self.adaptive:
+                self._perturber = ASAM(
+                    named, base, rho=self.rho, eta=self.eta, p=self.p,
+                    normalization=self.normalization, normalize_bias=self.normalize_bias,
+                )  # fmt: skip
+            else:
+                self._perturber = SAM(named, base, rho=self.rho, p=self.p)
+            self._perturber_key = key
+        return self._perturber
+
+    @contextmanager
+    def descent(self):
+        """Inside this block ``step()`` is allowed: the task has done the ascent and the second pass."""
+        self._descent_allowed = True
+        try:
+            yield
+        finally:
+            self._descent_allowed = False
+
+    def step(self, *args, **kwargs):
+        if not self._descent_allowed:
+            raise RuntimeError(
+                f"--optimizer {self.registry_name} needs the two-pass sharpness-aware train step: add "
+                "--task translation_sam (or use a task wrapped with fairseq_asam.fairseq_ext.SharpnessAwareTask). "
+                "The task in use called optimizer.step() directly, which would silently train plain Adam."
+            )
+        return super().step(*args, **kwargs)
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        # Check values while parsing, so a bad flag stops the run before anything is written.
+        for flag, check in _FLAG_CHECKS.items():
+            action = parser._option_string_actions.get(flag)
+            if action is not None:
+                action.type = _argparse_type(check)
+
+
+@register_optimizer("asam_adam", dataclass=AsamAdamConfig)
+class FairseqASAMAdam(FairseqSharpnessAdam):
+    """ASAM (Kwon et al. 2021) with fairseq's Adam as the base optimizer."""
+
+    adaptive = True
+
+
+@register_optimizer("sam_adam", dataclass=SamAdamConfig)
+class FairseqSAMAdam(FairseqSharpnessAdam):
+    """SAM (Foret et al. 2021) with fairseq's Adam as the base optimizer."""
+
+    adaptive = False
+
+
+def find_sharpness_optimizer(optimizer):
+    """The asam_adam/sam_adam instance inside fairseq's optimizer wrappers, or None.
+
+    FP16Optimizer and AMPOptimizer keep it as ``fp32_optimizer``, MemoryEfficientFP16Optimizer as
+    ``wrapped_optimizer``.
+    """
+    seen = 0
+    while optimizer is not None and seen < 4:
+        if isinstance(optimizer, FairseqSharpnessAdam):
+            return optimizer
+        optimizer = getattr(optimizer, "fp32_optimizer", None) or getattr(optimizer, "wrapped_optimizer", None)
+        seen += 1
+    return None

@@ -1,0 +1,285 @@
+"""The two-pass sharpness-aware update as a fairseq task wrapper; registered as ``translation_sam``.
+
+ASAM/SAM (Kwon et al., ICML 2021, Section 4, Algorithm 1) need the gradient at w + eps, where eps
+depends on the gradient g of the whole update. fairseq's Trainer runs ``task.train_step`` once per
+micro-batch (``--update-freq``), then all-reduces, normalises (by the update's sample size) and clips the
+accumulated gradient, then calls ``task.optimizer_step``. Doing the ascent per micro-batch would take
+eps from a partial, un-reduced, unscaled gradient; so :class:`SharpnessAwareTask` does it in
+``optimizer_step``, where g is final. eps depends only on g's direction, so normalising and clipping
+do not change it. Then, per update:
+
+1. ascent: the core (``fairseq_asam.core``) moves the weights the forward pass uses to w + eps;
+2. second pass: forward/backward again over the same micro-batches, each with the random state (the
+   dropout masks) its first pass had, so g' belongs to the same stochastic loss whose ascent direction
+   was taken; ``no_sync`` for all but the last micro-batch under DDP, as the Trainer does;
+3. the weights are restored by copy; g' is all-reduced, normalised and clipped as fairseq did for g;
+4. descent: fairseq's optimizer step (Adam, through any fp16/AMP wrapper) with g'.
+
+``train_step`` only records each micro-batch (the sample and the random state before its forward) on
+top of the wrapped task's own ``train_step``. Logged through fairseq's metrics (progress bar,
+tensorboard, wandb): ``loss_eps`` (the loss at w + eps, in the same base-2 units as fairseq's ``loss``,
+which is the loss at w), ``sharpness`` (loss_eps - loss: a free per-update sharpness estimate) and
+``eps_norm`` (||eps||_2). With ``FAIRSEQ_ASAM_PHASE_TIMES=1`` in the environment, the wall time of each
+phase is logged too (``t_first``, ``t_ascent``, ``t_second``, ``t_descent``, in ms, CUDA-synchronised).
+
+Example (from the repository root, after ``make install``)::
+
+    fairseq-train data-bin/iwslt14.tokenized.de-en --user-dir fairseq_asam --task translation_sam \\
+        --arch transformer_iwslt_de_en --optimizer asam_adam --asam-rho 0.2 --max-tokens 4096
+
+Another task gets the same update with ``class MyTaskSAM(SharpnessAwareTask, MyTask)`` (the mixin first),
+registered under a new name, or with :func:`make_sharpness_aware`.
+"""
+
+# No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from fairseq import metrics, utils
+from fairseq.distributed import utils as distributed_utils
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from .optimizer import find_sharpness_optimizer
+
+__all__ = ["SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "make_sharpness_aware"]
+
+_LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
+
+
+def _get_rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _grads_cleared(model) -> bool:
+    """True right after the Trainer's zero_grad() (fairseq sets grads to None): a new update starts."""
+    return all(p.grad is None for p in model.parameters() if p.requires_grad)
+
+
+def _all_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all())
+
+
+class _MicroBatch:
+    __slots__ = ("sample", "ignore_grad", "kwargs", "rng", "sample_size", "loss")
+
+    def __init__(self, sample, ignore_grad, kwargs, rng):
+        self.sample, self.ignore_grad, self.kwargs, self.rng = sample, ignore_grad, kwargs, rng
+        self.sample_size = 0
+        self.loss = None
+
+
+class SharpnessAwareTask:
+    """Mixin that turns a fairseq task's update into the two-pass SAM/ASAM update.
+
+    Put it first in the bases: ``class TranslationSAMTask(SharpnessAwareTask, TranslationTask)``. With an
+    optimizer that is not ``asam_adam``/``sam_adam`` the task behaves exactly like the wrapped one.
+    The phases are methods (:meth:`sam_ascent`, :meth:`sam_second_pass`, :meth:`sam_descent`) so that they
+    can be timed or overridden; ``self.sam_phase_times`` holds the last update's wall times in seconds.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sam_pending: list[_MicroBatch] = []
+        self._sam_replaying = False
+        self._sam_criterion = None
+        self._sam_t_start = None
+        self._sam_timing = os.environ.get("FAIRSEQ_ASAM_PHASE_TIMES", "") not in ("", "0")
+        self.sam_phase_times: dict[str, float] = {}
+
+    # ---- first pass: the wrapped task's train_step, recorded -------------------------------------
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+        if self._sam_replaying or find_sharpness_optimizer(optimizer) is None:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+        if _grads_cleared(model):
+            # The Trainer zeroed the grads: a new update (or a retry after an overflow or OOM) starts,
+            # and only the micro-batches from here on make up its gradient.
+            self._sam_pending = []
+            self._sam_t_start = self._clock(model)
+        mb = _MicroBatch(sample, ignore_grad, kwargs, _get_rng_state())
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
+        )
+        mb.sample_size = sample_size
+        mb.loss = _loss_of(loss, logging_output)
+        self._sam_pending.append(mb)
+        self._sam_criterion = criterion
+        return loss, sample_size, logging_output
+
+    # ---- the update ------------------------------------------------------------------------------
+
+    def optimizer_step(self, optimizer, model, update_num):
+        sam = find_sharpness_optimizer(optimizer)
+        if sam is None:
+            return super().optimizer_step(optimizer, model, update_num)
+        pending, self._sam_pending = self._sam_pending, []
+        if not pending:
+            raise RuntimeError(
+                "the sharpness-aware optimizer_step() found no recorded micro-batches: the trainer must call "
+                "task.train_step() for every micro-batch of the update before task.optimizer_step()"
+            )
+        times = {}
+        t0 = self._clock(model)
+        if self._sam_t_start is not None:
+            times["first"] = t0 - self._sam_t_start
+        if isinstance(optimizer, AMPOptimizer) and not _all_finite(model.parameters()):
+            # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
+            # scaler skips the step and lowers its scale. No ascent, no second pass.
+            return super().optimizer_step(optimizer, model, update_num)
+        perturber = self.sam_ascent(sam, model)
+        t1 = self._clock(model)
+        try:
+            sums = self.sam_second_pass(pending, model, optimizer, update_num)
+        finally:
+            perturber.restore()  # exact copy of w, also if the second pass raised
+        t2 = self._clock(model)
+        sample_size, loss_w, loss_eps = self.sam_descent(sam, optimizer, model, update_num, sums)
+        t3 = self._clock(model)
+        times.update(ascent=t1 - t0, second=t2 - t1, descent=t3 - t2)
+        self.sam_phase_times = times
+        self._sam_log(perturber, sample_size, loss_w, loss_eps, times)
+
+    def sam_ascent(self, sam, model):
+        """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
+        perturber = sam.perturber(model)
+        # zero_grad=False: the grads are left as eps (scratch), then the fairseq optimizer's zero_grad()
+        # clears them together with its own state (fp32 master grads, the loss scaler's factor).
+        if not perturber.ascent_step(zero_grad=False):
+            raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
+        return perturber
+
+    def sam_second_pass(self, pending, model, optimizer, update_num):
+        """Forward/backward at w + eps over the update's micro-batches, replaying each one's random state.
+
+        Returns local (sample_size, loss at w, loss at w + eps) sums.
+        """
+        optimizer.zero_grad()
+        if isinstance(optimizer, AMPOptimizer):
+            _amp_allow_second_unscale(optimizer)
+        world = distributed_utils.get_data_parallel_world_size()
+        rng_after_first = _get_rng_state()
+        loss_eps = loss_w = None
+        sample_size = 0
+        self._sam_replaying = True
+        try:
+            for i, mb in enumerate(pending):
+                _set_rng_state(mb.rng)
+                sync = (
+                    model.no_sync()
+                    if world > 1 and hasattr(model, "no_sync") and i < len(pending) - 1
+                    else contextlib.nullcontext()
+                )
+                with sync:
+                    loss, _, logging_output = self.train_step(
+                        mb.sample, model, self._sam_criterion, optimizer, update_num, mb.ignore_grad, **mb.kwargs
+                    )
+                le = _loss_of(loss, logging_output)
+                loss_eps = le if loss_eps is None else loss_eps + le
+                loss_w = mb.loss if loss_w is None else loss_w + mb.loss
+                sample_size += mb.sample_size
+                del loss
+        finally:
+            self._sam_replaying = False
+            _set_rng_state(rng_after_first)
+        if pending[-1].ignore_grad:
+            sample_size *= 0  # as the Trainer does when the last micro-batch is a dummy batch
+        return sample_size, loss_w, loss_eps
+
+    def sam_descent(self, sam, optimizer, model, update_num, sums):
+        """Reduce, normalise and clip g' exactly as the Trainer did g, then fairseq's optimizer step."""
+        criterion = self._sam_criterion
+        optimizer.all_reduce_grads(model)
+        if utils.has_parameters(criterion):
+            optimizer.all_reduce_grads(criterion)
+        sample_size, loss_w, loss_eps = sums
+        world = distributed_utils.get_data_parallel_world_size()
+        if world > 1:
+            device = next(p for p in model.parameters()).device
+            buf = torch.stack([_as_tensor(x, device) for x in (sample_size, loss_w, loss_eps)])
+            buf = distributed_utils.all_reduce(buf, group=distributed_utils.get_data_parallel_group())
+            sample_size, loss_w, loss_eps = buf[0], buf[1], buf[2]
+        else:
+            sample_size = float(sample_size)
+        # The Trainer's factor: DDP averages over workers, so numer / sample_size gives sum / sample_size.
+        optimizer.multiply_grads(world / (sample_size or 1.0))
+        grad_norm = optimizer.clip_grad_norm(sam.clip_norm)  # fp16: raises OverflowError on overflow
+        if not isinstance(optimizer, AMPOptimizer) and not torch.isfinite(grad_norm).all():
+            raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
+        with sam.descent():
+            super().optimizer_step(optimizer, model, update_num)
+        return sample_size, loss_w, loss_eps
+
+    # ---- logging and timing ----------------------------------------------------------------------
+
+    def _sam_log(self, perturber, sample_size, loss_w, loss_eps, times) -> None:
+        if perturber.last_eps_norm is not None:
+            metrics.log_scalar("eps_norm", perturber.last_eps_norm, weight=1, priority=20, round=4)
+        if float(sample_size) > 0 and loss_eps is not None:
+            metrics.log_scalar("loss_eps", loss_eps / sample_size / _LOG2, sample_size, priority=20, round=3)
+            metrics.log_scalar(
+                "sharpness", (loss_eps - loss_w) / sample_size / _LOG2, sample_size, priority=20, round=4
+            )
+        if self._sam_timing:
+            for name, seconds in times.items():
+                metrics.log_scalar(f"t_{name}", seconds * 1000.0, weight=1, priority=900, round=2)
+
+    def _clock(self, model) -> float:
+        if self._sam_timing and torch.cuda.is_available() and next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _loss_of(loss, logging_output):
+    v = logging_output.get("loss", None) if isinstance(logging_output, dict) else None
+    v = loss if v is None else v
+    return v.detach().double() if torch.is_tensor(v) else float(v)
+
+
+def _as_tensor(x, device):
+    if torch.is_tensor(x):
+        return x.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def _amp_allow_second_unscale(optimizer) -> None:
+    # AMPOptimizer.clip_grad_norm() calls GradScaler.unscale_(), which refuses a second call before
+    # scaler.update(). The first pass's unscale found no inf (checked before the ascent), so forgetting it
+    # loses nothing; update() must still run only once per update (in the step) so the scale's growth
+    # schedule is the one fairseq would follow. torch keeps this per-optimizer state in a private dict.
+    states = getattr(optimizer.scaler, "_per_optimizer_states", None)
+    if states is None:
+        raise RuntimeError("this torch's GradScaler has no _per_optimizer_states; --amp is not supported with SAM here")
+    states.pop(id(optimizer.optimizer), None)
+
+
+def make_sharpness_aware(task_cls, name: str | None = None, dataclass=None):
+    """``SharpnessAwareTask`` around ``task_cls``; registered as ``name`` (with ``dataclass``) when given."""
+    cls = type(f"{task_cls.__name__}SAM", (SharpnessAwareTask, task_cls), {"__doc__": f"{task_cls.__name__} with the two-pass SAM/ASAM update."})
+    if name is not None:
+        cls = register_task(name, dataclass=dataclass)(cls)
+    return cls
+
+
+@dataclass
+class TranslationSAMConfig(TranslationConfig):
+    """The translation task's options, unchanged: the sharpness-aware options belong to the optimizer."""
+
+
+@register_task("translation_sam", dataclass=TranslationSAMConfig)
+class TranslationSAMTask(SharpnessAwareTask, TranslationTask):
+    """fairseq's translation task with the two-pass update of ``--optimizer asam_adam`` / ``sam_adam``."""

@@ -1,0 +1,114 @@
+"""Helpers for tests (and benchmarks) that run real fairseq on a tiny corpus.
+
+``make_tiny_corpus(tmpdir)`` writes a small synthetic German-English-shaped parallel corpus in fairseq's
+raw text format (one sentence per line, space-separated tokens) and binarizes it with the real
+``fairseq-preprocess``; it returns the ``data-bin`` directory that ``fairseq-train DATA`` takes.
+
+``tiny_model_args()`` is a 1-layer, 16-dim transformer (the ``transformer`` arch with small sizes): a
+few hundred updates a minute on one CPU core. ``run_fairseq(tool, args)`` runs a fairseq console
+entry point (``train``, ``generate``, ``interactive``, ``hydra_train``) in a fresh Python process:
+fairseq keeps global state (metrics aggregators, registries, logging handlers) that must not leak
+between runs.
+
+Example (from the repository root)::
+
+    .venv/bin/python -c "import tests.fairseq_helpers as h, tempfile; print(h.make_tiny_corpus(tempfile.mkdtemp()))"
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "fairseq_asam")
+
+# The "translation" the corpus encodes: every source word has one target word, and the target
+# sentence is the source sentence mapped word by word and reversed. Learnable by a tiny
+# transformer in a few hundred updates, so BLEU and losses move in tests that train longer.
+_SRC_WORDS = [f"s{i}" for i in range(24)]
+_TGT_WORDS = [f"t{i}" for i in range(24)]
+
+
+def _sentence_pair(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(3, 9)
+    idx = [rng.randrange(len(_SRC_WORDS)) for _ in range(n)]
+    return " ".join(_SRC_WORDS[i] for i in idx), " ".join(_TGT_WORDS[i] for i in reversed(idx))
+
+
+def write_tiny_raw_corpus(raw_dir, *, n_train: int = 240, n_valid: int = 24, n_test: int = 16, seed: int = 1):
+    """Write train/valid/test.{de,en} into ``raw_dir``; returns the path prefix ``raw_dir/``."""
+    raw = Path(raw_dir)
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        pairs = [_sentence_pair(rng) for _ in range(n)]
+        (raw / f"{split}.de").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+        (raw / f"{split}.en").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    return raw
+
+
+def make_tiny_corpus(tmpdir, **corpus_kwargs) -> str:
+    """Write the raw corpus under ``tmpdir/raw`` and binarize it into ``tmpdir/data-bin``; returns data-bin."""
+    tmp = Path(tmpdir)
+    raw = write_tiny_raw_corpus(tmp / "raw", **corpus_kwargs)
+    dest = tmp / "data-bin"
+    cmd = [
+        sys.executable, "-m", "fairseq_cli.preprocess",
+        "--source-lang", "de", "--target-lang", "en",
+        "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--testpref", str(raw / "test"),
+        "--destdir", str(dest), "--workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairseq-preprocess failed:\n{proc.stderr[-4000:]}")
+    return str(dest)
+
+
+def tiny_model_args() -> list[str]:
+    """A 1-layer 16-dim transformer, dropout 0.1, and the defaults the tests share."""
+    return [
+        "--arch", "transformer",
+        "--encoder-layers", "1", "--decoder-layers", "1",
+        "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+        "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+        "--dropout", "0.1",
+    ]  # fmt: skip
+
+
+def tiny_train_args(data_bin, save_dir, *extra: str) -> list[str]:
+    """fairseq-train arguments for a short CPU run on the tiny corpus (extra args go last and win)."""
+    return [
+        str(data_bin),
+        "--user-dir", USER_DIR,
+        *tiny_model_args(),
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--lr", "5e-3", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "1e-4",
+        "--max-tokens", "200", "--seed", "3", "--cpu", "--num-workers", "0",
+        "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--no-progress-bar",
+        "--log-format", "json", "--log-interval", "1", "--disable-validation",
+        *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # The repository on the path (the package and tests.fairseq_helpers), one thread per process:
+    # the tests share two cores and thread oversubscription only makes every run slower.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def run_fairseq(tool: str, args: list[str], *, check: bool = True, timeout: float = 300, input: str | None = None):
+    """Run ``fairseq_cli.<tool>`` (train, generate, interactive, hydra_train, ...) in a fresh process."""
+    cmd = [sys.executable, "-c", f"import sys; from fairseq_cli.{tool} import cli_main; sys.argv[0] = 'fairseq-{tool}'; cli_main()", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=str(REPO), input=input)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"fairseq-{tool} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
