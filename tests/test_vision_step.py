@@ -1,0 +1,217 @@
+"""The vision update (fairseq_asam.vision.step): m-sharpness == the core run per shard, BatchNorm running
+statistics untouched by the second pass, fp16 GradScaler across the two passes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fairseq_asam import ASAM, SAM
+from fairseq_asam.vision.step import frozen_bn_stats, train_step
+
+
+def _net(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(24, 5),
+    )
+    return net.to(dtype)
+
+
+def _batch(n, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 6, 6, generator=g, dtype=dtype), torch.randint(0, 5, (n,), generator=g)
+
+
+def _wrap(kind, model, base):
+    if kind == "asam":
+        return ASAM(model.named_parameters(), base, rho=0.5, eta=0.01)
+    return SAM(model.named_parameters(), base, rho=0.05)
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _per_shard_reference(model0, kind, x, y, m):
+    """The core's own step(closure), once per shard on a copy of w: g'_k = w - w_k (SGD with lr 1)."""
+    crit = nn.CrossEntropyLoss()
+    w0 = [p.detach().clone() for p in model0.parameters()]
+    total = [torch.zeros_like(p) for p in w0]
+    for xs, ys in zip(x.split(m), y.split(m)):
+        net = copy.deepcopy(model0)
+        opt = _wrap(kind, net, torch.optim.SGD(net.parameters(), lr=1.0))
+
+        def closure(net=net, opt=opt, xs=xs, ys=ys):
+            opt.zero_grad()
+            loss = crit(net(xs), ys)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        for t, a, b in zip(total, w0, net.parameters()):
+            t.add_(a - b.detach(), alpha=xs.shape[0] / x.shape[0])
+    ref = copy.deepcopy(model0)
+    base = _sgd(ref)
+    for p, g in zip(ref.parameters(), total):
+        p.grad = g
+    base.step()
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["asam", "sam"])
+@pytest.mark.parametrize("n,m", [(12, 4), (10, 4), (8, 1)])
+def test_m_sharpness_equals_core_per_shard(kind, n, m):
+    model = _net()
+    model0 = copy.deepcopy(model)
+    x, y = _batch(n)
+    opt = _wrap(kind, model, _sgd(model))
+    r = train_step(model, opt, nn.CrossEntropyLoss(), x, y, m_sharpness=m)
+    assert not r.skipped
+    ref = _per_shard_reference(model0, kind, x, y, m)
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    # ...and it is not the whole-batch update: the shards matter.
+    whole = copy.deepcopy(model0)
+    train_step(whole, _wrap(kind, whole, _sgd(whole)), nn.CrossEntropyLoss(), x, y, m_sharpness=None)
+    diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), whole.parameters()))
+    assert diff > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["asam", "sam"])
+def test_whole_batch_step_equals_core_step_closure(kind):
+    model = _net()
+    ref = copy.deepcopy(model)
+    x, y = _batch(8)
+    crit = nn.CrossEntropyLoss()
+    train_step(model, _wrap(kind, model, _sgd(model)), crit, x, y, m_sharpness=8)
+    ropt = _wrap(kind, ref, _sgd(ref))
+
+    def closure():
+        ropt.zero_grad()
+        loss = crit(ref(x), y)
+        loss.backward()
+        return loss
+
+    ropt.step(closure)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("m", [None, 3])
+def test_second_pass_leaves_bn_running_stats(m):
+    model = _net()
+    x, y = _batch(9)
+    fwd_only = copy.deepcopy(model)
+    with torch.no_grad():  # the reference: only the first-pass forwards at w, shard by shard
+        for xs in (x.split(m) if m else [x]):
+            fwd_only(xs)
+    opt = _wrap("asam", model, _sgd(model))
+    train_step(model, opt, nn.CrossEntropyLoss(), x, y, m_sharpness=m)
+    bn, bn_ref = model[1], fwd_only[1]
+    assert int(bn.num_batches_tracked) == (3 if m else 1)
+    assert torch.equal(bn.running_mean, bn_ref.running_mean)
+    assert torch.equal(bn.running_var, bn_ref.running_var)
+    assert torch.equal(bn.num_batches_tracked, bn_ref.num_batches_tracked)
+
+
+def test_frozen_bn_stats_same_output_and_restores_flag():
+    model = _net()
+    x, _ = _batch(6)
+    before = model[1].running_mean.clone()
+    with frozen_bn_stats(model):
+        out_frozen = model(x)
+        assert model[1].track_running_stats is False
+    assert model[1].track_running_stats is True
+    assert torch.equal(model[1].running_mean, before)
+    out = model(x)  # batch statistics either way: identical output
+    assert torch.equal(out, out_frozen)
+    assert not torch.equal(model[1].running_mean, before)
+
+
+def test_sgd_step_is_one_plain_pass():
+    model = _net()
+    ref = copy.deepcopy(model)
+    x, y = _batch(8)
+    crit = nn.CrossEntropyLoss()
+    opt = _sgd(model)
+    train_step(model, opt, crit, x, y)
+    ropt = _sgd(ref)
+    crit(ref(x), y).backward()
+    ropt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+def _fp16_setup(seed=0):
+    model = _net(torch.float32, seed)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, ASAM(model.named_parameters(), base, rho=0.5)
+
+
+def _autocast(device):
+    return lambda: torch.autocast(device, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("m", [None, 4])
+def test_fp16_nonfinite_first_pass_skips_and_backs_off(m):
+    model, opt = _fp16_setup()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _batch(8, torch.float32)
+    x[0, 0, 0, 0] = float("inf")  # -> NaN loss and gradients
+    r = train_step(model, opt, nn.CrossEntropyLoss(), x, y, m_sharpness=m, scaler=scaler, autocast=_autocast("cpu"))
+    assert r.skipped
+    assert scaler.get_scale() == 512.0
+    for a, b in zip(model.parameters(), w0):
+        assert torch.equal(a, b)
+    assert opt.base_optimizer.state == {} or all("momentum_buffer" not in s for s in opt.base_optimizer.state.values())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("m", [None, 4])
+def test_fp16_scaler_unscales_once(m):
+    # Same update with and without loss scaling (eps is scale-invariant; the second-pass grads are
+    # unscaled once by scaler.step): a missing or doubled unscale would be off by a factor 2**12.
+    x, y = _batch(8, torch.float32)
+    crit = nn.CrossEntropyLoss()
+    model, opt = _fp16_setup()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    r = train_step(model, opt, crit, x, y, m_sharpness=m, scaler=scaler, autocast=_autocast("cpu"))
+    assert not r.skipped and scaler.get_scale() == 4096.0
+    ref, ropt = _fp16_setup()
+    train_step(ref, ropt, crit, x, y, m_sharpness=m, scaler=None, autocast=_autocast("cpu"))
+    _assert_same_update(model, ref, w0)
+
+
+def _assert_same_update(model, ref, w0):
+    a = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    b = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    w = torch.cat([p.reshape(-1) for p in w0]).to(b.device)
+    step = (b - w).norm()
+    assert step > 1e-3
+    assert (a - b).norm() <= 0.02 * step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: fp16 autocast + GradScaler on CUDA")
+def test_fp16_scaler_cuda():
+    x, y = _batch(8, torch.float32)
+    x, y = x.cuda(), y.cuda()
+    model, opt = _fp16_setup()
+    model.cuda()
+    ref, ropt = _fp16_setup()
+    ref.cuda()
+    crit = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cuda", init_scale=4096.0)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt, crit, x, y, m_sharpness=4, scaler=scaler, autocast=_autocast("cuda"))
+    train_step(ref, ropt, crit, x, y, m_sharpness=4, autocast=_autocast("cuda"))
+    _assert_same_update(model, ref, w0)
+    x[0, 0, 0, 0] = float("inf")
+    w1 = [p.detach().clone() for p in model.parameters()]
+    assert train_step(model, opt, crit, x, y, scaler=scaler, autocast=_autocast("cuda")).skipped
+    assert scaler.get_scale() == 2048.0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w1))
