@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark of SAM/ASAM against their base optimizers; prints markdown, writes JSON.
+
+    python scripts/benchmark.py                       # every section, CPU (and CUDA when present)
+    python scripts/benchmark.py --sections kernel --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fairseq_asam.bench import kernel  # noqa: E402
+
+SECTIONS = ["kernel"]
+
+
+def machine() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def kernel_section(args, devices):
+    rows, out = [], {}
+    for dev in devices:
+        for label, fn in [("transformer_iwslt_de_en", kernel.transformer_iwslt_params),
+                          ("wrn28_10", kernel.wrn28_10_params)]:
+            r = kernel.bench_kernel(fn(), device=dev, repeats=args.repeats)
+            out[f"{label}/{dev}"] = r
+            s, q = r["seconds"], r["ratio_to_adam"]
+            rows.append(
+                f"| {label} ({r['n_params'] / 1e6:.1f}M) | {dev} | {s['adam'] * 1e3:.1f} | "
+                f"{s['loop'] * 1e3:.1f} ({q['loop']:.2f}x) | {s['foreach'] * 1e3:.1f} ({q['foreach']:.2f}x) | "
+                f"{s['reference'] * 1e3:.1f} ({q['reference']:.2f}x) | {r['default_kernel']}"
+                f"{'' if r['default_is_fastest_core_kernel'] else ' (slower here!)'} |"
+            )
+    table = [
+        "### Perturbation kernel: ascent + restore vs one fairseq Adam step (median ms, ratio to Adam)",
+        "",
+        "| parameters | device | Adam step | loop kernel | foreach kernel | reference per-param loop | default |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    return out, table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--repeats", type=int, default=10, help="timed repetitions per contender (alternating)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: CPU, plus CUDA when available")
+    ap.add_argument("--out", default="bench-out/benchmark.json", help="where the JSON results go")
+    args = ap.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; choose from {SECTIONS}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    devices = ["cpu"] + (["cuda"] if args.device != "cpu" and torch.cuda.is_available() else [])
+    if args.device == "cuda":
+        devices = ["cuda"]
+
+    result = {"machine": machine(), "sections": {}}
+    lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
+             f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}", ""]
+    for name in sections:
+        data, table = {"kernel": kernel_section}[name](args, devices)
+        result["sections"][name] = data
+        lines += table + [""]
+    print("\n".join(lines))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
