@@ -1,0 +1,152 @@
+"""Train a Transformer on IWSLT'14 DE-EN with Adam, Adam+SAM or Adam+ASAM (paper Section 5.3, Table 5).
+
+The paper's settings: transformer_iwslt_de_en with shared decoder input/output embeddings, Adam
+(lr 5e-4, betas 0.9/0.98), inverse_sqrt schedule with 4000 warm-up updates, dropout 0.3, weight
+decay 1e-4, label smoothing 0.1, max-tokens 4096; rho = 0.1 for SAM and 0.2 for ASAM (picked by the
+paper's grid search on validation BLEU; eta = 0.01, p = 2, element-wise, no bias normalization).
+Validation BLEU is computed during training (``--eval-bleu``, as fairseq's IWSLT'14 example) and
+picks checkpoint_best.pt. The paper does not give a training length; the default here is 50,000
+updates (about 40 epochs at max-tokens 4096), overridable.
+
+One run directory per method and seed (``runs/iwslt14/<method>-seed<seed>/``) holds checkpoints/,
+train.log (fairseq's JSON log) and run.json (the exact fairseq-train command). Running the same
+command again resumes from checkpoints/checkpoint_last.pt. Every setting can be overridden: the
+flags below (or the environment variables named in their help), and any further argument is passed
+to fairseq-train after the defaults, so it wins (argparse keeps the last value)::
+
+    bash scripts/train-iwslt14.sh asam 1
+    MAX_UPDATE=200 bash scripts/train-iwslt14.sh sam 2 --max-tokens 1024 --encoder-layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["METHODS", "PAPER_RHO", "fairseq_train_args", "main"]
+
+METHODS = ("adam", "sam", "asam")
+PAPER_RHO = {"sam": 0.1, "asam": 0.2}  # paper Section 5.3
+_OPTIMIZER = {"adam": "adam", "sam": "sam_adam", "asam": "asam_adam"}
+DEFAULT_DATA = "data-bin/iwslt14.tokenized.de-en"
+DEFAULT_RUNS = "runs/iwslt14"
+DEFAULT_MAX_UPDATE = 50000
+# --user-dir as an absolute path: fairseq resolves a relative one against the working directory.
+USER_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def _remove_bpe(data: Path) -> str:
+    """The --remove-bpe flavour matching how the data was prepared (prep-info.json from prepare.py)."""
+    info = Path(data) / "prep-info.json"
+    if info.exists():
+        return json.loads(info.read_text()).get("remove_bpe", "subword_nmt")
+    return "subword_nmt"
+
+
+def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str | Path, rho: float | None = None,
+                       max_update: int = DEFAULT_MAX_UPDATE, eval_bleu: bool = True, extra: list[str] = ()) -> list[str]:
+    """The fairseq-train argument list for one run (the paper's settings, then ``extra``)."""
+    if method not in METHODS:
+        raise ValueError(f"METHOD must be one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"SEED must be an integer >= 0, got {seed!r}")
+    if isinstance(max_update, bool) or not isinstance(max_update, int) or max_update < 1:
+        raise ValueError(f"MAX_UPDATE must be an integer >= 1, got {max_update!r}")
+    if rho is not None and method == "adam":
+        raise ValueError("RHO/--rho only applies to sam and asam, not adam")
+    run_dir = Path(run_dir)
+    args = [
+        str(data),
+        "--user-dir", USER_DIR,
+        "--task", "translation" if method == "adam" else "translation_sam",
+        "--source-lang", "de", "--target-lang", "en",
+        "--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed",
+        "--optimizer", _OPTIMIZER[method], "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
+        "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
+        "--dropout", "0.3", "--weight-decay", "0.0001",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--max-tokens", "4096",
+        "--max-update", str(max_update),
+        "--seed", str(seed),
+        "--save-dir", str(run_dir / "checkpoints"), "--no-epoch-checkpoints",
+        "--log-format", "json", "--log-interval", "100", "--log-file", str(run_dir / "train.log"),
+    ]
+    if method != "adam":
+        r = PAPER_RHO[method] if rho is None else rho
+        if not (isinstance(r, (int, float)) and r > 0):
+            raise ValueError(f"RHO must be a number > 0, got {r!r}")
+        args += ["--asam-rho", str(r)]
+    if eval_bleu:
+        args += [
+            "--eval-bleu", "--eval-bleu-args", '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}',
+            "--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", _remove_bpe(Path(data)),
+            "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+        ]
+    return args + list(extra)
+
+
+def _env_int(name: str, default):
+    v = os.environ.get(name)
+    if v in (None, ""):
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise SystemExit(f"train-iwslt14: error: {name} must be an integer, got {v!r}") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="train-iwslt14.sh", allow_abbrev=False,
+        description="Train Adam / Adam+SAM / Adam+ASAM on IWSLT'14 DE-EN with the paper's settings. "
+        "Unknown arguments are passed to fairseq-train after the defaults (so they override them).",
+    )
+    ap.add_argument("method", choices=METHODS)
+    ap.add_argument("seed", nargs="?", type=int, default=1, help="random seed (default: 1)")
+    ap.add_argument("--data", default=os.environ.get("DATA", DEFAULT_DATA), help="binarized data (env DATA; default: %(default)s)")
+    ap.add_argument("--run-dir", default=os.environ.get("RUN_DIR"),
+                    help="run directory (env RUN_DIR; default: $RUNS/<method>-seed<seed>)")
+    ap.add_argument("--runs", default=os.environ.get("RUNS", DEFAULT_RUNS), help="root of run directories (env RUNS; default: %(default)s)")
+    ap.add_argument("--rho", type=float, default=os.environ.get("RHO") or None,
+                    help="SAM/ASAM radius (env RHO; default: the paper's 0.1 for sam, 0.2 for asam)")
+    ap.add_argument("--no-eval-bleu", action="store_true", help="skip BLEU during validation (faster; best = lowest loss)")
+    ap.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
+    args, extra = ap.parse_known_args(argv)
+    if args.seed < 0:
+        ap.error(f"SEED must be >= 0, got {args.seed}")
+    max_update = _env_int("MAX_UPDATE", DEFAULT_MAX_UPDATE)
+    if max_update < 1:
+        ap.error(f"MAX_UPDATE must be >= 1, got {max_update}")
+    if args.rho is not None and args.rho <= 0:
+        ap.error(f"--rho (RHO) must be > 0, got {args.rho}")
+    if args.rho is not None and args.method == "adam":
+        ap.error("--rho (RHO) only applies to sam and asam")
+    if not Path(args.data).is_dir():
+        ap.error(f"--data (DATA) {args.data}: no such directory; run data-prep/prepare-iwslt14.sh first")
+    run_dir = Path(args.run_dir or Path(args.runs) / f"{args.method}-seed{args.seed}")
+    fs_args = fairseq_train_args(args.method, args.seed, data=args.data, run_dir=run_dir, rho=args.rho,
+                                 max_update=max_update, eval_bleu=not args.no_eval_bleu, extra=extra)
+    cmd = [sys.executable, "-m", "fairseq_cli.train", *fs_args]
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"method": args.method, "seed": args.seed, "data": str(args.data),
+            "rho": (args.rho or PAPER_RHO[args.method]) if args.method != "adam" else None,
+            "fairseq_train_args": fs_args}
+    tmp = run_dir / f"run.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, run_dir / "run.json")
+    resumed = (run_dir / "checkpoints" / "checkpoint_last.pt").exists()
+    print(f"[train-iwslt14] {args.method} seed {args.seed} -> {run_dir}" + (" (resuming from checkpoint_last.pt)" if resumed else ""),
+          flush=True)
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
