@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fairseq_asam.bench import kernel  # noqa: E402
+from fairseq_asam.bench import fairseq_update, kernel  # noqa: E402
 
-SECTIONS = ["kernel"]
+SECTIONS = ["kernel", "fairseq"]
 
 
 def machine() -> dict:
@@ -66,18 +66,66 @@ def kernel_section(args, devices):
     return out, table
 
 
+def _mb(b):
+    return f"{b / 2**20:.0f} MiB"
+
+
+def fairseq_section(args, devices):
+    out, rows, mem_rows, br_rows = {}, [], [], []
+    for dev in devices:
+        r = fairseq_update.bench_updates(rounds=args.rounds, updates=args.updates, device=dev, quick=args.quick)
+        out[dev] = r
+        s, q, u = r["seconds_per_update"], r["ratio_to_adam"], r["updates_per_second"]
+        for m in fairseq_update.METHODS:
+            rows.append(f"| {m} | {dev} | {s[m] * 1e3:.0f} | {u[m]:.2f} | {q[m]:.3f}x |")
+            mem_rows.append(f"| {m} | {dev} | {_mb(r['peak_memory_bytes'][m])} | "
+                            f"{r['extra_memory_over_adam_in_param_bytes'][m]:+.2f} |")
+        b = r["asam_update_breakdown_seconds"]
+        for k, v in b.items():
+            if k != "total":
+                br_rows.append(f"| {k} | {dev} | {v * 1e3:.1f} | {v / b['total'] * 100:.1f}% |")
+        br_rows.append(f"| **total** | {dev} | {b['total'] * 1e3:.1f} | 100% |")
+    n = next(iter(out.values()))
+    return out, [
+        f"### Whole fairseq update ({n['n_params'] / 1e6:.1f}M-parameter transformer, `fairseq-train` code path)",
+        "",
+        "| optimizer | device | ms / update | updates / s | ratio to adam |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"### Peak memory ({n['memory_kind']}; parameters: {_mb(n['param_bytes'])})",
+        "",
+        "| optimizer | device | peak | extra over adam / parameter bytes |",
+        "|---|---|---|---|",
+        *mem_rows,
+        "",
+        "### Where one asam_adam update's time goes (median ms per phase)",
+        "",
+        "| phase | device | ms | share |",
+        "|---|---|---|---|",
+        *br_rows,
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--repeats", type=int, default=10, help="timed repetitions per contender (alternating)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: CPU, plus CUDA when available")
+    ap.add_argument("--rounds", type=int, default=2, help="whole-update sections: alternating rounds per method")
+    ap.add_argument("--updates", type=int, default=20, help="whole-update sections: updates per run (4 warm-up)")
+    ap.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs, not speed")
     ap.add_argument("--out", default="bench-out/benchmark.json", help="where the JSON results go")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"--sections: unknown {unknown}; choose from {SECTIONS}")
+    if args.updates < 6:
+        ap.error(f"--updates must be >= 6 (the first 4 are warm-up), got {args.updates}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -90,7 +138,7 @@ def main(argv=None):
     lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
              f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}", ""]
     for name in sections:
-        data, table = {"kernel": kernel_section}[name](args, devices)
+        data, table = {"kernel": kernel_section, "fairseq": fairseq_section}[name](args, devices)
         result["sections"][name] = data
         lines += table + [""]
     print("\n".join(lines))
