@@ -116,8 +116,9 @@ def run_once(data_bin: str, method: str, arch: list[str], *, updates: int, devic
     if proc.returncode != 0:
         raise RuntimeError(f"fairseq-train ({method}) failed:\n{proc.stderr[-4000:]}")
     rec = json.loads(out.read_text())
-    rec["log"] = [json.loads(line.split("|")[-1].strip()) for line in (proc.stdout + proc.stderr).splitlines()
-                  if "| train_inner |" in line]
+    # fairseq's json log lines look like "... | INFO | train_inner | {...}" or "INFO:train_inner:{...}".
+    rec["log"] = [json.loads(line[line.index("{"):]) for line in (proc.stdout + proc.stderr).splitlines()
+                  if "train_inner" in line and "{" in line]
     return rec
 
 
