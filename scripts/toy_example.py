@@ -125,10 +125,10 @@ def run_all(*, rho_sam: float = 0.05, rho_asam: float = 0.5, lr: float = 0.01, s
 def plot(trajs, out: str) -> None:
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import leaves the root logger verbose
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import leaves the root logger verbose
     import matplotlib.pyplot as plt
 
     w1 = torch.linspace(0.0, 0.45, 300, dtype=torch.float64)
