@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fairseq_asam.bench import fairseq_update, kernel  # noqa: E402
+from fairseq_asam.bench import fairseq_update, kernel, vision_update  # noqa: E402
 
-SECTIONS = ["kernel", "fairseq"]
+SECTIONS = ["kernel", "fairseq", "vision"]
 
 
 def machine() -> dict:
@@ -107,6 +107,25 @@ def fairseq_section(args, devices):
     ]
 
 
+def vision_section(args, devices):
+    out, rows = {}, []
+    for dev in devices:
+        r = vision_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
+                                       repeats=2 if args.quick else args.repeats, device=dev)
+        out[dev] = r
+        for m, s in r["seconds_per_update"].items():
+            rows.append(f"| {m} | {dev} | {s * 1e3:.0f} | {1 / s:.2f} | {r['ratio_to_sgd'][m]:.3f}x |")
+    r = next(iter(out.values()))
+    return out, [
+        f"### Whole update of the torchvision entry point ({r['model']}, {r['n_params'] / 1e6:.2f}M parameters, "
+        f"batch {r['batch']})",
+        "",
+        "| minimizer | device | ms / update | updates / s | ratio to sgd |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -115,6 +134,7 @@ def main(argv=None):
                     help="auto: CPU, plus CUDA when available")
     ap.add_argument("--rounds", type=int, default=2, help="whole-update sections: alternating rounds per method")
     ap.add_argument("--updates", type=int, default=20, help="whole-update sections: updates per run (4 warm-up)")
+    ap.add_argument("--vision-model", default="resnet20", help="vision section: a CIFAR model of the entry point")
     ap.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs, not speed")
     ap.add_argument("--out", default="bench-out/benchmark.json", help="where the JSON results go")
     args = ap.parse_args(argv)
@@ -138,7 +158,7 @@ def main(argv=None):
     lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
              f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}", ""]
     for name in sections:
-        data, table = {"kernel": kernel_section, "fairseq": fairseq_section}[name](args, devices)
+        data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section}[name](args, devices)
         result["sections"][name] = data
         lines += table + [""]
     print("\n".join(lines))
