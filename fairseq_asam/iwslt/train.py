@@ -90,6 +90,28 @@ def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str
     return args + list(extra)
 
 
+def finished_updates(run_dir: Path) -> int:
+    """Updates reached by the last validation in run_dir/train.log (0 if none).
+
+    fairseq-train resumed at max_update would still take one more update before it checks the limit,
+    so a finished run is recognised here and not started again.
+    """
+    from .summarize import read_valid_log
+
+    pts = read_valid_log(Path(run_dir) / "train.log")
+    return pts[-1]["update"] if pts and (Path(run_dir) / "checkpoints" / "checkpoint_last.pt").exists() else 0
+
+
+def _last_value(args: list[str], flag: str) -> str | None:
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def _env_int(name: str, default):
     v = os.environ.get(name)
     if v in (None, ""):
@@ -134,6 +156,11 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "fairseq_cli.train", *fs_args]
     if args.dry_run:
         print(shlex.join(cmd))
+        return 0
+    target = int(_last_value(fs_args, "--max-update"))
+    if finished_updates(run_dir) >= target:
+        print(f"[train-iwslt14] {run_dir} already reached {target} updates; nothing to do "
+              "(raise MAX_UPDATE or --max-update to train further)", flush=True)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"method": args.method, "seed": args.seed, "data": str(args.data),

@@ -1,0 +1,185 @@
+"""``make demo``: the whole IWSLT'14 pipeline of paper Section 5.3 on the embedded synthetic corpus, on CPU.
+
+No download, no GPU. The synthetic German-English corpus in ``fairseq_asam/data/demo-de-en`` (made by
+``demo_corpus.py`` from a small grammar and lexicon; not natural text) is packed into an archive with
+the layout of the real ``de-en.tgz`` and goes through the same code as the real data:
+
+1. ``prepare.py`` (the prepare-iwslt14 recipe: tokenize, clean, lowercase, split, BPE, fairseq-preprocess);
+2. ``train.py`` for Adam, Adam+SAM (rho 0.1) and Adam+ASAM (rho 0.2), i.e. the paper's settings, with
+   a small Transformer and a short schedule (the overrides in ``DEMO_TRAIN_ARGS``) so it runs in minutes;
+3. ``evaluate.py`` (fairseq-generate, beam 5; tokenized BLEU and detokenized sacreBLEU);
+4. ``summarize.py``: ``demo-out/table5.md``, ``table5.csv`` and ``curves.png``; the table is printed.
+
+Everything lands in ``demo-out/``; a second ``make demo`` reuses finished steps and runs::
+
+    make demo
+    .venv/bin/python -m fairseq_asam.iwslt.demo --max-update 60    # quicker, lower BLEU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from . import evaluate, prepare, summarize, train
+from .demo_corpus import DEMO_DIR
+
+__all__ = ["DEMO_TRAIN_ARGS", "pack_archive", "run_demo"]
+
+# A Transformer small enough for 2 CPU cores, and a schedule short enough for a few minutes per
+# method: the paper's optimizer settings otherwise (Adam betas 0.9/0.98, inverse_sqrt, wd 1e-4,
+# label smoothing 0.1, rho 0.1 / 0.2), with a larger peak lr and a short warm-up because the run
+# is a few hundred updates, not tens of thousands.
+DEMO_TRAIN_ARGS = [
+    "--arch", "transformer",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "256", "--decoder-ffn-embed-dim", "256",
+    "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--dropout", "0.1", "--lr", "3e-3", "--warmup-updates", "100",
+    "--max-tokens", "1024", "--num-workers", "0",
+    "--log-interval", "25",
+    # Validation BLEU for the curves with greedy decoding (the final evaluation uses beam 5), and no
+    # extra validation/checkpoint at epoch ends: only every --validate-every updates.
+    "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
+    "--validate-interval", "1000000", "--save-interval", "1000000",
+]
+DEMO_BPE_TOKENS = 1000  # the synthetic lexicon is small; 10,000 merges would make every word one token
+
+
+def pack_archive(src: Path, out: Path) -> Path:
+    """Pack ``src/de-en/*`` into ``out`` (a .tgz with the member names of the real archive), atomically."""
+    src = Path(src)
+    files = sorted((src / "de-en").glob("*"))
+    if not files:
+        raise ValueError(f"no corpus files in {src / 'de-en'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    # Fixed mtimes and order: the same corpus gives the same bytes, so prepare.py's fingerprint
+    # (sha256 of the archive) matches and a second demo reuses every finished step.
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for f in files:
+            data = f.read_bytes()
+            info = tarfile.TarInfo(f"de-en/{f.name}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, out)
+    return out
+
+
+def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], log) -> None:
+    """train.py's command in a subprocess, with fairseq's output condensed to one line per validation."""
+    args = train.fairseq_train_args(method, seed, data=data, run_dir=run_dir, max_update=10**9, extra=extra)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"method": method, "seed": seed, "data": str(data), "rho": train.PAPER_RHO.get(method),
+            "fairseq_train_args": args}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+    cmd = [sys.executable, "-m", "fairseq_cli.train", *args]
+    t0 = time.time()
+    with open(run_dir / "stdout.log", "a", encoding="utf-8") as raw:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            raw.write(line)
+            if "| valid |" in line:
+                rec = json.loads(line.split("| valid |", 1)[1])
+                bleu = f", BLEU {float(rec['valid_bleu']):.2f}" if "valid_bleu" in rec else ""
+                log(f"  {method}: update {rec['valid_num_updates']:>4}  valid loss {float(rec['valid_loss']):.3f}{bleu}"
+                    f"  [{time.time() - t0:.0f}s]")
+            elif "| train_inner |" in line:
+                rec = json.loads(line.split("| train_inner |", 1)[1])
+                log(f"  {method}: update {rec['num_updates']:>4}  train loss {float(rec['loss']):.3f}"
+                    f"  [{time.time() - t0:.0f}s]")
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"fairseq-train ({method}) failed with exit code {rc}; see {run_dir / 'stdout.log'}")
+
+
+def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=train.METHODS, seeds=(1,),
+             max_update: int = 200, validate_every: int = 50, bpe_tokens: int = DEMO_BPE_TOKENS,
+             extra: list[str] = (), log=print) -> dict:
+    """Run the demo; returns summarize.write_summary's result (markdown, rows, runs)."""
+    if max_update < 1 or validate_every < 1:
+        raise ValueError(f"--max-update and --validate-every must be >= 1, got {max_update} and {validate_every}")
+    t_start = time.time()
+    out = Path(out)
+    log(f"[demo] 1/4 corpus: synthetic German-English pairs from {corpus} (generated by a grammar, not IWSLT)")
+    tgz = pack_archive(corpus, out / "de-en.tgz")
+    log(f"[demo] 2/4 preparation: the prepare-iwslt14 recipe on {tgz}")
+    data = out / "data-bin"
+    prepare.prepare(tgz, dest=data, work=out / "prep", bpe_tokens=bpe_tokens, workers=1,
+                    log=lambda m: log(f"  {m}"))
+    sched = ["--max-update", str(max_update), "--validate-interval-updates", str(validate_every),
+             "--save-interval-updates", str(validate_every)]
+    runs_root = out / "runs"
+    for seed in seeds:
+        for method in methods:
+            run_dir = runs_root / f"{method}-seed{seed}"
+            rho = f" (rho {train.PAPER_RHO[method]})" if method in train.PAPER_RHO else ""
+            log(f"[demo] 3/4 training {method}{rho}, seed {seed}, {max_update} updates -> {run_dir}")
+            t0 = time.time()
+            args = [*DEMO_TRAIN_ARGS, *sched, *extra]
+            if train.finished_updates(run_dir) >= max_update:
+                log(f"  {method}: already trained to {max_update} updates, reused")
+            else:
+                _train(method, seed, data, run_dir, args, log)
+                log(f"  {method}: trained in {time.time() - t0:.0f}s")
+            ev, best = run_dir / "eval.json", run_dir / "checkpoints" / "checkpoint_best.pt"
+            if ev.exists() and ev.stat().st_mtime >= best.stat().st_mtime:
+                log(f"  {method}: already evaluated, reused {ev}")
+            else:
+                evaluate.evaluate_run(run_dir, data=data, log=lambda m: log(f"  {m}"))
+    log("[demo] 4/4 summary")
+    res = summarize.write_summary([runs_root], out)
+    log("")
+    log(res["markdown"])
+    log(f"[demo] wrote {out / 'table5.md'}, {out / 'table5.csv'}, {out / 'curves.png'} "
+        f"in {(time.time() - t_start) / 60:.1f} min")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="The IWSLT'14 pipeline (prepare, train Adam/SAM/ASAM, BLEU, Table 5) "
+                                 "on the embedded synthetic corpus. Unknown arguments go to fairseq-train.",
+                                 allow_abbrev=False)
+    ap.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
+    ap.add_argument("--corpus", type=Path, default=DEMO_DIR, help="folder holding de-en/ (default: the embedded corpus)")
+    ap.add_argument("--methods", default="adam,sam,asam", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--seeds", default="1", help="comma-separated seeds (default: %(default)s)")
+    ap.add_argument("--max-update", type=int, default=int(os.environ.get("DEMO_MAX_UPDATE", 200)),
+                    help="updates per run (env DEMO_MAX_UPDATE; default: %(default)s)")
+    ap.add_argument("--validate-every", type=int, default=50, help="updates between validations (default: %(default)s)")
+    args, extra = ap.parse_known_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in train.METHODS]
+    if bad or not methods:
+        ap.error(f"--methods must be a comma-separated subset of adam,sam,asam; got {args.methods!r}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or any(s < 0 for s in seeds):
+        ap.error(f"--seeds must be comma-separated integers >= 0, got {args.seeds!r}")
+    if args.max_update < 1:
+        ap.error(f"--max-update must be >= 1, got {args.max_update}")
+    if args.validate_every < 1:
+        ap.error(f"--validate-every must be >= 1, got {args.validate_every}")
+    try:
+        run_demo(args.out, corpus=args.corpus, methods=methods, seeds=seeds, max_update=args.max_update,
+                 validate_every=args.validate_every, extra=extra)
+    except (prepare.PrepareError, ValueError, RuntimeError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""BLEU of a trained IWSLT'14 run on valid and test (paper Table 5).
+
+``fairseq-generate`` (beam 5, BPE removed) translates each subset; then three numbers per subset:
+
+- ``bleu_tokenized``: the number the paper and most IWSLT'14 papers report, i.e. fairseq-generate's
+  own ``BLEU4`` line: corpus BLEU on the Moses-tokenized, lowercased text after BPE removal;
+- ``bleu_tokenized_sacrebleu``: the same text scored by sacreBLEU with ``tokenize="none"``, a second
+  code path that must agree with the first (it does, to the printed two decimals, unless an n-gram
+  order has no match at all, where sacreBLEU smooths);
+- ``bleu_detok``: sacreBLEU (default 13a tokenization) on hypotheses and references both detokenized
+  with sacremoses' Moses detokenizer; lowercased, since the prepared references are. Reported with
+  its signature.
+
+Results go to ``<run>/eval.json`` (written atomically) next to the generate outputs::
+
+    bash scripts/evaluate-iwslt14.sh runs/iwslt14/asam-seed1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["evaluate_run", "parse_generate", "score"]
+
+_BLEU_LINE = re.compile(r"^Generate (\S+) with beam=(\d+): BLEU4 = ([0-9.]+),")
+USER_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def parse_generate(text: str) -> dict:
+    """Hypotheses and references by sentence id, and fairseq's BLEU4, from fairseq-generate's stdout."""
+    hyps, refs = {}, {}
+    bleu = None
+    for line in text.splitlines():
+        if line.startswith("H-"):
+            sid, _score, hyp = (line.split("\t") + ["", ""])[:3]
+            hyps[int(sid[2:])] = hyp
+        elif line.startswith("T-"):
+            sid, ref = (line.split("\t") + [""])[:2]
+            refs[int(sid[2:])] = ref
+        else:
+            m = _BLEU_LINE.match(line)
+            if m:
+                bleu = float(m.group(3))
+    if set(hyps) != set(refs):
+        raise ValueError(f"fairseq-generate output has {len(hyps)} hypotheses but {len(refs)} references")
+    ids = sorted(hyps)
+    return {"hyps": [hyps[i] for i in ids], "refs": [refs[i] for i in ids], "fairseq_bleu4": bleu}
+
+
+def score(hyps: list[str], refs: list[str]) -> dict:
+    """Tokenized BLEU (sacreBLEU, tokenize none) and detokenized sacreBLEU with their signatures."""
+    import sacrebleu
+    from sacremoses import MosesDetokenizer
+
+    tok = sacrebleu.metrics.BLEU(tokenize="none", force=True)
+    tok_score = tok.corpus_score(hyps, [refs])
+    md = MosesDetokenizer(lang="en")
+    dh = [md.detokenize(h.split()) for h in hyps]
+    dr = [md.detokenize(r.split()) for r in refs]
+    detok = sacrebleu.metrics.BLEU()
+    detok_score = detok.corpus_score(dh, [dr])
+    return {
+        "bleu_tokenized_sacrebleu": round(tok_score.score, 2),
+        "bleu_tokenized_sacrebleu_signature": str(tok.get_signature()),
+        "bleu_detok": round(detok_score.score, 2),
+        "bleu_detok_signature": str(detok.get_signature()),
+        "sentences": len(hyps),
+    }
+
+
+def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: int, remove_bpe: str,
+              extra: list[str]) -> str:
+    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data), "--user-dir", USER_DIR,
+           "--task", "translation", "--source-lang", "de", "--target-lang", "en",
+           "--path", str(checkpoint), "--gen-subset", subset, "--beam", str(beam),
+           "--batch-size", str(batch_size), "--remove-bpe", remove_bpe, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "checkpoint_best.pt",
+                 subsets=("valid", "test"), beam: int = 5, batch_size: int = 128, extra: list[str] = (),
+                 log=print) -> dict:
+    run_dir = Path(run_dir)
+    meta_file = run_dir / "run.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    data = Path(data or meta.get("data") or "")
+    if not str(data) or not data.is_dir():
+        raise ValueError(f"--data: no binarized data directory (got {str(data)!r}); pass --data or use a run made by "
+                         "train-iwslt14.sh (its run.json names the data)")
+    ckpt = Path(checkpoint) if os.sep in checkpoint else run_dir / "checkpoints" / checkpoint
+    if not ckpt.is_file():
+        raise ValueError(f"--checkpoint {ckpt}: no such file (train first: bash scripts/train-iwslt14.sh ...)")
+    if beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {beam}")
+    info = data / "prep-info.json"
+    remove_bpe = json.loads(info.read_text()).get("remove_bpe", "subword_nmt") if info.exists() else "subword_nmt"
+    result = {"run_dir": str(run_dir), "method": meta.get("method"), "seed": meta.get("seed"), "rho": meta.get("rho"),
+              "checkpoint": str(ckpt), "data": str(data), "beam": beam, "remove_bpe": remove_bpe}
+    for subset in subsets:
+        log(f"[evaluate-iwslt14] {run_dir.name}: fairseq-generate on {subset} (beam {beam})")
+        out = _generate(data, ckpt, subset, beam, batch_size, remove_bpe, list(extra))
+        gen_file = run_dir / f"generate-{subset}.txt"
+        tmp = gen_file.with_name(gen_file.name + f".tmp-{os.getpid()}")
+        tmp.write_text(out, encoding="utf-8")
+        os.replace(tmp, gen_file)
+        parsed = parse_generate(out)
+        if parsed["fairseq_bleu4"] is None:
+            raise RuntimeError(f"no 'Generate {subset} with beam=...: BLEU4 = ...' line in {gen_file}")
+        res = {"bleu_tokenized": parsed["fairseq_bleu4"], **score(parsed["hyps"], parsed["refs"]),
+               "generate_output": str(gen_file)}
+        result[subset] = res
+        log(f"[evaluate-iwslt14] {run_dir.name} {subset}: tokenized BLEU {res['bleu_tokenized']:.2f} "
+            f"(sacreBLEU tok=none {res['bleu_tokenized_sacrebleu']:.2f}), detokenized sacreBLEU {res['bleu_detok']:.2f}")
+    out_file = run_dir / "eval.json"
+    tmp = out_file.with_name(f"eval.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out_file)
+    log(f"[evaluate-iwslt14] wrote {out_file}")
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="evaluate-iwslt14.sh", allow_abbrev=False,
+                                 description="fairseq-generate (beam 5, remove BPE) on valid and test, then "
+                                 "tokenized BLEU and detokenized sacreBLEU, written to RUN_DIR/eval.json. "
+                                 "Unknown arguments go to fairseq-generate.")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--data", type=Path, default=None, help="binarized data (default: the one in RUN_DIR/run.json)")
+    ap.add_argument("--checkpoint", default=os.environ.get("CHECKPOINT", "checkpoint_best.pt"),
+                    help="file name in RUN_DIR/checkpoints or a path (env CHECKPOINT; default: %(default)s)")
+    ap.add_argument("--subsets", default="valid,test", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--beam", type=int, default=5, help="beam size (default: %(default)s, as the paper)")
+    ap.add_argument("--batch-size", type=int, default=128, help="sentences per batch (default: %(default)s)")
+    args, extra = ap.parse_known_args(argv)
+    if not args.run_dir.is_dir():
+        ap.error(f"RUN_DIR {args.run_dir}: no such directory")
+    subsets = [s for s in args.subsets.split(",") if s]
+    bad = [s for s in subsets if s not in ("train", "valid", "test")]
+    if bad or not subsets:
+        ap.error(f"--subsets must be a comma-separated list of valid, test, train; got {args.subsets!r}")
+    if args.beam < 1:
+        ap.error(f"--beam must be >= 1, got {args.beam}")
+    try:
+        evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint, subsets=subsets, beam=args.beam,
+                     batch_size=args.batch_size, extra=extra)
+    except (ValueError, RuntimeError) as e:
+        print(f"evaluate-iwslt14: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
