@@ -112,3 +112,75 @@ def run_fairseq(tool: str, args: list[str], *, check: bool = True, timeout: floa
     if check and proc.returncode != 0:
         raise RuntimeError(f"fairseq-{tool} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+# ---- in-process: fairseq's own Trainer, for tests that look inside one update ------------------------
+
+
+def build_trainer(data_bin, save_dir, *extra: str, task_cls=None, cfg_edit=None):
+    """fairseq's Trainer, task, model and criterion built the way fairseq_cli.train.main builds them.
+
+    ``extra`` are fairseq-train flags; ``task_cls`` replaces the task class (e.g. a subclass that
+    records what happens inside an update); ``cfg_edit(cfg)`` may change the parsed config (e.g. bf16
+    without fairseq's command-line rule that --bf16 implies --tpu). Returns (trainer, task, cfg).
+    """
+    from fairseq import options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+    from omegaconf import open_dict
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, tiny_train_args(data_bin, save_dir, *extra))
+    cfg = convert_namespace_to_omegaconf(args)
+    if cfg_edit is not None:
+        with open_dict(cfg):
+            cfg_edit(cfg)
+    utils.import_user_module(cfg.common)
+    utils.set_torch_seed(cfg.common.seed)
+    if task_cls is None:
+        task = tasks.setup_task(cfg.task)
+    else:
+        task = task_cls.setup_task(cfg.task)
+    task.load_dataset("train")
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return Trainer(cfg, task, model, criterion), task, cfg
+
+
+def train_batches(task, cfg, n: int):
+    """The first ``n`` training batches of epoch 1, in fairseq's order, unshuffled."""
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("train"),
+        max_tokens=cfg.dataset.max_tokens,
+        max_sentences=cfg.dataset.batch_size,
+        seed=cfg.common.seed,
+        num_workers=0,
+        epoch=1,
+    ).next_epoch_itr(shuffle=False)
+    out = []
+    for sample in itr:
+        out.append(sample)
+        if len(out) == n:
+            break
+    if len(out) < n:
+        raise ValueError(f"the corpus has only {len(out)} batches, {n} were asked for")
+    return out
+
+
+_CORPUS: dict = {}
+
+
+def tiny_data_bin_fixture():
+    """A session-wide pytest fixture of the binarized tiny corpus, shared by every module importing it.
+
+    Use as ``tiny_data_bin = fairseq_helpers.tiny_data_bin_fixture()`` at module level.
+    """
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def tiny_data_bin(tmp_path_factory):
+        if "data_bin" not in _CORPUS:  # one fairseq-preprocess run per test session
+            _CORPUS["data_bin"] = make_tiny_corpus(tmp_path_factory.mktemp("tiny-corpus"))
+        return _CORPUS["data_bin"]
+
+    return tiny_data_bin

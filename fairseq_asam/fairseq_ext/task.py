@@ -41,6 +41,7 @@ import torch
 from fairseq import metrics, utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.optim.fp16_optimizer import FP16Optimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -169,6 +170,11 @@ class SharpnessAwareTask:
         Returns local (sample_size, loss at w, loss at w + eps) sums.
         """
         optimizer.zero_grad()
+        if isinstance(optimizer, FP16Optimizer) and optimizer.scaler is None:
+            # bf16: FP16Optimizer.zero_grad() resets its pending gradient factor only when there is a loss
+            # scaler; in plain fairseq step() consumes it. The first pass's factor (1/sample_size times the
+            # clip coefficient) was never applied and must not be applied to g' on top of g's own.
+            optimizer._multiply_factor = 1.0
         if isinstance(optimizer, AMPOptimizer):
             _amp_allow_second_unscale(optimizer)
         world = distributed_utils.get_data_parallel_world_size()
@@ -261,7 +267,10 @@ def _amp_allow_second_unscale(optimizer) -> None:
     # scaler.update(). The first pass's unscale found no inf (checked before the ascent), so forgetting it
     # loses nothing; update() must still run only once per update (in the step) so the scale's growth
     # schedule is the one fairseq would follow. torch keeps this per-optimizer state in a private dict.
-    states = getattr(optimizer.scaler, "_per_optimizer_states", None)
+    scaler = optimizer.scaler
+    if not scaler.is_enabled():
+        return  # no CUDA: torch disabled the scaler, unscale_() is a no-op
+    states = getattr(scaler, "_per_optimizer_states", None)
     if states is None:
         raise RuntimeError("this torch's GradScaler has no _per_optimizer_states; --amp is not supported with SAM here")
     states.pop(id(optimizer.optimizer), None)
