@@ -242,6 +242,7 @@ def scatter_png(records: list[dict], stats: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 7.5))
     for ax, (key, _, _), tag in zip(axes.flat, MEASURES, "abcd"):
@@ -250,6 +251,7 @@ def scatter_png(records: list[dict], stats: dict, path: str) -> None:
         ax.scatter(xs, ys, s=14, c=[math.log10(r["batch_size"]) for r in records], cmap="viridis")
         if xs and min(xs) > 0:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels of a short log axis overlap
         ax.set_title(f"({tag}) {MEASURE_LABELS[key]}, tau = {stats[key]['tau']:.3f}", fontsize=10)
         ax.set_xlabel(MEASURE_LABELS[key])
         ax.set_ylabel("generalization gap (test CE - train CE)")

@@ -219,7 +219,7 @@ def test_weights_modes_grads_restored_and_deterministic():
     assert len(r1.losses) == 3 and all(len(t) == 5 for t in r1.losses)
     assert r1.value == max(max(t) for t in r1.losses)
     # eval mode while measuring: without it dropout would make the objective noisy and r1 != r2.
-    assert r1.loss == pytest.approx(sum(float(loss(model.eval(), b)) for b in data) / 3, rel=1e-6)
+    assert r1.loss == pytest.approx(sum(float(loss(model.eval(), b).detach()) for b in data) / 3, rel=1e-6)
     model.train()
 
 
