@@ -88,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rho", type=float, default=None,
                    help="default: ASAM 0.5 CIFAR-10, 1.0 CIFAR-100/ImageNet; SAM 0.05 CIFAR-10/ImageNet, 0.1 CIFAR-100")
     g.add_argument("--eta", type=float, default=0.01, help="ASAM: T_w = |w| + eta")
-    g.add_argument("--p", choices=("2", "inf"), default="2")
+    # Long aliases: torchrun's own parser takes "--m"/"--p" for abbreviations of its options
+    # (--master-port, --print-completion), so under torchrun write --m-sharpness and --sharpness-p.
+    g.add_argument("--p", "--sharpness-p", dest="p", choices=("2", "inf"), default="2")
     g.add_argument("--normalization", choices=("element", "filter"), default="element")
     g.add_argument("--normalize-bias", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--m", type=int, default=None,
+    g.add_argument("--m", "--m-sharpness", dest="m", type=int, default=None,
                    help="m-sharpness: a separate perturbation per shard of m examples of each worker's batch "
                    "(default: the whole worker batch; ImageNet 128)")
 
@@ -418,7 +420,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
     autocast = _autocast_factory(args, device)
 
     args_dict = _jsonable(args)
-    args_dict.update(num_classes=num_classes, world_size=world, torch_version=torch.__version__,
+    args_dict.update(num_classes=num_classes, world_size=world, torch_version=str(torch.__version__),
                      labels_corrupted=n_noisy, train_size=len(train_ds), test_size=len(test_ds))
     start_epoch, history = 0, []
     best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
