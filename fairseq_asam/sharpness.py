@@ -30,7 +30,7 @@ along the normalized gradient, then the projection, is a damped power iteration 
 eigen-gap lambda_2/lambda_1 = 1/3, 10 steps get within 1e-4 of the closed form rho^2 lambda_max / 2 and
 20 within 1e-6 (tests/test_sharpness.py; with step_size=1 ten steps are 2e-3 short). On a small ReLU
 MLP trained on scikit-learn's digits, 20 steps come within 3% of 40 steps for all four measures,
-while the one-step estimate is 2 to 10 times too small. The step decays as 1/sqrt(k + 1) so that late
+while the one-step estimate is 1.2 to 9 times too small. The step decays as 1/sqrt(k + 1) so that late
 iterates stop bouncing across the boundary. Each step costs one forward and backward pass over ``batches``.
 
 Example (runs as is)::

@@ -287,3 +287,21 @@ def test_bad_data_and_loss_raise_and_restore():
     with pytest.raises(RuntimeError, match="boom"):
         measure_sharpness(model, explode, [torch.ones(1, 2)], rho=0.1)
     assert torch.equal(model.weight.detach(), before) and model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the measure on cuda equals the CPU one")
+def test_cuda_matches_cpu():
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.ReLU(), torch.nn.Linear(9, 2)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 2, (20,))
+
+    def loss(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    kw = dict(rho=0.3, steps=5, restarts=1, seed=2)
+    cpu = measure_sharpness(model, loss, [(x, y)], **kw)
+    model.cuda()
+    before = [p.detach().clone() for p in model.parameters()]
+    gpu = measure_sharpness(model, loss, [(x.cuda(), y.cuda())], **kw)
+    assert gpu.value == pytest.approx(cpu.value, rel=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
