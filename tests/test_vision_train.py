@@ -184,3 +184,13 @@ def test_paper_defaults():
     assert (r.rho, r.m) == (0.05, 128)
     r = vtrain.resolve_args(p.parse_args(["--dataset", "imagenet", "--minimizer", "sgd"]))
     assert r.epochs == 200
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machine's cores are shared by parallel test runs: one intra-op thread is faster than two
+    # fighting over them for these tiny convolutions (and it is what the DDP workers use).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
