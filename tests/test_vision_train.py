@@ -107,6 +107,9 @@ def test_resume_equals_uninterrupted(cifar_dir, tmp_path):
     vtrain.cli_main([*common, "--run-dir", b, "--stop-after", "1"])
     assert json.load(open(os.path.join(b, "summary.json")))["epochs_done"] == 1
     vtrain.cli_main([*common, "--run-dir", b, "--resume"])
+    log = open(os.path.join(a, "train.log")).read()
+    assert "label noise: 26 of 128 training labels corrupted (0.2031; requested 0.2000)" in log
+    assert json.load(open(os.path.join(a, "args.json")))["labels_corrupted"] == 26
     ca, cb = _weights(a), _weights(b)
     assert ca["epoch"] == cb["epoch"] == 2
     for k in ca["model"]:
@@ -194,3 +197,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_reproduce_cifar_script(cifar_dir, tmp_path):
+    out = tmp_path / "out"
+    env = dict(_env(), MODELS="resnet8", METHODS="sgd asam", SEEDS="0", DATASETS="cifar10", EPOCHS="1",
+               DATA_DIR=cifar_dir, OUT=str(out), PYTHON=sys.executable, EXTRA_ARGS="--workers 0 --batch-size 64")
+    script = os.path.join(REPO, "scripts", "reproduce-cifar.sh")
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    best = [json.load(open(out / f"cifar10-resnet8-{m}-noise0-s0" / "summary.json"))["best_test_acc"]
+            for m in ("sgd", "asam")]
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0] == "| dataset | model | sgd | asam |"
+    assert table[2] == f"| cifar10 | resnet8 | {best[0]:.2f} (n=1) | {best[1]:.2f} (n=1) |"
+    # Run again: finished runs are skipped, not retrained.
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.count("done, skipping") == 2, p.stdout + p.stderr
