@@ -77,6 +77,7 @@ def plot_runs(run_dirs, out_png: str, metric: str = "test_acc", labels=None, tit
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
@@ -92,6 +93,7 @@ def plot_runs(run_dirs, out_png: str, metric: str = "test_acc", labels=None, tit
             lab = f"{a['model']} {a['minimizer'].upper()} s{a['seed']}"
         ys = [h[metric] for h in hist]
         ax.plot([h["epoch"] for h in hist], ys, label=lab)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " ") + (" (%)" if "acc" in metric or "top5" in metric else ""))
     ax.grid(alpha=0.3)

@@ -172,8 +172,6 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     for flag, value, ok, want in checks:
         if not ok:
             fail(f"{flag} must be {want}, got {value}")
-    if args.amp == "fp16" and args.minimizer == "sgd" and args.device == "cpu":
-        pass  # allowed: CPU autocast supports fp16 in this torch
     return args
 
 
