@@ -73,8 +73,12 @@ def format_table(header, rows, markdown: bool = True) -> str:
 
 def plot_runs(run_dirs, out_png: str, metric: str = "test_acc", labels=None, title: str | None = None) -> str:
     """Draw ``metric`` (a metrics.json column, e.g. test_acc, train_loss) per epoch for several runs."""
+    import logging
+
     import matplotlib
 
+    # Importing fairseq (via fairseq_asam) can leave the root logger at DEBUG: keep matplotlib's font search quiet.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
     import matplotlib.ticker
