@@ -75,10 +75,10 @@ def plot_runs(run_dirs, out_png: str, metric: str = "test_acc", labels=None, tit
     """Draw ``metric`` (a metrics.json column, e.g. test_acc, train_loss) per epoch for several runs."""
     import logging
 
-    import matplotlib
-
     # Importing fairseq (via fairseq_asam) can leave the root logger at DEBUG: keep matplotlib's font search quiet.
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
     import matplotlib.ticker
