@@ -214,3 +214,17 @@ def test_reproduce_cifar_script(cifar_dir, tmp_path):
     # Run again: finished runs are skipped, not retrained.
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.count("done, skipping") == 2, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_run_on_cpu(cifar_dir, tmp_path, amp):
+    # CPU autocast runs both precisions; fp16 carries a GradScaler whose state goes into the checkpoint.
+    d = str(tmp_path / amp)
+    vtrain.cli_main(["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1", "--minimizer", "asam",
+                     "--amp", amp, "--device", "cpu", "--run-dir", d, *TINY])
+    ck = _weights(d)
+    hist = ck["history"]
+    assert hist[0]["skipped_steps"] == 0 and 0 < hist[0]["eps_norm"] < 10 and hist[0]["train_loss"] < 10
+    assert (ck["scaler"] is not None) == (amp == "fp16")
+    if amp == "fp16":
+        assert ck["scaler"]["scale"] == 65536.0  # no overflow, no growth within 4 steps
