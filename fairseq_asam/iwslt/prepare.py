@@ -531,12 +531,13 @@ def _subword_nmt(joint: Path, codes: Path, merges: int, log: Log):
 def _sentencepiece(joint: Path, model: Path, vocab: int, log: Log):
     import sentencepiece as spm
 
-    prefix = str(model)[: -len(".model")]
+    prefix = str(model) + ".spm"  # model is a temporary name; sentencepiece appends .model/.vocab
     log(f"  sentencepiece BPE, vocabulary {vocab}")
     # hard_vocab_limit=False: a small corpus may not have `vocab` pieces; take what there is.
     spm.SentencePieceTrainer.train(input=str(joint), model_prefix=prefix, vocab_size=vocab, model_type="bpe",
                                    character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
     Path(prefix + ".vocab").unlink(missing_ok=True)
+    os.replace(prefix + ".model", model)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     return lambda lines: [" ".join(sp.encode(line, out_type=str)) for line in lines]
 
