@@ -11,9 +11,11 @@ custom class, ...) is still refused. What each entry is for:
   ``register_model_architecture`` (``cfg["model"]``), and the legacy ``args``;
 - numpy ``ndarray``/``dtype`` (and the int64/float64 dtype classes)/``_reconstruct``: the BLEU n-gram counts that ``--eval-bleu`` keeps in the
   saved metrics (``extra_state["metrics"]``);
-- ``fairseq.distributed.utils._TensorPlaceholder``: on ranks > 0 of a distributed resume, rank 0 sends
-  the checkpoint with its tensors replaced by these placeholders, and fairseq unpickles it with
-  ``torch.load`` (``distributed_utils.broadcast_object``).
+- on ranks > 0 of a distributed resume, rank 0 sends the checkpoint it loaded with its tensors replaced
+  by ``fairseq.distributed.utils._TensorPlaceholder`` and its config turned into an omegaconf
+  ``DictConfig``, and fairseq unpickles that with ``torch.load`` (``distributed_utils.broadcast_object``):
+  ``DictConfig``, ``ListConfig``, ``ContainerMetadata``, ``Metadata``, ``AnyNode``, ``typing.Any`` and the
+  types their metadata names (``dict``, ``int``, ``list``, ``collections.defaultdict``).
 
 The list is checked against real checkpoints by ``tests/test_fairseq_checkpoint.py``. Example::
 
@@ -21,11 +23,16 @@ The list is checked against real checkpoints by ``tests/test_fairseq_checkpoint.
 """
 
 import argparse
+import collections
 import importlib
+import typing
 
 import numpy as np
 import torch
 from fairseq.distributed.utils import _TensorPlaceholder
+from omegaconf import DictConfig, ListConfig
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode
 
 __all__ = ["SAFE_GLOBALS", "allow_fairseq_checkpoints"]
 
@@ -53,7 +60,20 @@ SAFE_GLOBALS = [
     np.dtype,
     *[t for t in _NUMPY_DTYPES if t is not np.dtype],
     *_numpy_reconstruct(),
+    # Rank 0 of a distributed resume sends the checkpoint after load_checkpoint_to_cpu turned its
+    # config into an omegaconf DictConfig (allow_objects, every value an AnyNode); a DictConfig pickles
+    # its metadata, which names these types and the builtins dict/int/list and defaultdict.
     _TensorPlaceholder,
+    DictConfig,
+    ListConfig,
+    ContainerMetadata,
+    Metadata,
+    AnyNode,
+    typing.Any,
+    dict,
+    int,
+    list,
+    collections.defaultdict,
 ]
 
 
