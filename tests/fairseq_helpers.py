@@ -51,6 +51,22 @@ def write_tiny_raw_corpus(raw_dir, *, n_train: int = 240, n_valid: int = 24, n_t
     return raw
 
 
+def make_tiny_lm_corpus(tmpdir) -> str:
+    """The English side of the tiny corpus binarized for fairseq's language_modeling task; returns data-bin."""
+    tmp = Path(tmpdir)
+    raw = write_tiny_raw_corpus(tmp / "raw")
+    dest = tmp / "lm-data-bin"
+    cmd = [
+        sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
+        "--trainpref", str(raw / "train.en"), "--validpref", str(raw / "valid.en"),
+        "--destdir", str(dest), "--workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairseq-preprocess failed:\n{proc.stderr[-4000:]}")
+    return str(dest)
+
+
 def make_tiny_corpus(tmpdir, **corpus_kwargs) -> str:
     """Write the raw corpus under ``tmpdir/raw`` and binarize it into ``tmpdir/data-bin``; returns data-bin."""
     tmp = Path(tmpdir)
@@ -141,10 +157,11 @@ def run_fairseq(tool: str, args: list[str], *, check: bool = True, timeout: floa
 # ---- in-process: fairseq's own Trainer, for tests that look inside one update ------------------------
 
 
-def build_trainer(data_bin, save_dir, *extra: str, task_cls=None, cfg_edit=None):
+def build_trainer(data_bin, save_dir, *extra: str, task_cls=None, cfg_edit=None, args=None):
     """fairseq's Trainer, task, model and criterion built the way fairseq_cli.train.main builds them.
 
-    ``extra`` are fairseq-train flags; ``task_cls`` replaces the task class (e.g. a subclass that
+    ``extra`` are fairseq-train flags (``args``, if given, is the whole argument list instead of
+    ``tiny_train_args(data_bin, save_dir, *extra)``); ``task_cls`` replaces the task class (e.g. a subclass that
     records what happens inside an update); ``cfg_edit(cfg)`` may change the parsed config (e.g. bf16
     without fairseq's command-line rule that --bf16 implies --tpu). Returns (trainer, task, cfg).
     """
@@ -154,7 +171,7 @@ def build_trainer(data_bin, save_dir, *extra: str, task_cls=None, cfg_edit=None)
     from omegaconf import open_dict
 
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, tiny_train_args(data_bin, save_dir, *extra))
+    args = options.parse_args_and_arch(parser, args if args is not None else tiny_train_args(data_bin, save_dir, *extra))
     cfg = convert_namespace_to_omegaconf(args)
     if cfg_edit is not None:
         with open_dict(cfg):

@@ -336,3 +336,35 @@ def test_phase_times_are_recorded(tiny_data_bin, tmp_path, monkeypatch):
     assert all(t > 0 for t in task.sam_phase_times.values())
     for name in ("t_first", "t_ascent", "t_second", "t_descent"):
         assert agg[name].avg == pytest.approx(task.sam_phase_times[name[2:]] * 1000.0)
+
+
+def test_mixin_wraps_another_task(tmp_path_factory, tmp_path):
+    # The same two-pass update around fairseq's language_modeling task (make_sharpness_aware, not
+    # registered): --asam-rho 1e-12 with dropout equals plain Adam, a real rho moves away from it.
+    from fairseq.tasks.language_modeling import LanguageModelingTask
+    from fairseq_helpers import USER_DIR, make_tiny_lm_corpus
+
+    from fairseq_asam.fairseq_ext import make_sharpness_aware
+
+    data = make_tiny_lm_corpus(tmp_path_factory.mktemp("lm-corpus"))
+    lm_sam = make_sharpness_aware(LanguageModelingTask)
+
+    def lm(save, task_cls, *opt):
+        args = [
+            data, "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "transformer_lm",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+            "--decoder-attention-heads", "2", "--dropout", "0.1", "--tokens-per-sample", "16",
+            "--max-tokens", "128", "--lr", "5e-3", "--adam-eps", "0.1", "--update-freq", "2", "--seed", "3",
+            "--cpu", "--num-workers", "0", "--save-dir", str(tmp_path / save), *opt,
+        ]  # fmt: skip
+        return build_trainer(None, None, task_cls=task_cls, args=args)
+
+    plain, task, cfg = lm("a", None, "--optimizer", "adam")
+    tiny, _, _ = lm("b", lm_sam, "--optimizer", "asam_adam", "--asam-rho", "1e-12")
+    real, _, _ = lm("c", lm_sam, "--optimizer", "asam_adam", "--asam-rho", "0.5")
+    batches = train_batches(task, cfg, 4)
+    a, b, c = _train(plain, batches), _train(tiny, batches), _train(real, batches)
+    bad, worst = _params_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not bad, f"{len(bad)} tensors differ from plain Adam (max |diff| {worst:.3g})"
+    _, far = _params_close(a, c, rtol=0, atol=0)
+    assert far > 100 * max(worst, 1e-9)
