@@ -79,7 +79,10 @@ def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: 
     cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data), "--user-dir", USER_DIR,
            "--task", "translation", "--source-lang", "de", "--target-lang", "en",
            "--path", str(checkpoint), "--gen-subset", subset, "--beam", str(beam),
-           "--batch-size", str(batch_size), "--remove-bpe", remove_bpe, *extra]
+           "--batch-size", str(batch_size), "--remove-bpe", remove_bpe,
+           # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
+           # default multiple of 8: the test set would silently lose up to 7 sentences.
+           "--required-batch-size-multiple", "1", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"fairseq-generate failed on {subset} (exit {r.returncode}):\n{r.stderr[-3000:]}")

@@ -71,6 +71,9 @@ def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str
         "--dropout", "0.3", "--weight-decay", "0.0001",
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
         "--max-tokens", "4096",
+        # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
+        # default multiple of 8, so validation (loss, --eval-bleu) would skip up to 7 sentences.
+        "--required-batch-size-multiple", "1",
         "--max-update", str(max_update),
         "--seed", str(seed),
         "--save-dir", str(run_dir / "checkpoints"), "--no-epoch-checkpoints",
