@@ -121,8 +121,12 @@ def read_valid_log(log: Path) -> list[dict]:
 
 
 def plot_curves(runs: list[dict], out: Path) -> None:
+    import logging
+
     import matplotlib
 
+    # fairseq's logging setup leaves the root logger at a level where matplotlib's font search floods the output.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         ap.error(f"--rho (RHO) must be > 0, got {args.rho}")
     if args.rho is not None and args.method == "adam":
         ap.error("--rho (RHO) only applies to sam and asam")
-    if not Path(args.data).is_dir():
+    if not args.dry_run and not Path(args.data).is_dir():
         ap.error(f"--data (DATA) {args.data}: no such directory; run data-prep/prepare-iwslt14.sh first")
     run_dir = Path(args.run_dir or Path(args.runs) / f"{args.method}-seed{args.seed}")
     fs_args = fairseq_train_args(args.method, args.seed, data=args.data, run_dir=run_dir, rho=args.rho,
