@@ -142,7 +142,7 @@ class SharpnessAwareTask:
             # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
             # scaler skips the step and lowers its scale. No ascent, no second pass.
             return super().optimizer_step(optimizer, model, update_num)
-        perturber = self.sam_ascent(sam, model)
+        perturber = self.sam_ascent(sam, optimizer, model)
         t1 = self._clock(model)
         try:
             sums = self.sam_second_pass(pending, model, optimizer, update_num)
@@ -155,9 +155,10 @@ class SharpnessAwareTask:
         self.sam_phase_times = times
         self._sam_log(perturber, sample_size, loss_w, loss_eps, times)
 
-    def sam_ascent(self, sam, model):
+    def sam_ascent(self, sam, optimizer, model):
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
         perturber = sam.perturber(model)
+        _unscale_fp16_grads(sam, optimizer, model)
         # zero_grad=False: the grads are left as eps (scratch), then the fairseq optimizer's zero_grad()
         # clears them together with its own state (fp32 master grads, the loss scaler's factor).
         if not perturber.ascent_step(zero_grad=False):
@@ -260,6 +261,23 @@ def _as_tensor(x, device):
     if torch.is_tensor(x):
         return x.detach().to(device=device, dtype=torch.float64).reshape(())
     return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def _unscale_fp16_grads(sam, optimizer, model) -> None:
+    """--fp16 / --memory-efficient-fp16: turn the model's fp16 grads into the final (unscaled, normalised,
+    clipped) gradient before the ascent.
+
+    fairseq keeps them multiplied by the loss scale, which its scaler lets grow until they nearly
+    overflow; the ascent multiplies them by T = |w| + eta (twice for p = 2) in place, which would then
+    overflow wherever |w| > 1. The factor fairseq would apply in its step (1 / (loss scale * sample size)
+    times the clip coefficient) brings them to per-token size. They are discarded after the ascent.
+    """
+    factor = getattr(optimizer, "_multiply_factor", None)
+    if getattr(optimizer, "scaler", None) is None or factor is None or isinstance(optimizer, AMPOptimizer):
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.dtype == torch.float16]
+    if grads:
+        torch._foreach_mul_(grads, factor.to(grads[0].device) if torch.is_tensor(factor) else factor)
 
 
 def _amp_allow_second_unscale(optimizer) -> None:
