@@ -141,7 +141,8 @@ class SharpnessAwareTask:
         if isinstance(optimizer, AMPOptimizer) and not _all_finite(model.parameters()):
             # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
             # scaler skips the step and lowers its scale. No ascent, no second pass.
-            return super().optimizer_step(optimizer, model, update_num)
+            with sam.descent():
+                return super().optimizer_step(optimizer, model, update_num)
         perturber = self.sam_ascent(sam, optimizer, model)
         t1 = self._clock(model)
         try:
