@@ -285,3 +285,24 @@ def test_ddp_two_cpu_processes_match_update_freq_2_and_resume(work, tiny_data_bi
     a, b = _load(work / "uf2" / "checkpoint_last.pt"), _load(work / "ddp" / "checkpoint_last.pt")
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 8
     _assert_same_state(a, b, exact=False)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: fairseq's pytorch_ddp (nccl) backend")
+@pytest.mark.parametrize("backend", ["pytorch_ddp", "legacy_ddp"])
+def test_ddp_two_gpus_fp16_matches_update_freq_2(work, tiny_data_bin, backend):
+    common = [*SAM, "--clip-norm", "0.5", "--dropout", "0", "--fp16", "--max-update", "6"]
+
+    def gpu(args):
+        return [a for a in args if a != "--cpu"]
+
+    run_fairseq("train", gpu(tiny_train_args(tiny_data_bin, work / f"gpu-uf2-{backend}", *common, "--update-freq", "2")))
+    p = run_fairseq(
+        "train",
+        gpu(tiny_train_args(tiny_data_bin, work / f"gpu-ddp-{backend}", *common, "--distributed-world-size", "2",
+                            "--ddp-backend", backend)),
+    )  # fmt: skip
+    assert all(float(r["eps_norm"]) > 0 for r in train_logs(p))
+    a = _load(work / f"gpu-uf2-{backend}" / "checkpoint_last.pt")["model"]
+    b = _load(work / f"gpu-ddp-{backend}" / "checkpoint_last.pt")["model"]
+    for k in a:  # fp16 weights: a few units in the last place apart at most
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=4e-3, atol=1e-3, msg=k)
