@@ -139,42 +139,24 @@ def resolve_params(params, *, adaptive: bool, normalization: str, normalize_bias
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. Both take the weights W, their grads G and a scratch list S (the persistent copy of w,
-# one buffer per parameter). On return S holds an exact copy of w and G holds the unscaled eps
-# direction, T^2 g (p = 2) or T sign(g) (p = inf); they return two fp32 sums of squares, left on the
-# device: ||T g||^2 (p = 2; ||g||^2 for p = inf, only to detect a non-finite gradient) and ||G||^2
-# (for the logged ||eps||). S serves as scratch for T before it takes the copy of w, so the ascent
-# allocates nothing of parameter size (one persistent copy of w, nothing else).
+# Kernels. The ascent works in place on the weights W, their grads G and the persistent buffers S
+# (one per parameter: the copy of w), in two phases around the one host sync:
+#
+#   phase 1: S <- T (as scratch), G <- T g; returns ||T g||^2 (p = 2) or ||g||^2 (p = inf, only to
+#            detect a non-finite gradient), on the device;
+#   sync:    the norm, its finiteness, the scale rho / ||T g||;
+#   phase 2: G <- T^2 g or T sign(g) (times alpha), S <- exact copy of w, W <- w + alpha G = w + eps;
+#            returns ||eps||^2 on the device.
+#
+# S serves as scratch for T before it takes the copy of w, so the ascent allocates nothing of parameter
+# size. fp16 gradients are brought to the size of eps before the second multiplication by T, which
+# could otherwise overflow (T^2 g with |w| of a few units); other dtypes fold the scale into the add.
 # ----------------------------------------------------------------------------------------------
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     # Norms of fp16/bf16 tensors are accumulated in fp32 (fp16 squares overflow at 256); fp64 stays fp64.
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _sum_sq(tensors, foreach: bool) -> Tensor:
-    """sum_i ||t_i||_2^2, accumulated in fp32 on the first tensor's device (no host sync)."""
-    if foreach:
-        parts = [
-            torch.stack(torch._foreach_norm(group, 2, dtype=_acc(group[0].dtype))).square().sum()
-            for group in _by_device_dtype(tensors)
-        ]
-    else:
-        parts = [_sq(t) for t in tensors]
-    return _total(parts)
-
-
-def _total(parts) -> Tensor:
-    dev = parts[0].device
-    return torch.stack([q.to(device=dev, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-                        for q in parts]).sum()
-
-
-def _filter_t(w: Tensor, eta: float) -> Tensor:
-    # Eq. 5 filter-wise: ||f_i||_2 + eta for every entry of filter i (an output channel).
-    n = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=_acc(w.dtype)) + eta
-    return n.to(w.dtype).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
 
 def _sq(t: Tensor) -> Tensor:
@@ -185,67 +167,17 @@ def _sq(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=_acc(t.dtype)).square()
 
 
-def _single_tensor_direction(W, G, S, kinds, eta: float, p: float):
-    # All the work on one tensor is done while it is hot in cache, then the next tensor.
-    dir_sq, eps_sq = [], []
-    for w, g, s, kind in zip(W, G, S, kinds):
-        if kind == "element":
-            t = torch.abs(w, out=s).add_(eta)
-        elif kind == "filter":
-            t = _filter_t(w, eta)
-        else:
-            t = None
-        if p == 2:
-            if t is not None:
-                g.mul_(t)
-            dir_sq.append(_sq(g))
-            if t is not None:
-                g.mul_(t)
-        else:
-            dir_sq.append(_sq(g))
-            g.sign_()
-            if t is not None:
-                g.mul_(t)
-        eps_sq.append(_sq(g))
-        s.copy_(w)
-    return _total(dir_sq), _total(eps_sq)
+def _total(parts) -> Tensor:
+    dev = parts[0].device
+    return torch.stack([q.to(device=dev, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                        for q in parts]).sum()
 
 
-def _multi_tensor_direction(W, G, S, kinds, eta: float, p: float):
-    el = [i for i, k in enumerate(kinds) if k == "element"]
-    fl = [i for i, k in enumerate(kinds) if k == "filter"]
-    We, Ge, Se = [W[i] for i in el], [G[i] for i in el], [S[i] for i in el]
-    ft = [_filter_t(W[i], eta) for i in fl]
-    Gf = [G[i] for i in fl]
-    if We:
-        torch._foreach_copy_(Se, We)
-        torch._foreach_abs_(Se)
-        torch._foreach_add_(Se, eta)
-
-    def apply_t():
-        if We:
-            torch._foreach_mul_(Ge, Se)
-        for g, t in zip(Gf, ft):
-            g.mul_(t)
-
-    if p == 2:
-        apply_t()
-        sq = _sum_sq(G, True)
-        apply_t()
-    else:
-        sq = _sum_sq(G, True)
-        torch._foreach_sign_(G)
-        apply_t()
-    torch._foreach_copy_(S, W)
-    return sq, _sum_sq(G, True)
-
-
-def _apply(W, G, scale: float, foreach: bool) -> None:
-    if foreach:
-        torch._foreach_add_(W, G, alpha=scale)
-    else:
-        for w, g in zip(W, G):
-            w.add_(g, alpha=scale)
+def _sum_sq_foreach(tensors) -> Tensor:
+    return _total([
+        torch.stack(torch._foreach_norm(group, 2, dtype=_acc(group[0].dtype))).square().sum()
+        for group in _by_device_dtype(tensors)
+    ])
 
 
 def _by_device_dtype(tensors):
@@ -255,25 +187,126 @@ def _by_device_dtype(tensors):
     return list(groups.values())
 
 
+def _filter_t(w: Tensor, eta: float) -> Tensor:
+    # Eq. 5 filter-wise: ||f_i||_2 + eta for every entry of filter i (an output channel).
+    n = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=_acc(w.dtype)) + eta
+    return n.to(w.dtype).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+
+
+def _prescaled(g: Tensor, p: float) -> bool:
+    return p == 2 and g.dtype == torch.float16
+
+
+def _single_tensor_phase1(W, G, S, kinds, eta: float, p: float) -> Tensor:
+    parts = []
+    for w, g, s, kind in zip(W, G, S, kinds):
+        if kind == "element":
+            torch.abs(w, out=s).add_(eta)
+            if p == 2:
+                g.mul_(s)
+        elif kind == "filter" and p == 2:
+            g.mul_(_filter_t(w, eta))
+        parts.append(_sq(g))
+    return _total(parts)
+
+
+def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float) -> tuple[Tensor, list[float]]:
+    # Everything on one tensor while it is hot in cache, then the next one.
+    parts, alphas = [], []
+    for w, g, s, kind in zip(W, G, S, kinds):
+        t = s if kind == "element" else _filter_t(w, eta) if kind == "filter" else None
+        alpha = scale
+        if p != 2:
+            g.sign_()
+        elif _prescaled(g, p):
+            g.mul_(scale)
+            alpha = 1.0
+        if t is not None:
+            g.mul_(t)
+        parts.append(_sq(g) * (alpha * alpha))
+        alphas.append(alpha)
+        s.copy_(w)
+        w.add_(g, alpha=alpha)
+    return _total(parts), alphas
+
+
+def _multi_tensor_phase1(W, G, S, kinds, eta: float, p: float) -> Tensor:
+    el = [i for i, k in enumerate(kinds) if k == "element"]
+    if el:
+        Se = [S[i] for i in el]
+        torch._foreach_copy_(Se, [W[i] for i in el])
+        torch._foreach_abs_(Se)
+        torch._foreach_add_(Se, eta)
+        if p == 2:
+            torch._foreach_mul_([G[i] for i in el], Se)
+    if p == 2:
+        for i, k in enumerate(kinds):
+            if k == "filter":
+                G[i].mul_(_filter_t(W[i], eta))
+    return _sum_sq_foreach(G)
+
+
+def _multi_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float) -> tuple[Tensor, list[float]]:
+    if p != 2:
+        torch._foreach_sign_(G)
+    pre = [i for i, g in enumerate(G) if _prescaled(g, p)]
+    if pre:
+        torch._foreach_mul_([G[i] for i in pre], scale)
+    el = [i for i, k in enumerate(kinds) if k == "element"]
+    if el:
+        torch._foreach_mul_([G[i] for i in el], [S[i] for i in el])
+    for i, k in enumerate(kinds):
+        if k == "filter":
+            G[i].mul_(_filter_t(W[i], eta))
+    pre_set = set(pre)
+    alphas = [1.0 if i in pre_set else scale for i in range(len(G))]
+    by_alpha: dict[float, list[int]] = {}
+    for i, a in enumerate(alphas):
+        by_alpha.setdefault(a, []).append(i)
+    parts = []
+    for alpha, idx in by_alpha.items():
+        parts.append(_sum_sq_foreach([G[i] for i in idx]) * (alpha * alpha))
+        torch._foreach_copy_([S[i] for i in idx], [W[i] for i in idx])
+        torch._foreach_add_([W[i] for i in idx], [G[i] for i in idx], alpha=alpha)
+    return _total(parts), alphas
+
+
+def _ascent(W, G, S, kinds, *, eta: float, p: float, rho: float, foreach: bool):
+    """In place: W <- w + eps, S <- exact copy of w, G <- eps / alpha (see the kernels' comment).
+
+    Returns (||eps||_2 as a device tensor, the per-tensor alphas), or None when the gradient is not
+    finite; then W is untouched (S and G hold scratch).
+    """
+    phase1, phase2 = (
+        (_multi_tensor_phase1, _multi_tensor_phase2) if foreach else (_single_tensor_phase1, _single_tensor_phase2)
+    )
+    sq = phase1(W, G, S, kinds, eta, p)
+    # The one host sync of the update: a non-finite gradient must be reported to the caller.
+    norm = float(sq.sqrt())
+    if not math.isfinite(norm):
+        return None
+    if p == 2:
+        scale = rho / norm if norm > 0 else 0.0  # an all-zero gradient: eps = 0, no NaN
+    else:
+        scale = rho
+    eps_sq, alphas = phase2(W, G, S, kinds, eta, p, scale)
+    return eps_sq.sqrt(), alphas
+
+
 def perturbation(params, grads, *, rho: float, eta: float = 0.01, p=2, kinds=None, foreach: bool = False):
     """eps of the paper (Section 4) as new tensors, for inspection and tests; the optimizer works in place.
 
     ``kinds`` is one of "none"/"element"/"filter" per tensor (see ParamSpec); default all "element".
     """
     pf = _check_p(p)
-    W = [w.detach() for w in params]
+    W = [w.detach().clone() for w in params]
     G = [g.detach().clone() for g in grads]
     S = [torch.empty_like(w) for w in W]
     kinds = list(kinds) if kinds is not None else ["element"] * len(W)
-    kernel = _multi_tensor_direction if foreach else _single_tensor_direction
-    sq, _ = kernel(W, G, S, kinds, eta, pf)
-    norm = float(sq.sqrt())
-    if not math.isfinite(norm):
+    out = _ascent(W, G, S, kinds, eta=eta, p=pf, rho=rho, foreach=foreach)
+    if out is None:
         raise ValueError("the gradient is not finite")
-    scale = rho / norm if pf == 2 else rho
-    if pf == 2 and norm == 0.0:
-        scale = 0.0
-    return [g * scale for g in G]
+    return [g * a for g, a in zip(G, out[1])]
 
 
 class ASAM(torch.optim.Optimizer):
@@ -380,27 +413,16 @@ class ASAM(torch.optim.Optimizer):
             self.last_grad_finite = True
             self.last_eps_norm = None
             return True
-        foreach = self._use_foreach(W)
-        kernel = _multi_tensor_direction if foreach else _single_tensor_direction
-        sq, sq_eps = kernel(W, G, S, kinds, self.eta, self.p)
-        # One host sync per update: needed to report a non-finite gradient to the caller.
-        norm = float(sq.sqrt())
-        if not math.isfinite(norm):
-            self.last_grad_finite = False
-            self.last_eps_norm = None
-            if zero_grad:
-                self._zero(W)
-            return False
-        self.last_grad_finite = True
-        if self.p == 2:
-            scale = self.rho / norm if norm > 0 else 0.0  # all-zero gradient: eps = 0, no NaN
-        else:
-            scale = self.rho
-        _apply(W, G, scale, foreach)
-        self.last_eps_norm = sq_eps.sqrt() * scale  # ||eps||_2 for logging, left on the device
-        self._perturbed = W
+        out = _ascent(W, G, S, kinds, eta=self.eta, p=self.p, rho=self.rho, foreach=self._use_foreach(W))
         if zero_grad:
             self._zero(W)
+        if out is None:
+            self.last_grad_finite = False
+            self.last_eps_norm = None
+            return False
+        self.last_grad_finite = True
+        self.last_eps_norm = out[0]  # ||eps||_2 for logging, left on the device
+        self._perturbed = W
         return True
 
     first_step = ascent_step  # the name used by the davda54/sam wrapper

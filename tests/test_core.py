@@ -428,3 +428,24 @@ def test_short_training_run_decreases_loss(cls, rho):
     end = float(loss_fn(model(x), y))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert end < 0.5 * start
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fp16_weights_and_grads_do_not_overflow(foreach):
+    """T^2 g in fp16 overflows (> 65504) for |w| ~ 40 and g ~ 100; eps itself is small and must come out right."""
+    torch.manual_seed(0)
+    w64 = torch.randn(64, 32, dtype=torch.float64) * 40
+    g64 = torch.randn(64, 32, dtype=torch.float64) * 100
+    b64, gb64 = torch.randn(32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    w, b = nn.Parameter(w64.half()), nn.Parameter(b64.half())
+    w.grad, b.grad = g64.half(), gb64.half()
+    opt = ASAM([("fc.weight", w), ("fc.bias", b)], torch.optim.SGD([w, b], lr=0.0), rho=0.5, foreach=foreach)
+    assert opt.ascent_step()
+    t_w, t_b = w64.half().double().abs() + 0.01, torch.ones_like(b64)
+    gw, gb = g64.half().double(), gb64.half().double()
+    norm = math.sqrt(float(((t_w * gw) ** 2).sum() + ((t_b * gb) ** 2).sum()))
+    eps_w = 0.5 * t_w * t_w * gw / norm
+    assert torch.isfinite(w).all() and torch.isfinite(b).all()
+    torch.testing.assert_close((w.double() - w64.half().double()), eps_w, rtol=2e-2, atol=0.05)
+    opt.restore()
+    assert torch.equal(w, w64.half())
