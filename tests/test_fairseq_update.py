@@ -328,9 +328,10 @@ def test_phase_times_are_recorded(tiny_data_bin, tmp_path, monkeypatch):
     trainer, task, cfg = build_trainer(tiny_data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "sam_adam")
     with metrics.aggregate(new_root=True) as agg:
         trainer.train_step(train_batches(task, cfg, 1))
-    assert set(task.sam_phase_times) == {"first", "ascent", "second", "descent"}
+    phases = {"first", "ascent", "second", "restore", "reduce_clip", "base_step"}
+    assert set(task.sam_phase_times) == phases
     assert all(t > 0 for t in task.sam_phase_times.values())
-    for name in ("t_first", "t_ascent", "t_second", "t_descent"):
+    for name in ("t_" + k for k in phases):
         assert agg[name].avg == pytest.approx(task.sam_phase_times[name[2:]] * 1000.0)
 
 

@@ -150,7 +150,7 @@ def bench_updates(*, rounds: int = 2, updates: int = 20, warmup: int = 4, device
     sec = {m: statistics.median(v) for m, v in per_method.items()}
     peak = {m: min(v) for m, v in mem.items()}
     phases = {}
-    for key in ("t_first", "t_ascent", "t_second", "t_restore", "t_reduce_clip", "t_base_step", "t_descent"):
+    for key in ("t_first", "t_ascent", "t_second", "t_restore", "t_reduce_clip", "t_base_step"):
         vals = [row[key] for row in rec["log"][warmup:] if key in row]
         if vals:
             phases[key[2:]] = statistics.median(float(v) for v in vals) / 1000.0

@@ -20,7 +20,8 @@ top of the wrapped task's own ``train_step``. Logged through fairseq's metrics (
 tensorboard, wandb): ``loss_eps`` (the loss at w + eps, in the same base-2 units as fairseq's ``loss``,
 which is the loss at w), ``sharpness`` (loss_eps - loss: a free per-update sharpness estimate) and
 ``eps_norm`` (||eps||_2). With ``FAIRSEQ_ASAM_PHASE_TIMES=1`` in the environment, the wall time of each
-phase is logged too (``t_first``, ``t_ascent``, ``t_second``, ``t_descent``, in ms, CUDA-synchronised).
+phase is logged too (``t_first``, ``t_ascent``, ``t_second``, ``t_restore``, ``t_reduce_clip``,
+``t_base_step``, in ms, CUDA-synchronised).
 
 Example (from the repository root, after ``make install``)::
 
@@ -99,6 +100,7 @@ class SharpnessAwareTask:
         self._sam_replaying = False
         self._sam_criterion = None
         self._sam_t_start = None
+        self._sam_t_base = None
         self._sam_timing = os.environ.get("FAIRSEQ_ASAM_PHASE_TIMES", "") not in ("", "0")
         self.sam_phase_times: dict[str, float] = {}
 
@@ -148,11 +150,13 @@ class SharpnessAwareTask:
         try:
             sums = self.sam_second_pass(pending, model, optimizer, update_num)
         finally:
+            t_restore = self._clock(model)
             perturber.restore()  # exact copy of w, also if the second pass raised
         t2 = self._clock(model)
         sample_size, loss_w, loss_eps = self.sam_descent(sam, optimizer, model, update_num, sums)
         t3 = self._clock(model)
-        times.update(ascent=t1 - t0, second=t2 - t1, descent=t3 - t2)
+        times.update(ascent=t1 - t0, second=t_restore - t1, restore=t2 - t_restore,
+                     reduce_clip=self._sam_t_base - t2, base_step=t3 - self._sam_t_base)
         self.sam_phase_times = times
         self._sam_log(perturber, sample_size, loss_w, loss_eps, times)
 
@@ -228,6 +232,7 @@ class SharpnessAwareTask:
         grad_norm = optimizer.clip_grad_norm(sam.clip_norm)  # fp16: raises OverflowError on overflow
         if not isinstance(optimizer, AMPOptimizer) and not torch.isfinite(grad_norm).all():
             raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
+        self._sam_t_base = self._clock(model)
         with sam.descent():
             super().optimizer_step(optimizer, model, update_num)
         return sample_size, loss_w, loss_eps
