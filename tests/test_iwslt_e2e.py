@@ -200,3 +200,25 @@ def test_train_args_validation():
         train.fairseq_train_args("adam", -1, data="d", run_dir="r")
     with pytest.raises(ValueError, match="RHO must be a number > 0"):
         train.fairseq_train_args("sam", 1, data="d", run_dir="r", rho=math.nan)
+
+
+@pytest.mark.slow
+def test_resumed_asam_run_equals_uninterrupted(pipeline):
+    """Stop ASAM after 2 updates, resume to 4: the weights equal those of the uninterrupted 4-update run."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    out = pipeline["out"]
+    run = out.parent / "resumed-asam"
+    for stop in (2, 4):
+        sched = ["--max-update", str(stop), "--validate-interval-updates", "2", "--save-interval-updates", "2"]
+        demo._train("asam", 1, out / "data-bin", run, [*demo.DEMO_TRAIN_ARGS, *sched, *TINY], log=lambda m: None)
+    assert "Loaded checkpoint" in (run / "stdout.log").read_text()  # the second start really resumed
+    a = checkpoint_utils.load_checkpoint_to_cpu(str(run / "checkpoints" / "checkpoint_last.pt"))
+    b = checkpoint_utils.load_checkpoint_to_cpu(str(out / "runs" / "asam-seed1" / "checkpoints" / "checkpoint_last.pt"))
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert summarize.read_valid_log(run / "train.log")[-1] == summarize.read_valid_log(
+        out / "runs" / "asam-seed1" / "train.log")[-1]

@@ -86,7 +86,9 @@ def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], 
     cmd = [sys.executable, "-m", "fairseq_cli.train", *args]
     t0 = time.time()
     with open(run_dir / "stdout.log", "a", encoding="utf-8") as raw:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Unbuffered, so that progress lines arrive when fairseq logs them rather than in bursts.
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             raw.write(line)
             if "| valid |" in line:
@@ -104,7 +106,7 @@ def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], 
 
 
 def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=train.METHODS, seeds=(1,),
-             max_update: int = 200, validate_every: int = 50, bpe_tokens: int = DEMO_BPE_TOKENS,
+             max_update: int = 400, validate_every: int = 50, bpe_tokens: int = DEMO_BPE_TOKENS,
              extra: list[str] = (), log=print) -> dict:
     """Run the demo; returns summarize.write_summary's result (markdown, rows, runs)."""
     if max_update < 1 or validate_every < 1:
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, default=DEMO_DIR, help="folder holding de-en/ (default: the embedded corpus)")
     ap.add_argument("--methods", default="adam,sam,asam", help="comma-separated (default: %(default)s)")
     ap.add_argument("--seeds", default="1", help="comma-separated seeds (default: %(default)s)")
-    ap.add_argument("--max-update", type=int, default=int(os.environ.get("DEMO_MAX_UPDATE", 200)),
+    ap.add_argument("--max-update", type=int, default=int(os.environ.get("DEMO_MAX_UPDATE", 400)),
                     help="updates per run (env DEMO_MAX_UPDATE; default: %(default)s)")
     ap.add_argument("--validate-every", type=int, default=50, help="updates between validations (default: %(default)s)")
     args, extra = ap.parse_known_args(argv)
