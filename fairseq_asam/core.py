@@ -197,32 +197,47 @@ def _prescaled(g: Tensor, p: float) -> bool:
     return p == 2 and g.dtype == torch.float16
 
 
-def _single_tensor_phase1(W, G, S, kinds, eta: float, p: float) -> Tensor:
+def _single_tensor_phase1(W, G, S, kinds, eta: float, p: float, c: float) -> Tensor:
+    # c = 1/eta folds the "+ eta" of T into a fused multiply-add: g + g |w| / eta = (T g) / eta, which
+    # saves a whole pass over memory (S keeps |w|). Every tensor then carries the same factor c, and
+    # the scale in _ascent divides it out. c = 1: S <- T = |w| + eta, g <- T g.
     parts = []
     for w, g, s, kind in zip(W, G, S, kinds):
         if kind == "element":
-            torch.abs(w, out=s).add_(eta)
-            if p == 2:
-                g.mul_(s)
+            torch.abs(w, out=s)
+            if c != 1.0:
+                g.addcmul_(g, s, value=c)
+            else:
+                s.add_(eta)
+                if p == 2:
+                    g.mul_(s)
         elif kind == "filter" and p == 2:
-            g.mul_(_filter_t(w, eta))
+            g.mul_(_filter_t(w, eta) * c)
+        elif c != 1.0:
+            g.mul_(c)
         parts.append(_sq(g))
     return _total(parts)
 
 
-def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float) -> tuple[Tensor, list[float]]:
+def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c: float):
     # Everything on one tensor while it is hot in cache, then the next one.
     parts, alphas = [], []
     for w, g, s, kind in zip(W, G, S, kinds):
-        t = s if kind == "element" else _filter_t(w, eta) if kind == "filter" else None
         alpha = scale
         if p != 2:
             g.sign_()
         elif _prescaled(g, p):
             g.mul_(scale)
             alpha = 1.0
-        if t is not None:
-            g.mul_(t)
+        if kind == "element":
+            if c != 1.0:
+                g.addcmul_(g, s, value=c)
+            else:
+                g.mul_(s)
+        elif kind == "filter":
+            g.mul_(_filter_t(w, eta) * c)
+        elif c != 1.0:
+            g.mul_(c)
         parts.append(_sq(g) * (alpha * alpha))
         alphas.append(alpha)
         s.copy_(w)
@@ -230,7 +245,7 @@ def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float) ->
     return _total(parts), alphas
 
 
-def _multi_tensor_phase1(W, G, S, kinds, eta: float, p: float) -> Tensor:
+def _multi_tensor_phase1(W, G, S, kinds, eta: float, p: float, c: float) -> Tensor:
     el = [i for i, k in enumerate(kinds) if k == "element"]
     if el:
         Se = [S[i] for i in el]
@@ -246,7 +261,7 @@ def _multi_tensor_phase1(W, G, S, kinds, eta: float, p: float) -> Tensor:
     return _sum_sq_foreach(G)
 
 
-def _multi_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float) -> tuple[Tensor, list[float]]:
+def _multi_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c: float):
     if p != 2:
         torch._foreach_sign_(G)
     pre = [i for i, g in enumerate(G) if _prescaled(g, p)]
@@ -280,16 +295,22 @@ def _ascent(W, G, S, kinds, *, eta: float, p: float, rho: float, foreach: bool):
     phase1, phase2 = (
         (_multi_tensor_phase1, _multi_tensor_phase2) if foreach else (_single_tensor_phase1, _single_tensor_phase2)
     )
-    sq = phase1(W, G, S, kinds, eta, p)
+    # The loop kernel's factor c (see _single_tensor_phase1): not for fp16, where g / eta^2 could
+    # overflow, nor for eta = 0.
+    c = 1.0
+    if not foreach and p == 2 and eta > 0 and not any(g.dtype == torch.float16 for g in G):
+        c = 1.0 / eta
+    sq = phase1(W, G, S, kinds, eta, p, c)
     # The one host sync of the update: a non-finite gradient must be reported to the caller.
-    norm = float(sq.sqrt())
+    norm = float(sq.sqrt())  # = c ||T g||_2 (p = 2)
     if not math.isfinite(norm):
         return None
     if p == 2:
-        scale = rho / norm if norm > 0 else 0.0  # an all-zero gradient: eps = 0, no NaN
+        # G becomes c^2 T^2 g: eps = rho T^2 g / ||T g|| = rho / (c norm) * G.
+        scale = rho / (c * norm) if norm > 0 else 0.0  # an all-zero gradient: eps = 0, no NaN
     else:
         scale = rho
-    eps_sq, alphas = phase2(W, G, S, kinds, eta, p, scale)
+    eps_sq, alphas = phase2(W, G, S, kinds, eta, p, scale, c)
     return eps_sq.sqrt(), alphas
 
 
