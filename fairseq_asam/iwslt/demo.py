@@ -82,7 +82,9 @@ def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], 
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "seed": seed, "data": str(data), "rho": train.PAPER_RHO.get(method),
             "fairseq_train_args": args}
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+    tmp = run_dir / f"run.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, run_dir / "run.json")
     cmd = [sys.executable, "-m", "fairseq_cli.train", *args]
     t0 = time.time()
     with open(run_dir / "stdout.log", "a", encoding="utf-8") as raw:
