@@ -19,7 +19,7 @@ over the groups of networks that differ only in hyper-parameter i) and their ave
 Figure 2, the four scatter plots (measure vs. gap) in one PNG. Outputs in ``--out-dir``:
 ``results.json`` (every network's numbers), ``table.md``, ``scatter.png``.
 
-Default grid 3 x 3 x 3 x 3 = 81 networks, 2.5 to 4 minutes on 2 shared CPU cores (docs/sharpness.md
+Default grid 3 x 3 x 3 x 3 = 81 networks, 2.5 to 4 minutes on 2 shared CPU cores (README.md, "Measuring sharpness"
 records a run); ``--quick`` is a 2 x 2 x 2 x 2 grid of smaller nets for tests (about 15 s)::
 
     python scripts/correlation_study.py --out-dir runs/correlation
