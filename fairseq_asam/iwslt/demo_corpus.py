@@ -25,18 +25,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .prepare import TEST_SETS  # the five dev/test files of the real archive, in the recipe's order
+
 __all__ = ["DEMO_DIR", "TEST_SETS", "generate_pairs", "write_corpus"]
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-de-en"
-
-# The five dev/test files of the real archive, in the order fairseq's recipe concatenates them.
-TEST_SETS = (
-    "IWSLT14.TED.dev2010",
-    "IWSLT14.TEDX.dev2012",
-    "IWSLT14.TED.tst2010",
-    "IWSLT14.TED.tst2011",
-    "IWSLT14.TED.tst2012",
-)
 
 # ------------------------------------------------------------------------------------------------
 # Lexicon
