@@ -566,10 +566,17 @@ def _copy(src, dst):
 def cli_main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ok = False
     try:
         main(args, parser)
+        ok = True
     finally:
         if dist.is_available() and dist.is_initialized():
+            if ok:
+                # Every rank past its last collective before any tears gloo down: without it a rank that
+                # exits early can abort the other in gloo's teardown ("terminate called without an
+                # active exception"), seen in CI once.
+                dist.barrier()
             dist.destroy_process_group()
     return 0
 
