@@ -225,22 +225,3 @@ def tiny_data_bin_fixture():
         return _CORPUS["data_bin"]
 
     return tiny_data_bin
-
-
-def one_torch_thread_fixture():
-    """An autouse fixture: torch on one thread while a test runs.
-
-    The tiny models gain nothing from threads, and on a shared two-core machine intra-op threads
-    spin against other processes: 3 in-process updates measured 7 s with 2 threads, 0.1 s with 1.
-    """
-    import pytest
-    import torch
-
-    @pytest.fixture(autouse=True)
-    def one_torch_thread():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(n)
-
-    return one_torch_thread

@@ -16,13 +16,12 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 from fairseq.distributed.utils import _put_tensors_in_obj, _split_tensors_from_obj
-from fairseq_helpers import build_trainer, one_torch_thread_fixture, tiny_data_bin_fixture, train_batches
+from fairseq_helpers import build_trainer, tiny_data_bin_fixture, train_batches
 from omegaconf import DictConfig
 
 from fairseq_asam.fairseq_ext.checkpoint import SAFE_GLOBALS
 
 tiny_data_bin = tiny_data_bin_fixture()
-one_torch_thread = one_torch_thread_fixture()
 
 
 def test_allow_list_is_registered_at_import():

@@ -21,13 +21,12 @@ import pytest
 import torch
 from fairseq import metrics, utils
 from fairseq.optim.adam import Adam as FairseqAdamKernel
-from fairseq_helpers import build_trainer, one_torch_thread_fixture, tiny_data_bin_fixture, train_batches
+from fairseq_helpers import build_trainer, tiny_data_bin_fixture, train_batches
 
 from fairseq_asam.core import perturbation, resolve_params
 from fairseq_asam.fairseq_ext.task import TranslationSAMTask
 
 tiny_data_bin = tiny_data_bin_fixture()
-one_torch_thread = one_torch_thread_fixture()
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: fairseq's flat fp16 master params and torch's GradScaler only run there")

@@ -107,11 +107,3 @@ def test_eval_train_split_has_the_runs_noisy_labels(tmp_path):
     with pytest.raises(ValueError, match="split"):
         vdata.build_eval_dataset(args, "val")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Cores are shared by parallel test runs: one intra-op thread beats two fighting over them here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

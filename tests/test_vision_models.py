@@ -74,11 +74,3 @@ def test_build_model_rejects_bad_input():
     with pytest.raises(ValueError, match="num_classes"):
         build_model("resnet20", 1)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Cores are shared by parallel test runs: one intra-op thread beats two fighting over them here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -216,11 +216,3 @@ def test_fp16_scaler_cuda():
     assert scaler.get_scale() == 2048.0
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w1))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Cores are shared by parallel test runs: one intra-op thread beats two fighting over them here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

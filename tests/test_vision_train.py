@@ -189,15 +189,6 @@ def test_paper_defaults():
     assert r.epochs == 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's cores are shared by parallel test runs: one intra-op thread is faster than two
-    # fighting over them for these tiny convolutions (and it is what the DDP workers use).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_reproduce_cifar_script(cifar_dir, tmp_path):
     out = tmp_path / "out"
