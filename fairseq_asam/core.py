@@ -25,6 +25,7 @@ SAM is T_w = I. Example (runs as is)::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -527,25 +528,28 @@ class ASAM(torch.optim.Optimizer):
         """
         if self._perturbed:
             raise RuntimeError("load_state_dict() between ascent_step() and descent_step()")
-        if "base" not in state_dict:
-            self.base_optimizer.load_state_dict(state_dict)
-            return
-        hp = state_dict.get("asam", {})
+        if "base" in state_dict:
+            hp, base_state = state_dict.get("asam", {}), state_dict["base"]
+        else:
+            hp, base_state = {}, state_dict
         if hp.get("adaptive", self._adaptive) != self._adaptive:
             raise ValueError(
                 f"this state dict was saved by {'ASAM' if hp['adaptive'] else 'SAM'}, not {type(self).__name__}; "
                 "load state_dict['base'] to move the base optimizer's state across"
             )
         if hp:
-            self.p = check_hyperparameters(hp["rho"], hp["eta"], hp["p"], hp["normalization"])
-            self.rho, self.eta = float(hp["rho"]), float(hp["eta"])
+            p = check_hyperparameters(hp["rho"], hp["eta"], hp["p"], hp["normalization"])
             if hp["normalization"] != self.normalization or hp["normalize_bias"] != self.normalize_bias:
                 raise ValueError(
                     "the state dict's normalization/normalize_bias "
                     f"({hp['normalization']}/{hp['normalize_bias']}) differ from this optimizer's "
                     f"({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
                 )
-        self.base_optimizer.load_state_dict(state_dict["base"])
+            self.p, self.rho, self.eta = p, float(hp["rho"]), float(hp["eta"])
+        # A copy: torch's optimizers keep the loaded tensors themselves, so loading the live state of
+        # another optimizer would make the two share (and double-update) their moments.
+        self.base_optimizer.load_state_dict(copy.deepcopy(base_state))
+        # torch's load_state_dict replaces the base's param_groups list: share the new one.
         self.param_groups = self.base_optimizer.param_groups
 
     def __repr__(self) -> str:

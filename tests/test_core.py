@@ -248,6 +248,7 @@ def test_state_dict_round_trip_lockstep():
     buf.seek(0)
     o2.load_state_dict(torch.load(buf))
     assert o2.rho == 0.3 and o2.param_groups[0]["lr"] == 1e-2
+    assert o2.param_groups is o2.base_optimizer.param_groups
     for _ in range(4):
         one(m1, o1)
         one(m2, o2)
@@ -449,3 +450,34 @@ def test_fp16_weights_and_grads_do_not_overflow(foreach):
     torch.testing.assert_close((w.double() - w64.half().double()), eps_w, rtol=2e-2, atol=0.05)
     opt.restore()
     assert torch.equal(w, w64.half())
+
+
+def test_load_state_dict_from_a_live_optimizer_and_from_a_plain_base_state():
+    """Loading another optimizer's live state must not make the two share moment tensors."""
+    m1, x, y = make()
+    o1 = ASAM(m1.named_parameters(), torch.optim.Adam(m1.parameters(), lr=1e-2), rho=0.3)
+
+    def one(m, o):
+        loss_of(m, x, y).backward()
+        o.ascent_step()
+        loss_of(m, x, y).backward()
+        o.descent_step()
+
+    for _ in range(3):
+        one(m1, o1)
+    m2, m3 = copy.deepcopy(m1), copy.deepcopy(m1)
+    o2 = ASAM(m2.named_parameters(), torch.optim.Adam(m2.parameters(), lr=1e-2), rho=0.3)
+    o2.load_state_dict(o1.state_dict())
+    # a plain Adam state dict switches a run from Adam to ASAM
+    o3 = ASAM(m3.named_parameters(), torch.optim.Adam(m3.parameters(), lr=1.0), rho=0.3)
+    o3.load_state_dict(o1.base_optimizer.state_dict())
+    assert o3.param_groups is o3.base_optimizer.param_groups and o3.param_groups[0]["lr"] == 1e-2
+    for _ in range(3):
+        for m, o in ((m1, o1), (m2, o2), (m3, o3)):
+            one(m, o)
+    for a, b, c in zip(m1.parameters(), m2.parameters(), m3.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    m4 = copy.deepcopy(m1)
+    sam = SAM(m4.named_parameters(), torch.optim.Adam(m4.parameters(), lr=1e-2))
+    with pytest.raises(ValueError, match="saved by ASAM"):
+        sam.load_state_dict(o1.state_dict())
