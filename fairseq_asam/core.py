@@ -140,18 +140,21 @@ def resolve_params(params, *, adaptive: bool, normalization: str, normalize_bias
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. The ascent works in place on the weights W, their grads G and the persistent buffers S
-# (one per parameter: the copy of w), in two phases around the one host sync:
+# Kernels. The ascent works on the weights W, their grads G and the persistent buffers S (one per
+# parameter), in two phases around the one host sync:
 #
 #   phase 1: S <- T (as scratch), G <- T g; returns ||T g||^2 (p = 2) or ||g||^2 (p = inf, only to
 #            detect a non-finite gradient), on the device;
 #   sync:    the norm, its finiteness, the scale rho / ||T g||;
-#   phase 2: G <- T^2 g or T sign(g) (times alpha), S <- exact copy of w, W <- w + alpha G = w + eps;
+#   phase 2: G <- T^2 g or T sign(g) (times alpha), S <- w + alpha G = w + eps; W is not written;
 #            returns ||eps||^2 on the device.
 #
-# S serves as scratch for T before it takes the copy of w, so the ascent allocates nothing of parameter
-# size. fp16 gradients are brought to the size of eps before the second multiplication by T, which
-# could otherwise overflow (T^2 g with |w| of a few units); other dtypes fold the scale into the add.
+# The optimizer then swaps storages: each parameter's .data becomes its buffer (w + eps) and the
+# buffer keeps the untouched w, so the restore is a swap back: bit for bit, with no copy of w taken
+# and no pass over memory. S serves as scratch for T first, so the ascent allocates nothing of
+# parameter size. fp16 gradients are brought to the size of eps before the second multiplication by
+# T, which could otherwise overflow (T^2 g with |w| of a few units); other dtypes fold the scale into
+# the add.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -241,8 +244,7 @@ def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c:
             g.mul_(c)
         parts.append(_sq(g) * (alpha * alpha))
         alphas.append(alpha)
-        s.copy_(w)
-        w.add_(g, alpha=alpha)
+        torch.add(w, g, alpha=alpha, out=s)
     return _total(parts), alphas
 
 
@@ -283,15 +285,15 @@ def _multi_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c: 
     for alpha, idx in by_alpha.items():
         parts.append(_sum_sq_foreach([G[i] for i in idx]) * (alpha * alpha))
         torch._foreach_copy_([S[i] for i in idx], [W[i] for i in idx])
-        torch._foreach_add_([W[i] for i in idx], [G[i] for i in idx], alpha=alpha)
+        torch._foreach_add_([S[i] for i in idx], [G[i] for i in idx], alpha=alpha)
     return _total(parts), alphas
 
 
 def _ascent(W, G, S, kinds, *, eta: float, p: float, rho: float, foreach: bool):
-    """In place: W <- w + eps, S <- exact copy of w, G <- eps / alpha (see the kernels' comment).
+    """S <- w + eps, G <- eps / alpha, W untouched (see the kernels' comment).
 
     Returns (||eps||_2 as a device tensor, the per-tensor alphas), or None when the gradient is not
-    finite; then W is untouched (S and G hold scratch).
+    finite (S and G then hold scratch).
     """
     phase1, phase2 = (
         (_multi_tensor_phase1, _multi_tensor_phase2) if foreach else (_single_tensor_phase1, _single_tensor_phase2)
@@ -444,6 +446,9 @@ class ASAM(torch.optim.Optimizer):
             return False
         self.last_grad_finite = True
         self.last_eps_norm = out[0]  # ||eps||_2 for logging, left on the device
+        for t, buf in zip(W, S):
+            # The forward now sees w + eps; w stays, untouched, in what was the buffer.
+            t.data, self._copies[id(t)] = buf, t.data
         self._perturbed = W
         return True
 
@@ -451,15 +456,13 @@ class ASAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back the weights of the last ascent bit for bit (a copy, not w + eps - eps)."""
-        if not self._perturbed:
-            return
-        S = [self._copies[id(t)] for t in self._perturbed]
-        if self._use_foreach(self._perturbed):
-            torch._foreach_copy_(self._perturbed, S)
-        else:
-            for w, s in zip(self._perturbed, S):
-                w.copy_(s)
+        """Put back the weights of the last ascent bit for bit (the kept w, not w + eps - eps).
+
+        The parameters get their storage with w back and the buffer keeps w + eps for reuse: no copy.
+        Code that holds on to a parameter's old ``.data`` tensor across the ascent sees w throughout.
+        """
+        for t in self._perturbed:
+            t.data, self._copies[id(t)] = self._copies[id(t)], t.data
         self._perturbed = []
 
     def descent_step(self, zero_grad: bool = True):

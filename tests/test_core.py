@@ -352,17 +352,23 @@ def test_works_with_fairseq_adam_and_adamw():
 
 
 def test_one_persistent_buffer_reused():
+    """One extra buffer per parameter for the whole run: the parameter and its buffer trade storages
+    (w + eps in one, the untouched w in the other) and nothing else of parameter size is allocated."""
     model, x, y = make()
     opt = ASAM(model.named_parameters(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5)
-    ptrs = None
+    params = list(model.parameters())
+    home = [p.data_ptr() for p in params]
+    pairs = None
     for _ in range(3):
         loss_of(model, x, y).backward()
         opt.ascent_step()
-        now = {k: v.data_ptr() for k, v in opt._copies.items()}
-        assert ptrs is None or now == ptrs
-        ptrs = now
+        now = [{p.data_ptr(), opt._copies[id(p)].data_ptr()} for p in params]
+        assert pairs is None or now == pairs
+        assert all(opt._copies[id(p)].data_ptr() == h for p, h in zip(params, home))  # w stays where it was
+        pairs = now
         loss_of(model, x, y).backward()
         opt.descent_step()
+        assert [p.data_ptr() for p in params] == home
     n_params = sum(p.numel() for p in model.parameters())
     assert sum(v.numel() for v in opt._copies.values()) == n_params
 
