@@ -55,29 +55,23 @@ def make_tiny_lm_corpus(tmpdir) -> str:
     """The English side of the tiny corpus binarized for fairseq's language_modeling task; returns data-bin."""
     tmp = Path(tmpdir)
     raw = write_tiny_raw_corpus(tmp / "raw")
-    dest = tmp / "lm-data-bin"
-    cmd = [
-        sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
-        "--trainpref", str(raw / "train.en"), "--validpref", str(raw / "valid.en"),
-        "--destdir", str(dest), "--workers", "1",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"fairseq-preprocess failed:\n{proc.stderr[-4000:]}")
-    return str(dest)
+    return _preprocess(tmp / "lm-data-bin", "--only-source",
+                       "--trainpref", str(raw / "train.en"), "--validpref", str(raw / "valid.en"))
 
 
 def make_tiny_corpus(tmpdir, **corpus_kwargs) -> str:
     """Write the raw corpus under ``tmpdir/raw`` and binarize it into ``tmpdir/data-bin``; returns data-bin."""
     tmp = Path(tmpdir)
     raw = write_tiny_raw_corpus(tmp / "raw", **corpus_kwargs)
-    dest = tmp / "data-bin"
-    cmd = [
-        sys.executable, "-m", "fairseq_cli.preprocess",
-        "--source-lang", "de", "--target-lang", "en",
+    return _preprocess(
+        tmp / "data-bin", "--source-lang", "de", "--target-lang", "en",
         "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--testpref", str(raw / "test"),
-        "--destdir", str(dest), "--workers", "1",
-    ]  # fmt: skip
+    )  # fmt: skip
+
+
+def _preprocess(dest, *args: str) -> str:
+    """Run the real fairseq-preprocess into ``dest``; returns it."""
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *args, "--destdir", str(dest), "--workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if proc.returncode != 0:
         raise RuntimeError(f"fairseq-preprocess failed:\n{proc.stderr[-4000:]}")

@@ -41,6 +41,14 @@ def loss_of(model, x, y):
     return ((model(x) - y) ** 2).mean()
 
 
+def one(model, opt, x, y):
+    """One two-pass update by hand: ascent, second backward, descent."""
+    loss_of(model, x, y).backward()
+    opt.ascent_step()
+    loss_of(model, x, y).backward()
+    opt.descent_step()
+
+
 def closed_form_eps(model, grads, *, rho, eta, p, normalization, normalize_bias, adaptive):
     """eps computed directly from the paper's formulas, one tensor at a time, no core code."""
     ts = []
@@ -232,14 +240,8 @@ def test_state_dict_round_trip_lockstep():
     m1, x, y = make()
     o1 = ASAM(m1.named_parameters(), torch.optim.Adam(m1.parameters(), lr=1e-2), rho=0.3)
 
-    def one(m, o):
-        loss_of(m, x, y).backward()
-        o.ascent_step()
-        loss_of(m, x, y).backward()
-        o.descent_step()
-
     for _ in range(4):
-        one(m1, o1)
+        one(m1, o1, x, y)
     m2 = copy.deepcopy(m1)
     o2 = ASAM(m2.named_parameters(), torch.optim.Adam(m2.parameters(), lr=1.0), rho=0.9)
     # through bytes, as a checkpoint does (torch's state_dict() returns references, not copies)
@@ -250,8 +252,8 @@ def test_state_dict_round_trip_lockstep():
     assert o2.rho == 0.3 and o2.param_groups[0]["lr"] == 1e-2
     assert o2.param_groups is o2.base_optimizer.param_groups
     for _ in range(4):
-        one(m1, o1)
-        one(m2, o2)
+        one(m1, o1, x, y)
+        one(m2, o2, x, y)
         for a, b in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(a, b)
 
@@ -463,14 +465,8 @@ def test_load_state_dict_from_a_live_optimizer_and_from_a_plain_base_state():
     m1, x, y = make()
     o1 = ASAM(m1.named_parameters(), torch.optim.Adam(m1.parameters(), lr=1e-2), rho=0.3)
 
-    def one(m, o):
-        loss_of(m, x, y).backward()
-        o.ascent_step()
-        loss_of(m, x, y).backward()
-        o.descent_step()
-
     for _ in range(3):
-        one(m1, o1)
+        one(m1, o1, x, y)
     m2, m3 = copy.deepcopy(m1), copy.deepcopy(m1)
     o2 = ASAM(m2.named_parameters(), torch.optim.Adam(m2.parameters(), lr=1e-2), rho=0.3)
     o2.load_state_dict(o1.state_dict())
@@ -480,7 +476,7 @@ def test_load_state_dict_from_a_live_optimizer_and_from_a_plain_base_state():
     assert o3.param_groups is o3.base_optimizer.param_groups and o3.param_groups[0]["lr"] == 1e-2
     for _ in range(3):
         for m, o in ((m1, o1), (m2, o2), (m3, o3)):
-            one(m, o)
+            one(m, o, x, y)
     for a, b, c in zip(m1.parameters(), m2.parameters(), m3.parameters()):
         assert torch.equal(a, b) and torch.equal(a, c)
     m4 = copy.deepcopy(m1)
