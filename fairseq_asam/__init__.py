@@ -1,46 +1,76 @@
 """fairseq-asam: ASAM and SAM for fairseq (``--user-dir fairseq_asam``) and torchvision.
 
-``from fairseq_asam import SAM, ASAM`` needs torch only. When fairseq is installed, importing the
-package also registers the fairseq components (optimizers ``asam_adam``/``sam_adam``, the task
-``translation_sam``) and allow-lists the classes fairseq checkpoints hold for ``torch.load``.
+``from fairseq_asam import ASAM, SAM, Perturbation`` needs torch only and does not import fairseq.
+The fairseq components (optimizers ``asam_adam``/``sam_adam``, the task ``translation_sam``, the
+allow-list of the classes fairseq checkpoints hold for ``torch.load``) are registered as soon as
+fairseq is imported: at once under ``fairseq-train --user-dir fairseq_asam`` (fairseq imports the
+user dir itself), or when the program imports fairseq later. ``import fairseq_asam.fairseq_ext``
+registers them explicitly.
 """
 
+import contextlib as _contextlib
+import importlib.abc as _abc
+import importlib.util as _util
 import logging as _logging
 import sys as _sys
+import warnings as _warnings
 
-from .core import ASAM, SAM
+from .core import ASAM, SAM, Perturbation
 
-__all__ = ["ASAM", "SAM"]
+__all__ = ["ASAM", "SAM", "Perturbation"]
+__version__ = "0.2.0"
 
 
-def _import_fairseq():
-    """Import fairseq without letting it reconfigure the caller's logging.
+@_contextlib.contextmanager
+def _quiet_fairseq_import():
+    """Import fairseq without letting it reconfigure the program's logging.
 
     One of fairseq's modules (tasks/text_to_speech.py) calls ``logging.basicConfig(level=DEBUG)`` at
-    import, which would flood a torchvision user's output with every library's debug messages. Under
-    ``fairseq-train`` fairseq is imported before us and its logging setup stays as it is.
+    import, which would flood the program's output with every library's debug messages; a handler on
+    the root logger makes basicConfig() a no-op, and the root logger is put back as it was.
     """
-    if "fairseq" in _sys.modules:
-        return _sys.modules["fairseq"]
-    import warnings
-
     root = _logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    guard = _logging.NullHandler()  # makes fairseq's basicConfig() a no-op
-    root.addHandler(guard)
+    root.addHandler(_logging.NullHandler())
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # fairseq's torch.jit.script deprecation notes
-            import fairseq
-    except ModuleNotFoundError:  # torch-only use: the core still works
-        return None
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore", FutureWarning)  # fairseq's torch.jit.script deprecation notes
+            yield
     finally:
         root.setLevel(level)
         for h in root.handlers[:]:
             if h not in handlers:
                 root.removeHandler(h)
-    return fairseq
 
 
-if _import_fairseq() is not None:
+class _RegisterWithFairseq(_abc.MetaPathFinder):
+    """Registers the fairseq components right after fairseq itself is imported (once)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "fairseq":
+            return None
+        if self in _sys.meta_path:
+            _sys.meta_path.remove(self)
+        spec = _util.find_spec("fairseq")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            with _quiet_fairseq_import():
+                run(module)
+            try:
+                from . import fairseq_ext  # noqa: F401
+            except Exception as e:  # fairseq imported, but our components cannot register: say so, go on
+                _warnings.warn(f"fairseq_asam could not register its fairseq components: {e}", RuntimeWarning,
+                               stacklevel=2)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "fairseq" in _sys.modules:
+    # The --user-dir path: fairseq is imported first, then the user dir.
     from . import fairseq_ext  # noqa: F401  (registers optimizers, tasks, checkpoint safe globals)
+elif not any(isinstance(f, _RegisterWithFairseq) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _RegisterWithFairseq())

@@ -1,14 +1,16 @@
 """The sharpness-aware step: ASAM (Kwon et al., ICML 2021, Section 4, Algorithm 1) and SAM (Foret et al.).
 
-Torch only: fairseq and torchvision code call this module, they never re-derive the math.
-
-One update with weights w, radius rho and normalization operator T_w (paper Eq. 5, plus eta I):
+Torch only. One object, :class:`Perturbation`, owns the math: the normalization operator T_w (paper
+Eq. 5 plus eta I: element-wise, filter-wise, biases), which tensor is normalized how, the buffers, the
+ascent w -> w + eps and the exact restore. Every caller uses it: the optimizer shells :class:`ASAM` and
+:class:`SAM` below (perturbation + any base optimizer, ``torch.optim`` conventions), the fairseq task,
+the vision training step and the sharpness measure. One update with weights w, radius rho:
 
     g     = grad L(w)
     eps   = rho * T_w^2 g / ||T_w g||_2          (p = 2)
     eps   = rho * T_w sign(g)                    (p = inf)
     g'    = grad L(w + eps)
-    w     <- w exactly (restored from a copy), then the base optimizer steps with g'
+    w     <- w exactly (copied back in place), then the base optimizer steps with g'
 
 SAM is T_w = I. Example (runs as is)::
 
@@ -27,37 +29,36 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ASAM", "SAM", "ParamSpec", "perturbation", "resolve_params"]
+from . import _compat
+from .checks import check_bool, check_eta, check_normalization, check_p, check_rho
 
-_NORMALIZATIONS = ("element", "filter")
+__all__ = [
+    "ASAM", "SAM", "ParamSpec", "Perturbation", "check_hyperparameters", "filter_operator",
+    "normalization_operator", "perturbation", "resolve_params",
+]
 
-
-def _check_p(p) -> float:
-    try:
-        pf = float(p)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid p: {p!r}; p must be 2 or inf (float('inf') or the string 'inf')") from None
-    if pf not in (2.0, math.inf):
-        raise ValueError(f"Invalid p: {p!r}; p must be 2 or inf (float('inf') or the string 'inf')")
-    return pf
+_HYPER = ("rho", "eta", "p")
 
 
-def check_hyperparameters(rho, eta, p, normalization, *, adaptive: bool = True) -> float:
-    """Validate the sharpness-aware hyper-parameters; returns p as a float (2.0 or inf)."""
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-        raise ValueError(f"Invalid rho: {rho!r}; rho (the radius of the perturbation) must be a finite number > 0")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"Invalid eta: {eta!r}; eta must be a finite number >= 0")
-    pf = _check_p(p)
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"Invalid normalization: {normalization!r}; expected one of {_NORMALIZATIONS}")
-    return pf
+def check_hyperparameters(rho, eta, p, normalization="element", *, flags: dict[str, str] | None = None) -> float:
+    """Validate the sharpness-aware hyper-parameters; returns p as a float (2.0 or inf).
+
+    ``flags`` maps "rho"/"eta"/"p"/"normalization" to the names the caller's users write (default
+    ``rho=`` ...); see :mod:`fairseq_asam.checks`.
+    """
+    f = {"rho": "rho=", "eta": "eta=", "p": "p=", "normalization": "normalization="}
+    f.update(flags or {})
+    check_rho(rho, f["rho"])
+    check_eta(eta, f["eta"])
+    check_normalization(normalization, f["normalization"])
+    return check_p(p, f["p"])
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,69 @@ class ParamSpec:
 
     name: str
     kind: str
+
+
+def _spec(t: Tensor, name: str | None, label: str, *, is_bias: bool | None, adaptive: bool,
+          normalization: str, normalize_bias: bool) -> ParamSpec:
+    if is_bias is None:
+        if name is not None:
+            is_bias = name.endswith("bias")
+        elif t.dim() >= 2:
+            is_bias = False
+        elif not adaptive or normalize_bias:
+            is_bias = False  # the answer does not change the perturbation
+        else:
+            raise ValueError(
+                f"ASAM cannot tell whether the 1-D parameter {label} is a bias (T = 1) or a weight "
+                "(T = |w| + eta). Pass model.named_parameters() (names ending in 'bias' are biases), "
+                "or param groups with 'is_bias': True/False, or normalize_bias=True."
+            )
+    if not adaptive or (is_bias and not normalize_bias):
+        kind = "none"
+    elif normalization == "filter" and t.dim() >= 3 and not is_bias:
+        # Filter-wise needs whole filters: one output channel = one slice along dim 0.
+        kind = "filter"
+    else:
+        kind = "element"
+    return ParamSpec(label, kind)
+
+
+def _resolve_groups(params, *, adaptive: bool, normalization: str, normalize_bias: bool, start: int = 0):
+    """[(group dict without "params", [(tensor, ParamSpec), ...]), ...] from what torch.optim accepts."""
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or param groups, got a Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("ASAM/SAM got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out = []
+    seen: set[int] = set()
+    for gi, group in enumerate(groups, start):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"param group {gi} must be a dict with a 'params' key, got {type(group).__name__}")
+        plist = group["params"]
+        plist = [plist] if isinstance(plist, Tensor) else list(plist)
+        group_bias = group.get("is_bias")
+        if group_bias is not None and not isinstance(group_bias, bool):
+            raise ValueError(f"param group {gi}: 'is_bias' must be True or False, got {group_bias!r}")
+        specs = []
+        for idx, entry in enumerate(plist):
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
+                name, t = entry
+            elif isinstance(entry, Tensor):
+                name, t = None, entry
+            else:
+                raise TypeError(
+                    f"param group {gi}, entry {idx}: expected a tensor or a (name, tensor) pair, got {type(entry).__name__}"
+                )
+            if id(t) in seen:
+                raise ValueError(f"parameter {name or idx} appears more than once")
+            seen.add(id(t))
+            label = name if name is not None else f"group {gi} #{idx} (shape {list(t.shape)})"
+            specs.append((t, _spec(t, name, label, is_bias=group_bias, adaptive=adaptive,
+                                   normalization=normalization, normalize_bias=normalize_bias)))
+        out.append(({k: v for k, v in group.items() if k != "params"}, specs))
+    return out
 
 
 def resolve_params(params, *, adaptive: bool, normalization: str, normalize_bias: bool):
@@ -86,75 +150,25 @@ def resolve_params(params, *, adaptive: bool, normalization: str, normalize_bias
     tensor is ambiguous (a bias, or the weight of a norm layer?), and when the answer changes the
     perturbation (ASAM without bias normalization) it raises ``ValueError`` instead of guessing.
     """
-    if isinstance(params, Tensor):
-        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or param groups, got a Tensor")
-    items = list(params)
-    if not items:
-        raise ValueError("ASAM/SAM got an empty parameter list")
-    groups = items if isinstance(items[0], dict) else [{"params": items}]
-    out: list[tuple[Tensor, ParamSpec]] = []
-    seen: set[int] = set()
-    for gi, group in enumerate(groups):
-        if not isinstance(group, dict) or "params" not in group:
-            raise TypeError(f"param group {gi} must be a dict with a 'params' key, got {type(group).__name__}")
-        plist = group["params"]
-        plist = [plist] if isinstance(plist, Tensor) else list(plist)
-        group_bias = group.get("is_bias")
-        if group_bias is not None and not isinstance(group_bias, bool):
-            raise ValueError(f"param group {gi}: 'is_bias' must be True or False, got {group_bias!r}")
-        for idx, entry in enumerate(plist):
-            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str):
-                name, t = entry
-            elif isinstance(entry, Tensor):
-                name, t = None, entry
-            else:
-                raise TypeError(
-                    f"param group {gi}, entry {idx}: expected a tensor or a (name, tensor) pair, got {type(entry).__name__}"
-                )
-            if id(t) in seen:
-                raise ValueError(f"parameter {name or idx} appears more than once")
-            seen.add(id(t))
-            label = name if name is not None else f"group {gi} #{idx} (shape {list(t.shape)})"
-            if group_bias is not None:
-                is_bias = group_bias
-            elif name is not None:
-                is_bias = name.endswith("bias")
-            elif t.dim() >= 2:
-                is_bias = False
-            elif not adaptive or normalize_bias:
-                is_bias = False  # the answer does not change the perturbation
-            else:
-                raise ValueError(
-                    f"ASAM cannot tell whether the 1-D parameter {label} is a bias (T = 1) or a weight "
-                    "(T = |w| + eta). Pass model.named_parameters() (names ending in 'bias' are biases), "
-                    "or param groups with 'is_bias': True/False, or normalize_bias=True."
-                )
-            if not adaptive or (is_bias and not normalize_bias):
-                kind = "none"
-            elif normalization == "filter" and t.dim() >= 3 and not is_bias:
-                kind = "filter"
-            else:
-                kind = "element"
-            out.append((t, ParamSpec(label, kind)))
-    return out
+    groups = _resolve_groups(params, adaptive=adaptive, normalization=normalization, normalize_bias=normalize_bias)
+    return [pair for _, specs in groups for pair in specs]
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. The ascent works on the weights W, their grads G and the persistent buffers S (one per
-# parameter), in two phases around the one host sync:
+# Kernels. The ascent works on the weights W, their grads G and one persistent buffer S per
+# parameter, in two phases around the one host sync; both kernels do the same arithmetic, op for op:
 #
-#   phase 1: S <- T (as scratch), G <- T g; returns ||T g||^2 (p = 2) or ||g||^2 (p = inf, only to
+#   phase 1: S <- |w| (scratch), G <- c T g; returns ||T g||^2 (p = 2) or ||g||^2 (p = inf, only to
 #            detect a non-finite gradient), on the device;
-#   sync:    the norm, its finiteness, the scale rho / ||T g||;
-#   phase 2: G <- T^2 g or T sign(g) (times alpha), S <- w + alpha G = w + eps; W is not written;
+#   sync:    the norm, its finiteness, the scale;
+#   phase 2: G <- T^2 g or T sign(g), times the tensor's factor; S <- w; w <- w + eps in place;
 #            returns ||eps||^2 on the device.
 #
-# The optimizer then swaps storages: each parameter's .data becomes its buffer (w + eps) and the
-# buffer keeps the untouched w, so the restore is a swap back: bit for bit, with no copy of w taken
-# and no pass over memory. S serves as scratch for T first, so the ascent allocates nothing of
-# parameter size. fp16 gradients are brought to the size of eps before the second multiplication by
-# T, which could otherwise overflow (T^2 g with |w| of a few units); other dtypes fold the scale into
-# the add.
+# c = 1/eta on element-wise tensors folds the "+ eta" of T into one multiply-add: g + g |w| / eta =
+# (T g) / eta saves a pass over memory. fp16 tensors keep c = 1 (g / eta^2 could overflow) and are
+# brought to the size of eps before their second multiplication by T (T^2 g overflows with |w| of a
+# few units). The restore copies S back into each parameter's own storage, so views, aliases and
+# compiled graphs see w + eps during the second pass and w after it.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -171,42 +185,83 @@ def _sq(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=_acc(t.dtype)).square()
 
 
-def _total(parts) -> Tensor:
+def _total(parts, weights=None) -> Tensor:
     dev = parts[0].device
-    return torch.stack([q.to(device=dev, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-                        for q in parts]).sum()
+    vals = [q.to(device=dev, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32) for q in parts]
+    if weights is not None:
+        vals = [v * w if w != 1.0 else v for v, w in zip(vals, weights)]
+    return torch.stack(vals).sum()
 
 
-def _sum_sq_foreach(tensors) -> Tensor:
-    return _total([
-        torch.stack(torch._foreach_norm(group, 2, dtype=_acc(group[0].dtype))).square().sum()
-        for group in _by_device_dtype(tensors)
-    ])
-
-
-def _by_device_dtype(tensors):
+def _by_key(indices, key):
     groups: dict = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return list(groups.values())
+    for i in indices:
+        groups.setdefault(key(i), []).append(i)
+    return list(groups.items())
 
 
-def _filter_t(w: Tensor, eta: float) -> Tensor:
-    # Eq. 5 filter-wise: ||f_i||_2 + eta for every entry of filter i (an output channel).
+def _sum_sq_foreach(tensors) -> list[Tensor]:
+    """||t||^2 per tensor, computed per (device, dtype) group with _foreach_norm."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    for (_, dtype), idx in _by_key(range(len(tensors)), lambda i: (tensors[i].device, tensors[i].dtype)):
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_acc(dtype))
+        for i, n in zip(idx, norms):
+            out[i] = n.square()
+    return out
+
+
+def filter_operator(w: Tensor, eta: float) -> Tensor:
+    """Eq. 5 filter-wise: ||f_i||_2 + eta for every entry of filter i (an output channel), broadcastable to w."""
     n = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=_acc(w.dtype)) + eta
     return n.to(w.dtype).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
 
-def _prescaled(g: Tensor, p: float) -> bool:
-    return p == 2 and g.dtype == torch.float16
+@torch.no_grad()
+def normalization_operator(tensors, kinds, eta) -> list[Tensor]:
+    """The diagonal of T_w (Eq. 5 plus eta I) for each tensor, shaped like it: |w| + eta ("element"),
+    ||filter||_2 + eta ("filter", norms accumulated in fp32/fp64), 1 ("none"). ``eta``: one or one per tensor."""
+    tensors = list(tensors)
+    etas = [float(e) for e in eta] if isinstance(eta, (list, tuple)) else [float(eta)] * len(tensors)
+    out = []
+    for t, kind, e in zip(tensors, kinds, etas):
+        w = t.detach()
+        if kind == "element":
+            out.append(w.abs() + e)
+        elif kind == "filter":
+            out.append(filter_operator(w, e).expand_as(w).clone())
+        elif kind == "none":
+            out.append(torch.ones_like(w))
+        else:
+            raise ValueError(f"kind must be element, filter or none, got {kind!r}")
+    return out
 
 
-def _single_tensor_phase1(W, G, S, kinds, eta: float, p: float, c: float) -> Tensor:
-    # c = 1/eta folds the "+ eta" of T into a fused multiply-add: g + g |w| / eta = (T g) / eta, which
-    # saves a whole pass over memory (S keeps |w|). Every tensor then carries the same factor c, and
-    # the scale in _ascent divides it out. c = 1: S <- T = |w| + eta, g <- T g.
+@dataclass
+class _Plan:
+    """The tensors of one ascent and, per tensor, its kind and hyper-parameters."""
+
+    W: list[Tensor]
+    G: list[Tensor]
+    S: list[Tensor]
+    kinds: list[str]
+    eta: list[float]
+    rho: list[float]
+    c: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.W)
+
+
+def _c_of(kind: str, eta: float, g: Tensor, p: float) -> float:
+    if kind == "element" and p == 2 and eta > 0 and g.dtype != torch.float16:
+        return 1.0 / eta
+    return 1.0
+
+
+def _single_tensor_phase1(P: _Plan, p: float) -> list[Tensor]:
     parts = []
-    for w, g, s, kind in zip(W, G, S, kinds):
+    for w, g, s, kind, eta, c in zip(P.W, P.G, P.S, P.kinds, P.eta, P.c):
         if kind == "element":
             torch.abs(w, out=s)
             if c != 1.0:
@@ -216,22 +271,52 @@ def _single_tensor_phase1(W, G, S, kinds, eta: float, p: float, c: float) -> Ten
                 if p == 2:
                     g.mul_(s)
         elif kind == "filter" and p == 2:
-            g.mul_(_filter_t(w, eta) * c)
-        elif c != 1.0:
-            g.mul_(c)
+            g.mul_(filter_operator(w, eta))
         parts.append(_sq(g))
-    return _total(parts)
+    return parts
 
 
-def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c: float):
+def _multi_tensor_phase1(P: _Plan, p: float) -> list[Tensor]:
+    el = [i for i in range(P.n) if P.kinds[i] == "element"]
+    if el:
+        Se = [P.S[i] for i in el]
+        torch._foreach_copy_(Se, [P.W[i] for i in el])
+        torch._foreach_abs_(Se)
+    for c, idx in _by_key(el, lambda i: P.c[i]):
+        if c != 1.0:
+            torch._foreach_addcmul_([P.G[i] for i in idx], [P.G[i] for i in idx], [P.S[i] for i in idx], value=c)
+    for eta, idx in _by_key([i for i in el if P.c[i] == 1.0], lambda i: P.eta[i]):
+        torch._foreach_add_([P.S[i] for i in idx], eta)
+        if p == 2:
+            torch._foreach_mul_([P.G[i] for i in idx], [P.S[i] for i in idx])
+    if p == 2:
+        for i in range(P.n):
+            if P.kinds[i] == "filter":
+                P.G[i].mul_(filter_operator(P.W[i], P.eta[i]))
+    return _sum_sq_foreach(P.G)
+
+
+def _factors(P: _Plan, p: float, norm: float) -> list[float]:
+    # eps_i = alpha_i * G_i after phase 2, where G_i = c_i^2 T_i^2 g_i (p = 2) or T_i sign(g_i).
+    if p != 2:
+        return list(P.rho)
+    if norm == 0:
+        return [0.0] * P.n  # an all-zero gradient: eps = 0, no NaN
+    return [r / (norm * c * c) for r, c in zip(P.rho, P.c)]
+
+
+def _prescaled(g: Tensor, p: float) -> bool:
+    return p == 2 and g.dtype == torch.float16
+
+
+def _single_tensor_phase2(P: _Plan, p: float, alphas: list[float]):
     # Everything on one tensor while it is hot in cache, then the next one.
-    parts, alphas = [], []
-    for w, g, s, kind in zip(W, G, S, kinds):
-        alpha = scale
+    parts, used = [], []
+    for w, g, s, kind, eta, c, alpha in zip(P.W, P.G, P.S, P.kinds, P.eta, P.c, alphas):
         if p != 2:
             g.sign_()
         elif _prescaled(g, p):
-            g.mul_(scale)
+            g.mul_(alpha)
             alpha = 1.0
         if kind == "element":
             if c != 1.0:
@@ -239,116 +324,406 @@ def _single_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c:
             else:
                 g.mul_(s)
         elif kind == "filter":
-            g.mul_(_filter_t(w, eta) * c)
-        elif c != 1.0:
-            g.mul_(c)
-        parts.append(_sq(g) * (alpha * alpha))
-        alphas.append(alpha)
-        torch.add(w, g, alpha=alpha, out=s)
-    return _total(parts), alphas
+            g.mul_(filter_operator(w, eta))
+        parts.append(_sq(g))
+        used.append(alpha)
+        s.copy_(w)
+        w.add_(g, alpha=alpha)
+    return parts, used
 
 
-def _multi_tensor_phase1(W, G, S, kinds, eta: float, p: float, c: float) -> Tensor:
-    el = [i for i, k in enumerate(kinds) if k == "element"]
-    if el:
-        Se = [S[i] for i in el]
-        torch._foreach_copy_(Se, [W[i] for i in el])
-        torch._foreach_abs_(Se)
-        torch._foreach_add_(Se, eta)
-        if p == 2:
-            torch._foreach_mul_([G[i] for i in el], Se)
-    if p == 2:
-        for i, k in enumerate(kinds):
-            if k == "filter":
-                G[i].mul_(_filter_t(W[i], eta))
-    return _sum_sq_foreach(G)
-
-
-def _multi_tensor_phase2(W, G, S, kinds, eta: float, p: float, scale: float, c: float):
+def _multi_tensor_phase2(P: _Plan, p: float, alphas: list[float]):
     if p != 2:
-        torch._foreach_sign_(G)
-    pre = [i for i, g in enumerate(G) if _prescaled(g, p)]
-    if pre:
-        torch._foreach_mul_([G[i] for i in pre], scale)
-    el = [i for i, k in enumerate(kinds) if k == "element"]
-    if el:
-        torch._foreach_mul_([G[i] for i in el], [S[i] for i in el])
-    for i, k in enumerate(kinds):
-        if k == "filter":
-            G[i].mul_(_filter_t(W[i], eta))
-    pre_set = set(pre)
-    alphas = [1.0 if i in pre_set else scale for i in range(len(G))]
-    by_alpha: dict[float, list[int]] = {}
-    for i, a in enumerate(alphas):
-        by_alpha.setdefault(a, []).append(i)
-    parts = []
-    for alpha, idx in by_alpha.items():
-        parts.append(_sum_sq_foreach([G[i] for i in idx]) * (alpha * alpha))
-        torch._foreach_copy_([S[i] for i in idx], [W[i] for i in idx])
-        torch._foreach_add_([S[i] for i in idx], [G[i] for i in idx], alpha=alpha)
-    return _total(parts), alphas
+        torch._foreach_sign_(P.G)
+    alphas = list(alphas)
+    pre = [i for i in range(P.n) if _prescaled(P.G[i], p)]
+    for a, idx in _by_key(pre, lambda i: alphas[i]):
+        torch._foreach_mul_([P.G[i] for i in idx], a)
+    for i in pre:
+        alphas[i] = 1.0
+    el = [i for i in range(P.n) if P.kinds[i] == "element"]
+    for c, idx in _by_key(el, lambda i: P.c[i]):
+        G = [P.G[i] for i in idx]
+        if c != 1.0:
+            torch._foreach_addcmul_(G, G, [P.S[i] for i in idx], value=c)
+        else:
+            torch._foreach_mul_(G, [P.S[i] for i in idx])
+    for i in range(P.n):
+        if P.kinds[i] == "filter":
+            P.G[i].mul_(filter_operator(P.W[i], P.eta[i]))
+    parts = _sum_sq_foreach(P.G)
+    torch._foreach_copy_(P.S, P.W)
+    for a, idx in _by_key(range(P.n), lambda i: alphas[i]):
+        torch._foreach_add_([P.W[i] for i in idx], [P.G[i] for i in idx], alpha=a)
+    return parts, alphas
 
 
-def _ascent(W, G, S, kinds, *, eta: float, p: float, rho: float, foreach: bool):
-    """S <- w + eps, G <- eps / alpha, W untouched (see the kernels' comment).
+def _ascent(P: _Plan, *, p: float, foreach: bool):
+    """S <- w, w <- w + eps in place, G <- eps / alpha (see the kernels' comment).
 
     Returns (||eps||_2 as a device tensor, the per-tensor alphas), or None when the gradient is not
-    finite (S and G then hold scratch).
+    finite (W untouched; S and G then hold scratch).
     """
     phase1, phase2 = (
         (_multi_tensor_phase1, _multi_tensor_phase2) if foreach else (_single_tensor_phase1, _single_tensor_phase2)
     )
-    # The loop kernel's factor c (see _single_tensor_phase1): not for fp16, where g / eta^2 could
-    # overflow, nor for eta = 0.
-    c = 1.0
-    if not foreach and p == 2 and eta > 0 and not any(g.dtype == torch.float16 for g in G):
-        c = 1.0 / eta
-    sq = phase1(W, G, S, kinds, eta, p, c)
+    parts = phase1(P, p)
+    sq = _total(parts, [1.0 / (c * c) for c in P.c])
     # The one host sync of the update: a non-finite gradient must be reported to the caller.
-    norm = float(sq.sqrt())  # = c ||T g||_2 (p = 2)
+    norm = float(sq.sqrt())  # = ||T g||_2 (p = 2), ||g||_2 (p = inf)
     if not math.isfinite(norm):
         return None
-    if p == 2:
-        # G becomes c^2 T^2 g: eps = rho T^2 g / ||T g|| = rho / (c norm) * G.
-        scale = rho / (c * norm) if norm > 0 else 0.0  # an all-zero gradient: eps = 0, no NaN
-    else:
-        scale = rho
-    eps_sq, alphas = phase2(W, G, S, kinds, eta, p, scale, c)
-    return eps_sq.sqrt(), alphas
+    alphas = _factors(P, p, norm)
+    parts, used = phase2(P, p, alphas)
+    eps_sq = _total(parts, [a * a for a in used])
+    return eps_sq.sqrt(), used
 
 
 def perturbation(params, grads, *, rho: float, eta: float = 0.01, p=2, kinds=None, foreach: bool = False):
-    """eps of the paper (Section 4) as new tensors, for inspection and tests; the optimizer works in place.
+    """eps of the paper (Section 4) as new tensors, for inspection and tests; nothing passed in is modified.
 
     ``kinds`` is one of "none"/"element"/"filter" per tensor (see ParamSpec); default all "element".
     """
-    pf = _check_p(p)
+    pf = check_p(p)
+    check_rho(rho)
+    check_eta(eta)
     W = [w.detach().clone() for w in params]
     G = [g.detach().clone() for g in grads]
-    S = [torch.empty_like(w) for w in W]
     kinds = list(kinds) if kinds is not None else ["element"] * len(W)
-    out = _ascent(W, G, S, kinds, eta=eta, p=pf, rho=rho, foreach=foreach)
+    P = _Plan(W, G, [torch.empty_like(w) for w in W], kinds, [float(eta)] * len(W), [float(rho)] * len(W),
+              [_c_of(k, float(eta), g, pf) for k, g in zip(kinds, G)])
+    out = _ascent(P, p=pf, foreach=foreach)
     if out is None:
         raise ValueError("the gradient is not finite")
-    return [g * a for g, a in zip(G, out[1])]
+    return [g * a for g, a in zip(P.G, out[1])]
+
+
+# ----------------------------------------------------------------------------------------------
+# The perturbation object.
+# ----------------------------------------------------------------------------------------------
+
+
+class Perturbation:
+    """The ascent w -> w + eps and the exact restore (paper Section 4), for any training loop.
+
+    Args:
+        params: ``model.named_parameters()`` (recommended: names decide which tensors are biases),
+            plain tensors, or param groups (dicts with ``"params"``; optional ``"is_bias"``, and
+            ``"rho"``/``"eta"``/``"p"`` for that group); see :func:`resolve_params`.
+        rho, eta, p: the defaults of every group (radius, the eta of T_w + eta I, 2 or inf).
+        normalization: ``"element"`` or ``"filter"`` (Eq. 5). normalize_bias: T = |b| + eta on biases.
+        adaptive: ASAM (True) or SAM (False: T = I, eta unused).
+        foreach: ``None`` picks like torch.optim (foreach on CUDA, the per-tensor loop on CPU, where it
+            measured faster); both kernels do the same arithmetic.
+
+    ``param_groups`` holds rho, eta and p per group, the way torch.optim holds lr: change them between
+    updates (a rho schedule) and :meth:`state_dict` carries them. eps uses the norm of T g over every
+    tensor that has a gradient (all groups together); each group's eps is scaled by its own rho.
+
+    Use::
+
+        pert = Perturbation(model.named_parameters(), rho=0.5)
+        loss_fn(model(x), y).backward()
+        pert.ascend()        # w -> w + eps in place; the gradients are consumed (set to None)
+        loss_fn(model(x), y).backward()
+        pert.restore()       # w copied back in place, bit for bit
+        base_optimizer.step()
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        rho: float,
+        eta: float = 0.01,
+        p: float | str = 2,
+        normalization: str = "element",
+        normalize_bias: bool = False,
+        adaptive: bool = True,
+        foreach: bool | None = None,
+    ):
+        check_bool(adaptive, "adaptive=")
+        pf = check_hyperparameters(rho, eta, p, normalization)
+        check_bool(normalize_bias, "normalize_bias=")
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach= must be None, True or False, got {foreach!r}")
+        self.adaptive = adaptive
+        self.normalization = normalization
+        self.normalize_bias = normalize_bias
+        self.foreach = foreach
+        self.defaults = dict(rho=float(rho), eta=float(eta) if adaptive else 0.0, p=pf)
+        self.param_groups: list[dict[str, Any]] = []
+        self._specs: dict[int, ParamSpec] = {}
+        self._buffers: dict[int, Tensor] = {}  # one per parameter: scratch for |w|, then the kept w
+        self._perturbed: list[Tensor] = []
+        self.last_eps_norm: Tensor | None = None
+        self.last_grad_finite = True
+        for opts, specs in _resolve_groups(params, **self._rule()):
+            self._add(opts, specs)
+
+    def _rule(self) -> dict:
+        return dict(adaptive=self.adaptive, normalization=self.normalization, normalize_bias=self.normalize_bias)
+
+    def _add(self, opts: dict, specs) -> dict:
+        known = {id(t) for g in self.param_groups for t in g["params"]}
+        dup = [s.name for t, s in specs if id(t) in known]
+        if dup:
+            raise ValueError(f"some parameters appear in more than one group: {', '.join(dup[:3])}")
+        group = {k: v for k, v in opts.items() if k != "is_bias"}
+        for k in _HYPER:
+            group.setdefault(k, self.defaults[k])
+        self._check_group(group, len(self.param_groups))
+        group["params"] = [t for t, _ in specs]
+        for t, s in specs:
+            self._specs[id(t)] = s
+        self.param_groups.append(group)
+        return group
+
+    def _check_group(self, group: dict, i: int) -> None:
+        where = f"param_groups[{i}]"
+        group["rho"] = check_rho(group["rho"], f"{where}['rho']")
+        group["eta"] = check_eta(group["eta"], f"{where}['eta']")
+        group["p"] = check_p(group["p"], f"{where}['p']")
+
+    def add_param_group(self, group: dict) -> None:
+        """Add a group (tensors or (name, tensor) pairs, optional rho/eta/p/is_bias); it is perturbed too."""
+        if not isinstance(group, dict):
+            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(group).__name__}")
+        ((opts, specs),) = _resolve_groups([group], start=len(self.param_groups), **self._rule())
+        self._add(opts, specs)
+
+    def register(self, params) -> None:
+        """Tell the object the names (hence the bias rule) of tensors added to shared groups elsewhere."""
+        for _, specs in _resolve_groups(params, **self._rule()):
+            for t, s in specs:
+                self._specs[id(t)] = s
+
+    # -- what it computes ------------------------------------------------------------------------
+
+    def spec(self, t: Tensor) -> ParamSpec:
+        """How ``t`` is normalized; tensors added to a shared group without a name get the unnamed rule."""
+        s = self._specs.get(id(t))
+        if s is None:
+            s = self._specs[id(t)] = _spec(t, None, f"a tensor of shape {list(t.shape)} added without a name",
+                                           is_bias=None, **self._rule())
+        return s
+
+    def named_specs(self) -> list[tuple[Tensor, ParamSpec]]:
+        return [(t, self.spec(t)) for g in self.param_groups for t in g["params"]]
+
+    @torch.no_grad()
+    def operator(self, tensors: Iterable[Tensor] | None = None) -> list[Tensor]:
+        """The diagonal of T_w (Eq. 5 plus eta I) for each tensor (default: every parameter), shaped like it.
+
+        Norms are accumulated in fp32 (fp64 for fp64 tensors); 1 where the kind is "none".
+        """
+        eta_of = {id(t): float(g.get("eta", self.defaults["eta"])) for g in self.param_groups for t in g["params"]}
+        tensors = list(tensors) if tensors is not None else [t for g in self.param_groups for t in g["params"]]
+        etas = [eta_of.get(id(t), self.defaults["eta"]) if self.adaptive else 0.0 for t in tensors]
+        return normalization_operator(tensors, [self.spec(t).kind for t in tensors], etas)
+
+    def _plan(self, grads: dict[int, Tensor] | None = None) -> tuple[_Plan, float]:
+        W, G, S, kinds, etas, rhos, cs = [], [], [], [], [], [], []
+        ps = set()
+        for gi, group in enumerate(self.param_groups):
+            for k in _HYPER:
+                group.setdefault(k, self.defaults[k])
+            self._check_group(group, gi)  # a scheduler or a user may have changed them
+            eta = group["eta"] if self.adaptive else 0.0
+            for t in group["params"]:
+                g = t.grad if grads is None else grads.get(id(t))
+                if g is None:
+                    continue  # parameters with no grad are left alone
+                spec = self.spec(t)
+                if g.is_sparse:
+                    raise RuntimeError(f"the sharpness-aware perturbation does not support sparse gradients ({spec.name})")
+                buf = self._buffers.get(id(t))
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+                    buf = self._buffers[id(t)] = torch.empty_like(t, memory_format=torch.preserve_format)
+                ps.add(group["p"])
+                W.append(t.data if grads is None else t)
+                G.append(g)
+                S.append(buf)
+                kinds.append(spec.kind)
+                etas.append(eta)
+                rhos.append(group["rho"])
+                cs.append(_c_of(spec.kind, eta, g, group["p"]))
+        if len(ps) > 1:
+            raise ValueError(f"every param group must have the same p, got {sorted(ps)}")
+        return _Plan(W, G, S, kinds, etas, rhos, cs), (ps.pop() if ps else self.defaults["p"])
+
+    def _use_foreach(self, tensors) -> bool:
+        if self.foreach is not None:
+            return self.foreach
+        return bool(tensors) and all(t.is_cuda for t in tensors)
+
+    @torch.no_grad()
+    def ascend(self) -> bool:
+        """w -> w + eps in place from the gradients in ``.grad``, which are consumed (set to None).
+
+        Returns False when the gradient is not finite: the weights are untouched and the caller skips
+        the update. w is kept in a persistent buffer (allocated once per parameter, reused).
+        """
+        if self._perturbed:
+            raise RuntimeError("ascend() called twice without restore(): the weights are still perturbed")
+        params = [t for g in self.param_groups for t in g["params"] if t.grad is not None]
+        P, p = self._plan()
+        if not P.W:
+            self.last_grad_finite, self.last_eps_norm = True, None
+            return True
+        out = _ascent(P, p=p, foreach=self._use_foreach(P.W))
+        # The grads hold scratch now; dropping them (as zero_grad(set_to_none=True) does) costs no pass
+        # over memory, and the second backward writes fresh ones.
+        for t in params:
+            t.grad = None
+        if out is None:
+            self.last_grad_finite, self.last_eps_norm = False, None
+            return False
+        self.last_grad_finite = True
+        self.last_eps_norm = out[0]  # ||eps||_2 for logging, left on the device
+        self._perturbed = params
+        return True
+
+    @property
+    def perturbed(self) -> bool:
+        """True between :meth:`ascend` and :meth:`restore`."""
+        return bool(self._perturbed)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the kept w back into each parameter's own storage, bit for bit (not w + eps - eps)."""
+        if not self._perturbed:
+            return
+        W = [t.data for t in self._perturbed]
+        S = [self._buffers[id(t)] for t in self._perturbed]
+        if self._use_foreach(W):
+            torch._foreach_copy_(W, S)
+        else:
+            for w, s in zip(W, S):
+                w.copy_(s)
+        self._perturbed = []
+
+    @torch.no_grad()
+    def applied_eps_norm(self) -> Tensor | None:
+        """||w_eps - w||_2 of the perturbation as stored in the weights' dtype (fp32 arithmetic), while perturbed.
+
+        In fp16/bf16 weights much of a small eps rounds away; :attr:`last_eps_norm` is the intended norm.
+        """
+        if not self._perturbed:
+            return None
+        parts = [(t.data.float() - self._buffers[id(t)].float()).square().sum() for t in self._perturbed]
+        return torch.stack([q.to(parts[0].device) for q in parts]).sum().sqrt()
+
+    @torch.no_grad()
+    def compute_eps(self, grads: Iterable[Tensor | None]) -> list[Tensor | None]:
+        """eps for the given gradients (one per parameter, in ``param_groups`` order; None: no eps) as new
+        tensors, with this object's T_w and hyper-parameters; the weights are not touched."""
+        params = [t for g in self.param_groups for t in g["params"]]
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"compute_eps() needs one gradient per parameter ({len(params)}), got {len(grads)}")
+        gmap = {id(t): g.detach().clone() for t, g in zip(params, grads) if g is not None}
+        saved = self._buffers
+        self._buffers = {}
+        try:
+            P, p = self._plan(gmap)
+            P.W = [w.detach().clone() for w in P.W]  # phase 2 writes w + eps into W
+            out = _ascent(P, p=p, foreach=self._use_foreach(P.W)) if P.W else (None, [])
+        finally:
+            self._buffers = saved
+        if out is None:
+            raise ValueError("the gradient is not finite")
+        eps = {id(t): g * a for t, g, a in zip([t for t in params if id(t) in gmap], P.G, out[1])}
+        return [eps.get(id(t)) for t in params]
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The hyper-parameters per group and the normalization rule (the buffers are scratch, not state)."""
+        return {
+            "param_groups": [{k: g[k] for k in _HYPER if k in g} for g in self.param_groups],
+            "normalization": self.normalization,
+            "normalize_bias": self.normalize_bias,
+            "adaptive": self.adaptive,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._perturbed:
+            raise RuntimeError("load_state_dict() while the weights are perturbed (between ascend() and restore())")
+        if state.get("adaptive", self.adaptive) != self.adaptive:
+            raise ValueError(
+                f"this state was saved by {'ASAM' if state['adaptive'] else 'SAM'}, "
+                f"not {'ASAM' if self.adaptive else 'SAM'}"
+            )
+        if (state.get("normalization", self.normalization), state.get("normalize_bias", self.normalize_bias)) != (
+                self.normalization, self.normalize_bias):
+            raise ValueError(
+                f"the state's normalization/normalize_bias ({state.get('normalization')}/{state.get('normalize_bias')}) "
+                f"differ from this object's ({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
+            )
+        groups = state.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state has {len(groups)} param groups, this object {len(self.param_groups)}")
+        for i, saved in enumerate(groups):
+            trial = dict(self.param_groups[i], **saved)
+            self._check_group(trial, i)
+        for i, (group, saved) in enumerate(zip(self.param_groups, groups)):
+            group.update({k: saved[k] for k in _HYPER if k in saved})
+            self._check_group(group, i)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0] if self.param_groups else self.defaults
+        p = "inf" if g["p"] == math.inf else "2"
+        if not self.adaptive:
+            return f"Perturbation(SAM, rho={g['rho']}, p={p})"
+        return (f"Perturbation(ASAM, rho={g['rho']}, p={p}, eta={g['eta']}, normalization={self.normalization!r}, "
+                f"normalize_bias={self.normalize_bias})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer shells.
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_optimizer_class(obj) -> bool:
+    return isinstance(obj, type) and callable(getattr(obj, "step", None))
+
+
+def _tensors_only(params) -> list:
+    """The groups/tensors for a base optimizer: names dropped, our own keys removed."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        out = []
+        for g in items:
+            g = dict(g)
+            plist = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+            g["params"] = [e[1] if isinstance(e, tuple) else e for e in plist]
+            g.pop("is_bias", None)
+            out.append(g)
+        return out
+    return [e[1] if isinstance(e, tuple) else e for e in items]
 
 
 class ASAM(torch.optim.Optimizer):
-    """Adaptive Sharpness-Aware Minimization around any base optimizer.
+    """Adaptive Sharpness-Aware Minimization (the paper's ASAM) around any base optimizer.
+
+    A thin shell: :attr:`perturbation` (a :class:`Perturbation`) does the ascent and the restore,
+    :attr:`base_optimizer` the descent. It follows ``torch.optim``: ``param_groups`` is the base
+    optimizer's own list, and each group carries ``rho``, ``eta`` and ``p`` next to ``lr``, so an LR
+    scheduler, a rho schedule (``group["rho"] = ...``) and ``state_dict()`` see them;
+    :meth:`add_param_group` adds parameters to both.
 
     Args:
         params: ``model.named_parameters()`` (recommended: names decide which tensors are biases),
             plain tensors or param groups; see :func:`resolve_params` for the rule on unnamed 1-D tensors.
-        base_optimizer: a ``torch.optim`` optimizer (or a fairseq optimizer) over the same parameters.
+        base_optimizer: a ``torch.optim`` (or fairseq) optimizer instance over the same parameters, or an
+            optimizer class, built here over ``params`` with ``**base_kwargs`` (``lr=0.1, momentum=0.9``).
         rho: radius of the perturbation region (paper: 0.5 CIFAR-10, 1.0 CIFAR-100/ImageNet, 0.2 IWSLT'14).
         eta: the eta of T_w + eta I (paper: 0.01), for stability where weights are near zero.
         p: 2 or ``float("inf")``.
         normalization: ``"element"`` or ``"filter"`` (paper Eq. 5).
         normalize_bias: also normalize biases (T = |b| + eta); the paper's default is off (T = 1).
-        foreach: ``None`` picks the way torch.optim does (foreach on CUDA, the per-tensor loop on
-            CPU, where it measured faster); ``True``/``False`` force a kernel. Both give the same numbers.
-
-    The wrapper shares ``param_groups`` with the base optimizer, so an LR scheduler built on either works.
+        foreach: ``None`` picks the way torch.optim does; ``True``/``False`` force a kernel.
     """
 
     _adaptive = True
@@ -359,25 +734,43 @@ class ASAM(torch.optim.Optimizer):
         base_optimizer,
         rho: float = 0.5,
         eta: float = 0.01,
-        p=2,
+        p: float | str = 2,
         normalization: str = "element",
         normalize_bias: bool = False,
         *,
         foreach: bool | None = None,
+        **base_kwargs,
     ):
-        pf = check_hyperparameters(rho, eta, p, normalization)
-        if foreach not in (None, True, False):
-            raise ValueError(f"Invalid foreach: {foreach!r}; expected None, True or False")
-        if not isinstance(normalize_bias, bool):
-            raise ValueError(f"Invalid normalize_bias: {normalize_bias!r}; expected True or False")
+        self._init(params, base_optimizer, rho=rho, eta=eta, p=p, normalization=normalization,
+                   normalize_bias=normalize_bias, adaptive=self._adaptive, foreach=foreach, base_kwargs=base_kwargs)
+
+    def _init(self, params, base_optimizer, *, rho, eta, p, normalization, normalize_bias, adaptive, foreach,
+              base_kwargs):
+        params = list(params) if not isinstance(params, Tensor) else params
+        pert = Perturbation(params, rho=rho, eta=eta, p=p, normalization=normalization,
+                            normalize_bias=normalize_bias, adaptive=adaptive, foreach=foreach)
+        if _is_optimizer_class(base_optimizer):
+            base_optimizer = base_optimizer(_tensors_only(params), **base_kwargs)
+        elif base_kwargs:
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(base_kwargs)}: they are for a base optimizer class "
+                "(ASAM(params, torch.optim.SGD, lr=0.1)); an optimizer instance already has its own"
+            )
+        else:
+            for g in pert.param_groups:
+                extra = set(g) - {"params", *_HYPER}
+                if extra or any(g[k] != pert.defaults[k] for k in _HYPER):
+                    raise ValueError(
+                        "with a base optimizer instance, set per-group options on the base optimizer's param "
+                        f"groups (opt.param_groups[i]['rho'] = ...), not in the groups given to {type(self).__name__}"
+                    )
         base_groups = getattr(base_optimizer, "param_groups", None)
         if base_groups is None or not callable(getattr(base_optimizer, "step", None)):
             raise ValueError(
-                f"Invalid base_optimizer: {type(base_optimizer).__name__} has no param_groups/step(); "
-                "pass an optimizer instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1)"
+                f"base_optimizer= must be an optimizer: {type(base_optimizer).__name__} has no param_groups/step(); "
+                "pass an instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1), or a class with its arguments"
             )
-        specs = resolve_params(params, adaptive=self._adaptive, normalization=normalization, normalize_bias=normalize_bias)
-        mine = {id(t) for t, _ in specs}
+        mine = {id(t) for g in pert.param_groups for t in g["params"]}
         theirs = {id(t) for g in base_groups for t in g["params"]}
         if mine != theirs:
             raise ValueError(
@@ -385,92 +778,77 @@ class ASAM(torch.optim.Optimizer):
                 f"{len(mine - theirs)} of the {len(mine)} parameters given are not in the base optimizer, "
                 f"and {len(theirs - mine)} of its {len(theirs)} parameters were not given"
             )
+        # rho/eta/p move into the base's groups (per group, where the user gave them per group).
+        hyper = {id(t): {k: g[k] for k in _HYPER} for g in pert.param_groups for t in g["params"]}
+        for g in base_groups:
+            vals = {tuple(sorted(hyper[id(t)].items())) for t in g["params"]}
+            if len(vals) > 1:
+                raise ValueError("the parameters of one base optimizer group were given different rho/eta/p")
+            g.update(dict(vals.pop()) if vals else pert.defaults)
+        defaults = dict(getattr(base_optimizer, "defaults", {}), **pert.defaults)
+        super().__init__([t for g in pert.param_groups for t in g["params"]], defaults)
         self.base_optimizer = base_optimizer
-        self.rho = float(rho)
-        self.eta = float(eta)
-        self.p = pf
-        self.normalization = normalization
-        self.normalize_bias = normalize_bias
-        self.foreach = foreach
-        self._params = [t for t, _ in specs]
-        self._specs = [s for _, s in specs]
-        self._copies: dict[int, Tensor] = {}  # the one persistent extra buffer: a copy of w
-        self._perturbed: list[Tensor] = []
-        self.last_eps_norm: Tensor | None = None
-        self.last_grad_finite = True
-        defaults = dict(rho=self.rho, eta=self.eta, p=self.p)
-        super().__init__(self._params, defaults)
-        # Share, not copy: an LR scheduler on either object changes the lr the base optimizer uses.
-        self.param_groups = base_optimizer.param_groups
-        self.defaults = getattr(base_optimizer, "defaults", defaults)
+        self.perturbation = pert  # set after torch's __init__, whose add_param_group calls must not reach the base
+        self._share()
+
+    def _share(self) -> None:
+        # Share, not copy: a scheduler or a user changing lr or rho on either object changes what is used.
+        self.param_groups = self.base_optimizer.param_groups
+        self.perturbation.param_groups = self.base_optimizer.param_groups
+        if isinstance(getattr(self.base_optimizer, "state", None), dict):
+            self.state = self.base_optimizer.state
+
+    # -- hyper-parameters as attributes (the first group's), for convenience ------------------
+
+    def _hp(self, k):
+        return self.param_groups[0][k] if self.param_groups and k in self.param_groups[0] else self.perturbation.defaults[k]
+
+    def _set_hp(self, k, v):
+        for g in self.param_groups:
+            g[k] = v
+
+    rho = property(lambda self: self._hp("rho"), lambda self, v: self._set_hp("rho", check_rho(v)),
+                   doc="rho of every group (reading: the first group's)")
+    eta = property(lambda self: self._hp("eta"), lambda self, v: self._set_hp("eta", check_eta(v)),
+                   doc="eta of every group (reading: the first group's)")
+    p = property(lambda self: self._hp("p"), lambda self, v: self._set_hp("p", check_p(v)),
+                 doc="p of every group (reading: the first group's)")
+    normalization = property(lambda self: self.perturbation.normalization)
+    normalize_bias = property(lambda self: self.perturbation.normalize_bias)
+    foreach = property(lambda self: self.perturbation.foreach)
+
+    @property
+    def last_eps_norm(self) -> Tensor | None:
+        """||eps||_2 of the last ascent (a device tensor), None if it was skipped."""
+        return self.perturbation.last_eps_norm
+
+    @property
+    def last_grad_finite(self) -> bool:
+        return self.perturbation.last_grad_finite
 
     # -- the two half-steps --------------------------------------------------------------------
 
-    def _use_foreach(self, tensors) -> bool:
-        if self.foreach is not None:
-            return self.foreach
-        return bool(tensors) and all(t.is_cuda for t in tensors)
-
-    @torch.no_grad()
     def ascent_step(self, zero_grad: bool = True) -> bool:
-        """w -> w + eps using the gradients in ``.grad``; grads are zeroed afterwards.
+        """w -> w + eps using the gradients in ``.grad``.
 
-        Returns False (weights untouched) when the gradient is not finite, so the caller can skip
-        the update; ``descent_step()`` after a skipped ascent only runs the base optimizer if asked.
+        The gradients at w are consumed either way (their memory holds the ascent's scratch), so they
+        are None afterwards; ``zero_grad`` is accepted for code written for davda54/sam. Returns False
+        (weights untouched) when the gradient is not finite, so the caller can skip the update.
         """
-        if self._perturbed:
-            raise RuntimeError("ascent_step() called twice without descent_step(): the weights are still perturbed")
-        W, G, S, kinds = [], [], [], []
-        for t, spec in zip(self._params, self._specs):
-            if t.grad is None:
-                continue  # parameters with no grad are left alone
-            if t.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({spec.name})")
-            buf = self._copies.get(id(t))
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-                buf = self._copies[id(t)] = torch.empty_like(t, memory_format=torch.preserve_format)
-            W.append(t)
-            G.append(t.grad)
-            S.append(buf)
-            kinds.append(spec.kind)
-        if not W:
-            self.last_grad_finite = True
-            self.last_eps_norm = None
-            return True
-        out = _ascent(W, G, S, kinds, eta=self.eta, p=self.p, rho=self.rho, foreach=self._use_foreach(W))
-        if zero_grad:
-            self._zero(W)
-        if out is None:
-            self.last_grad_finite = False
-            self.last_eps_norm = None
-            return False
-        self.last_grad_finite = True
-        self.last_eps_norm = out[0]  # ||eps||_2 for logging, left on the device
-        for t, buf in zip(W, S):
-            # The forward now sees w + eps; w stays, untouched, in what was the buffer.
-            t.data, self._copies[id(t)] = buf, t.data
-        self._perturbed = W
-        return True
+        return self.perturbation.ascend()
 
     first_step = ascent_step  # the name used by the davda54/sam wrapper
 
-    @torch.no_grad()
     def restore(self) -> None:
-        """Put back the weights of the last ascent bit for bit (the kept w, not w + eps - eps).
-
-        The parameters get their storage with w back and the buffer keeps w + eps for reuse: no copy.
-        Code that holds on to a parameter's old ``.data`` tensor across the ascent sees w throughout.
-        """
-        for t in self._perturbed:
-            t.data, self._copies[id(t)] = self._copies[id(t)], t.data
-        self._perturbed = []
+        """Put back the weights of the last ascent bit for bit, in place."""
+        self.perturbation.restore()
 
     def descent_step(self, zero_grad: bool = True):
         """Restore w exactly, then run the base optimizer's step with the gradients taken at w + eps."""
-        self.restore()
+        self.perturbation.restore()
         out = self.base_optimizer.step()
         # torch's LR schedulers warn unless the optimizer's step() ran; descent_step() is that step.
-        self._opt_called = True
+        _compat.mark_optimizer_stepped(self)
         if zero_grad:
             self.zero_grad()
         return out
@@ -497,12 +875,21 @@ class ASAM(torch.optim.Optimizer):
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _zero(W):
-        # The grads hold eps now; dropping them (as zero_grad(set_to_none=True) does) costs no pass
-        # over memory, and the second backward writes fresh ones.
-        for w in W:
-            w.grad = None
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base optimizer and to the perturbation (tensors or (name, tensor) pairs)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(param_group).__name__}")
+        if not hasattr(self, "perturbation"):  # torch.optim.Optimizer.__init__ adds the initial groups
+            return super().add_param_group(param_group)
+        ((opts, specs),) = _resolve_groups([param_group], start=len(self.param_groups), **self.perturbation._rule())
+        group = {k: v for k, v in opts.items() if k != "is_bias"}
+        for k in _HYPER:
+            group.setdefault(k, self.perturbation.defaults[k])
+        self.perturbation._check_group(group, len(self.param_groups))
+        group["params"] = [t for t, _ in specs]
+        self.base_optimizer.add_param_group(group)
+        for t, s in specs:
+            self.perturbation._specs[id(t)] = s
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:
@@ -510,65 +897,97 @@ class ASAM(torch.optim.Optimizer):
         else:
             self.base_optimizer.zero_grad(set_to_none=False)
 
-    def state_dict(self):
-        return {
-            "base": self.base_optimizer.state_dict(),
-            "asam": dict(
-                rho=self.rho,
-                eta=self.eta,
-                p=self.p,
-                normalization=self.normalization,
-                normalize_bias=self.normalize_bias,
-                adaptive=self._adaptive,
-            ),
-        }
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict (rho/eta/p are in its param_groups) and the normalization rule."""
+        pert = self.perturbation.state_dict()
+        pert.pop("param_groups")
+        return {"base": self.base_optimizer.state_dict(), "asam": pert}
 
-    def load_state_dict(self, state_dict) -> None:
-        """Restores the base optimizer's state and these hyper-parameters (as torch.optim restores lr).
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores the base optimizer's state and the hyper-parameters (as torch.optim restores lr).
 
         A plain state dict of the base optimizer (no ``"base"`` key) is accepted too, to switch a run
-        from its base optimizer to SAM/ASAM.
+        from its base optimizer to SAM/ASAM; groups without rho/eta/p keep the current values.
         """
-        if self._perturbed:
+        if self.perturbation.perturbed:
             raise RuntimeError("load_state_dict() between ascent_step() and descent_step()")
         if "base" in state_dict:
-            hp, base_state = state_dict.get("asam", {}), state_dict["base"]
+            hp, base_state = dict(state_dict.get("asam", {})), state_dict["base"]
         else:
             hp, base_state = {}, state_dict
-        if hp.get("adaptive", self._adaptive) != self._adaptive:
+        if hp.get("adaptive", self._adaptive_now()) != self._adaptive_now():
             raise ValueError(
                 f"this state dict was saved by {'ASAM' if hp['adaptive'] else 'SAM'}, not {type(self).__name__}; "
                 "load state_dict['base'] to move the base optimizer's state across"
             )
-        if hp:
-            p = check_hyperparameters(hp["rho"], hp["eta"], hp["p"], hp["normalization"])
-            if hp["normalization"] != self.normalization or hp["normalize_bias"] != self.normalize_bias:
-                raise ValueError(
-                    "the state dict's normalization/normalize_bias "
-                    f"({hp['normalization']}/{hp['normalize_bias']}) differ from this optimizer's "
-                    f"({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
-                )
-            self.p, self.rho, self.eta = p, float(hp["rho"]), float(hp["eta"])
+        if ("normalization" in hp and hp["normalization"] != self.normalization) or (
+                "normalize_bias" in hp and hp["normalize_bias"] != self.normalize_bias):
+            raise ValueError(
+                "the state dict's normalization/normalize_bias "
+                f"({hp.get('normalization')}/{hp.get('normalize_bias')}) differ from this optimizer's "
+                f"({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
+            )
+        current = [{k: g[k] for k in _HYPER if k in g} for g in self.param_groups]
+        legacy = {k: hp[k] for k in _HYPER if k in hp}  # state dicts written before rho moved into the groups
+        for i, g in enumerate(base_state.get("param_groups", [])):
+            trial = dict(current[i] if i < len(current) else self.perturbation.defaults, **legacy, **g)
+            self.perturbation._check_group(trial, i)
         # A copy: torch's optimizers keep the loaded tensors themselves, so loading the live state of
         # another optimizer would make the two share (and double-update) their moments.
         self.base_optimizer.load_state_dict(copy.deepcopy(base_state))
         # torch's load_state_dict replaces the base's param_groups list: share the new one.
-        self.param_groups = self.base_optimizer.param_groups
+        self._share()
+        for i, g in enumerate(self.param_groups):
+            for k in _HYPER:
+                if k not in g:
+                    g[k] = legacy.get(k, current[i].get(k, self.perturbation.defaults[k]) if i < len(current)
+                                      else self.perturbation.defaults[k])
+            self.perturbation._check_group(g, i)
+
+    def _adaptive_now(self) -> bool:
+        return self.perturbation.adaptive
 
     def __repr__(self) -> str:
         p = "inf" if self.p == math.inf else "2"
-        extra = f", eta={self.eta}, normalization={self.normalization!r}, normalize_bias={self.normalize_bias}" if self._adaptive else ""
-        return f"{type(self).__name__}(rho={self.rho}, p={p}{extra}, base={type(self.base_optimizer).__name__})"
+        name = type(self).__name__
+        if not self.perturbation.adaptive:
+            return f"{name}(rho={self.rho}, p={p}, base={type(self.base_optimizer).__name__})"
+        extra = "" if name == "ASAM" else "adaptive=True, "
+        return (f"{name}({extra}rho={self.rho}, p={p}, eta={self.eta}, normalization={self.normalization!r}, "
+                f"normalize_bias={self.normalize_bias}, base={type(self.base_optimizer).__name__})")
 
 
 class SAM(ASAM):
-    """Sharpness-Aware Minimization (Foret et al., 2021): ASAM with T_w = I."""
+    """Sharpness-Aware Minimization (Foret et al., 2021): T_w = I.
+
+    Also takes the constructor of the davda54/sam wrapper, so loops written for it run after changing
+    only the import: ``SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1,
+    momentum=0.9)`` (a base optimizer class plus its keyword arguments). ``adaptive=True`` gives that
+    wrapper's adaptive SAM, which differs from the paper's ASAM in two defaults: eta = 0 (T = |w|) and
+    every tensor normalized, biases and norm-layer weights included (``normalize_bias=True``). Pass
+    ``eta=0.01, normalize_bias=False`` with ``model.named_parameters()`` for the paper's ASAM, or use
+    :class:`ASAM`.
+    """
 
     _adaptive = False
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, p=2, *, foreach: bool | None = None):
-        super().__init__(params, base_optimizer, rho=rho, eta=0.0, p=p, foreach=foreach)
-
-    def __repr__(self) -> str:
-        return f"SAM(rho={self.rho}, p={'inf' if self.p == math.inf else '2'}, base={type(self.base_optimizer).__name__})"
-
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho: float = 0.05,
+        p: float | str = 2,
+        *,
+        adaptive: bool = False,
+        eta: float | None = None,
+        normalization: str = "element",
+        normalize_bias: bool | None = None,
+        foreach: bool | None = None,
+        **base_kwargs,
+    ):
+        check_bool(adaptive, "adaptive=")
+        if not adaptive and (eta is not None or normalize_bias is not None or normalization != "element"):
+            raise ValueError("eta=, normalization= and normalize_bias= apply to SAM(adaptive=True) or ASAM only")
+        self._init(params, base_optimizer, rho=rho, eta=0.0 if eta is None else eta, p=p,
+                   normalization=normalization, normalize_bias=True if normalize_bias is None else normalize_bias,
+                   adaptive=adaptive, foreach=foreach, base_kwargs=base_kwargs)

@@ -8,15 +8,15 @@ Kwon et al., ICML 2021, Section 3: for weights w, data S, radius rho and 1 <= p 
 with the normalization operator T_w of Eq. 5 plus eta I (element-wise |w| + eta, or filter-wise
 ||f||_2 + eta for every entry of a convolution filter). Biases get T = 1 unless ``normalize_bias``
 (Section 3: constant diagonal entries for biases keep the measure translation-invariant); which
-tensors are biases is decided by :func:`fairseq_asam.core.resolve_params`, the same rule the ASAM
-optimizer uses. With eta = 0 the measure is invariant under node-wise rescaling (Theorem 1).
+tensors are biases, and T_w itself, come from the core's :class:`fairseq_asam.core.Perturbation`, the
+object the ASAM optimizer uses. With eta = 0 the measure is invariant under node-wise rescaling (Theorem 1).
 
 How the maximum is found: in normalized coordinates u = T_w^{-1} eps the region is a plain l_p ball
 of radius rho, and the objective f(u) = L_S(w + T_w u) - L_S(w) has gradient T_w grad L_S(w + eps).
 Projected gradient ascent on u, all in the same coordinates for every restart:
 
 - start 0 is the closed-form first-order maximizer that ASAM/SAM use during training
-  (:func:`fairseq_asam.core.perturbation`, Section 4), so ``steps=0`` reproduces the training-time
+  (:meth:`fairseq_asam.core.Perturbation.compute_eps`, Section 4), so ``steps=0`` reproduces the training-time
   estimate; if the gradient at w is zero (an exact critical point) it starts at a random point instead;
 - each of the ``restarts`` extra starts is a uniformly random point on the sphere (p = 2) or in the
   cube (p = inf), drawn from a generator seeded with ``seed``: the result is deterministic;
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .core import check_hyperparameters, perturbation, resolve_params
+from .core import Perturbation, check_hyperparameters, normalization_operator
 
 __all__ = ["SharpnessResult", "measure_sharpness", "normalization_operator"]
 
@@ -115,21 +115,6 @@ def _check_count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"Invalid {name}: {value!r}; {name} must be an integer >= {minimum}")
     return value
-
-
-@torch.no_grad()
-def normalization_operator(params, kinds, eta: float) -> list[Tensor]:
-    """The diagonal of T_w (Eq. 5 plus eta I) per tensor, broadcastable to it; 1 where kind is "none"."""
-    out = []
-    for w, kind in zip(params, kinds):
-        if kind == "element":
-            out.append(w.detach().abs() + eta)
-        elif kind == "filter":
-            n = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1), dim=1) + eta
-            out.append(n.reshape((w.shape[0],) + (1,) * (w.dim() - 1)).expand_as(w).clone())
-        else:
-            out.append(torch.ones_like(w))
-    return out
 
 
 def _unpack(out) -> tuple[Tensor, float]:
@@ -254,10 +239,12 @@ def measure_sharpness(
         batches = list(batches)
 
     named = [(n, t) for n, t in model.named_parameters() if t.requires_grad] if params is None else params
-    specs = resolve_params(named, adaptive=adaptive, normalization=normalization, normalize_bias=normalize_bias)
-    W = [t for t, _ in specs]
-    names = [s.name for _, s in specs]
-    kinds = [s.kind for _, s in specs]
+    # The core's perturbation object decides which tensor is normalized how (the optimizer's bias rule),
+    # gives T_w and the training-time first-order maximizer: nothing here re-derives them.
+    pert = Perturbation(named, rho=rho, eta=eta, p=pf, normalization=normalization, normalize_bias=normalize_bias,
+                        adaptive=adaptive)
+    W = [t for g in pert.param_groups for t in g["params"]]
+    names = [pert.spec(t).name for t in W]
     rho = float(rho)
     eta = float(eta) if adaptive else 0.0
 
@@ -266,7 +253,7 @@ def measure_sharpness(
     objective = _Objective(model, loss_fn, batches, W)
     try:
         model.eval()
-        T = normalization_operator(W, kinds, eta)
+        T = pert.operator(W)
         base_loss, g0 = objective(grad=True)
         if not math.isfinite(base_loss):
             raise ValueError(f"the loss at the unperturbed weights is not finite ({base_loss})")
@@ -282,7 +269,7 @@ def measure_sharpness(
         for start in range(restarts + 1):
             if start == 0 and _norm(g0, 2) > 0:
                 # The training-time first-order maximizer, from the core (Section 4), mapped to u = T^-1 eps.
-                eps = perturbation(W, g0, rho=rho, eta=eta, p=pf, kinds=kinds)
+                eps = pert.compute_eps(g0)
                 u = [torch.where(t > 0, e / t, torch.zeros_like(e)) for e, t in zip(eps, T)]
             else:
                 u = _random_start(W, pf, rho, gen)

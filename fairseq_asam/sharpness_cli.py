@@ -32,58 +32,25 @@ from argparse import Namespace
 
 import torch
 
+from . import _compat
+from .checks import argparse_type, check_eta, check_int, check_rho
 from .sharpness import measure_sharpness
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _positive_float(flag):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number > 0, got {text}")
-        return v
-
-    return parse
-
-
-def _nonneg_float(flag):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if not (math.isfinite(v) and v >= 0):
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number >= 0, got {text}")
-        return v
-
-    return parse
-
-
 def _int_at_least(flag, minimum):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {v}")
-        return v
-
-    return parse
+    return argparse_type(lambda v, f: check_int(v, f, minimum), flag, convert=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("measure (paper Eq. 2 / Eq. 4)")
-    g.add_argument("--rho", type=_positive_float("--rho"), required=True, help="radius of the region")
+    g.add_argument("--rho", type=argparse_type(check_rho, "--rho"), required=True, help="radius of the region")
     g.add_argument("--p", choices=("2", "inf"), default="2", help="the norm of the region (default 2)")
     g.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="adaptive sharpness, Eq. 4 (default); --no-adaptive: sharpness, Eq. 2")
-    g.add_argument("--eta", type=_nonneg_float("--eta"), default=0.01, help="T_w = |w| + eta (default 0.01)")
+    g.add_argument("--eta", type=argparse_type(check_eta, "--eta"), default=0.01, help="T_w = |w| + eta (default 0.01)")
     g.add_argument("--normalization", choices=("element", "filter"), default="element",
                    help="T_w element-wise or filter-wise (Eq. 5); default element")
     g.add_argument("--normalize-bias", action=argparse.BooleanOptionalAction, default=False,
@@ -163,9 +130,9 @@ def load_fairseq(args, device):
         return loss / sample_size, float(sample_size)
 
     info = dict(
-        arch=cfg.model._name if hasattr(cfg.model, "_name") else str(getattr(cfg.model, "arch", "")),
-        task=cfg.task._name,
-        criterion=cfg.criterion._name,
+        arch=_compat.config_name(cfg.model),
+        task=_compat.config_name(cfg.task),
+        criterion=_compat.config_name(cfg.criterion),
         data=cfg.task.data,
         split=args.split,
         num_batches=len(batches),

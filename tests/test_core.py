@@ -353,26 +353,26 @@ def test_works_with_fairseq_adam_and_adamw():
         assert float(loss_of(model, x, y)) < before
 
 
-def test_one_persistent_buffer_reused():
-    """One extra buffer per parameter for the whole run: the parameter and its buffer trade storages
-    (w + eps in one, the untouched w in the other) and nothing else of parameter size is allocated."""
+def test_one_persistent_buffer_reused_and_weights_stay_in_their_storage():
+    """One extra buffer per parameter for the whole run, reused; the weights never leave their storage
+    (the ascent writes w + eps into it and the restore copies w back), so nothing that holds it goes stale."""
     model, x, y = make()
     opt = ASAM(model.named_parameters(), torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5)
     params = list(model.parameters())
     home = [p.data_ptr() for p in params]
-    pairs = None
+    bufs = None
     for _ in range(3):
         loss_of(model, x, y).backward()
         opt.ascent_step()
-        now = [{p.data_ptr(), opt._copies[id(p)].data_ptr()} for p in params]
-        assert pairs is None or now == pairs
-        assert all(opt._copies[id(p)].data_ptr() == h for p, h in zip(params, home))  # w stays where it was
-        pairs = now
+        assert [p.data_ptr() for p in params] == home
+        now = [opt.perturbation._buffers[id(p)].data_ptr() for p in params]
+        assert bufs is None or now == bufs
+        bufs = now
         loss_of(model, x, y).backward()
         opt.descent_step()
         assert [p.data_ptr() for p in params] == home
     n_params = sum(p.numel() for p in model.parameters())
-    assert sum(v.numel() for v in opt._copies.values()) == n_params
+    assert sum(v.numel() for v in opt.perturbation._buffers.values()) == n_params
 
 
 def _base(model):
@@ -380,15 +380,16 @@ def _base(model):
 
 
 BAD = [
-    (dict(rho=0.0), "Invalid rho: 0.0"),
-    (dict(rho=-1), "Invalid rho: -1"),
-    (dict(rho=float("nan")), "Invalid rho"),
-    (dict(eta=-0.1), "Invalid eta: -0.1"),
-    (dict(p=1), "Invalid p: 1"),
-    (dict(p="two"), "Invalid p: 'two'"),
-    (dict(normalization="layer"), "Invalid normalization: 'layer'"),
-    (dict(normalize_bias="yes"), "Invalid normalize_bias"),
-    (dict(foreach="auto"), "Invalid foreach"),
+    (dict(rho=0.0), "rho= must be > 0, got 0"),
+    (dict(rho=-1), "rho= must be > 0, got -1"),
+    (dict(rho=float("nan")), "rho= must be a finite number > 0, got nan"),
+    (dict(rho="0.5"), "rho= must be a number, got '0.5'"),
+    (dict(eta=-0.1), "eta= must be a finite number >= 0, got -0.1"),
+    (dict(p=1), "p= must be 2 or inf, got 1"),
+    (dict(p="two"), "p= must be 2 or inf, got 'two'"),
+    (dict(normalization="layer"), "normalization= must be one of element, filter, got 'layer'"),
+    (dict(normalize_bias="yes"), "normalize_bias= must be True or False, got 'yes'"),
+    (dict(foreach="auto"), "foreach= must be None, True or False, got 'auto'"),
 ]
 
 
@@ -408,7 +409,7 @@ def test_bad_base_optimizer_and_step_without_closure():
         ASAM(model.named_parameters(), torch.optim.SGD(list(model.parameters())[:-1], lr=0.1))
     with pytest.raises(ValueError, match="base_optimizer"):
         ASAM(model.named_parameters(), "sgd")
-    with pytest.raises(ValueError, match="Invalid rho"):
+    with pytest.raises(ValueError, match="rho= must be > 0"):
         SAM(model.named_parameters(), _base(model), rho=-0.05)
     opt = ASAM(model.named_parameters(), _base(model))
     with pytest.raises(RuntimeError, match="needs a closure"):

@@ -33,7 +33,7 @@ from fairseq_helpers import (
     train_logs,
 )
 
-import fairseq_asam  # noqa: F401  (the checkpoint allow-list: torch.load below runs with weights_only=True)
+import fairseq_asam.fairseq_ext  # noqa: F401  (the checkpoint allow-list: torch.load below runs with weights_only=True)
 
 pytestmark = pytest.mark.slow
 tiny_data_bin = tiny_data_bin_fixture()
@@ -177,7 +177,7 @@ def test_checkpoint_needs_the_allow_list(work, resume_runs):
     assert "argparse.Namespace" in plain.stdout and "numpy.ndarray" in plain.stdout
     # With the extension imported (as here), nothing in it is outside the allow-list.
     assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
-    ok = subprocess.run([sys.executable, "-c", "import fairseq_asam; " + load], capture_output=True, text=True, env=_env())
+    ok = subprocess.run([sys.executable, "-c", "import fairseq_asam.fairseq_ext; " + load], capture_output=True, text=True, env=_env())
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 

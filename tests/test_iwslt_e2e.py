@@ -196,9 +196,9 @@ def test_train_bad_arguments(argv, message, capsys):
 def test_train_args_validation():
     with pytest.raises(ValueError, match="METHOD must be one of"):
         train.fairseq_train_args("sgd", 1, data="d", run_dir="r")
-    with pytest.raises(ValueError, match="SEED must be an integer >= 0"):
+    with pytest.raises(ValueError, match="SEED must be >= 0, got -1"):
         train.fairseq_train_args("adam", -1, data="d", run_dir="r")
-    with pytest.raises(ValueError, match="RHO must be a number > 0"):
+    with pytest.raises(ValueError, match="RHO must be a finite number > 0, got nan"):
         train.fairseq_train_args("sam", 1, data="d", run_dir="r", rho=math.nan)
 
 

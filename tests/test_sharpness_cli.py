@@ -94,7 +94,7 @@ def test_vision_checkpoint(vision_run, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["fairseq", "{ckpt}", "--rho", "-1"], "--rho must be a finite number > 0"),
+        (["fairseq", "{ckpt}", "--rho", "-1"], "--rho must be > 0, got -1"),
         (["fairseq", "{ckpt}", "--rho", "0.1", "--steps", "-3"], "--steps must be >= 0"),
         (["fairseq", "{ckpt}", "--rho", "0.1", "--p", "3"], "--p"),
         (["fairseq", "{ckpt}"], "--rho"),

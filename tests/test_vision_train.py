@@ -145,7 +145,7 @@ def test_ddp_two_processes_gloo(cifar_dir, tmp_path, extra):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--rho", "-1"], "--rho must be > 0, got -1.0"),
+        (["--rho", "-1"], "--rho must be > 0, got -1"),
         (["--label-noise", "1.5"], "--label-noise must be in [0, 1)"),
         (["--model", "resnet50"], "--model resnet50 is an ImageNet model"),
         (["--minimizer", "sgd", "--rho", "0.1"], "--rho and --m apply to --minimizer sam/asam"),

@@ -19,35 +19,22 @@ custom class, ...) is still refused. What each entry is for:
 
 The list is checked against real checkpoints by ``tests/test_fairseq_checkpoint.py``. Example::
 
-    python -c "import fairseq_asam, torch; print(torch.serialization.get_safe_globals())"
+    python -c "import fairseq_asam.fairseq_ext, torch; print(torch.serialization.get_safe_globals())"
 """
 
 import argparse
 import collections
-import importlib
 import typing
 
 import numpy as np
 import torch
-from fairseq.distributed.utils import _TensorPlaceholder
 from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
+from .. import _compat
+
 __all__ = ["SAFE_GLOBALS", "allow_fairseq_checkpoints"]
-
-
-def _numpy_reconstruct():
-    # numpy 1.x pickles arrays through numpy.core.multiarray._reconstruct, numpy 2.x through
-    # numpy._core.multiarray._reconstruct; a checkpoint written under either must load under both.
-    out = []
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        try:
-            fn = importlib.import_module(mod)._reconstruct
-        except (ImportError, AttributeError):
-            continue
-        out.append((fn, f"{mod}._reconstruct"))
-    return out
 
 
 # numpy >= 1.25 rebuilds a dtype as an instance of its own class (numpy.dtypes.Int64DType, ...): the BLEU
@@ -59,11 +46,11 @@ SAFE_GLOBALS = [
     np.ndarray,
     np.dtype,
     *[t for t in _NUMPY_DTYPES if t is not np.dtype],
-    *_numpy_reconstruct(),
+    *_compat.numpy_reconstruct(),
     # Rank 0 of a distributed resume sends the checkpoint after load_checkpoint_to_cpu turned its
     # config into an omegaconf DictConfig (allow_objects, every value an AnyNode); a DictConfig pickles
     # its metadata, which names these types and the builtins dict/int/list and defaultdict.
-    _TensorPlaceholder,
+    _compat.tensor_placeholder_class(),
     DictConfig,
     ListConfig,
     ContainerMetadata,

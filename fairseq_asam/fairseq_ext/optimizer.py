@@ -14,84 +14,59 @@ plain Adam. Example (from the repository root, after ``make install``)::
 """
 
 # No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
-import argparse
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim import register_optimizer
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 from omegaconf import II
 
-from ..core import ASAM, SAM, check_hyperparameters
+from .. import _compat, checks
+from ..core import Perturbation
 
 __all__ = ["AsamAdamConfig", "SamAdamConfig", "FairseqASAMAdam", "FairseqSAMAdam", "find_sharpness_optimizer"]
 
 NORMALIZATION_CHOICES = ChoiceEnum(["element", "filter"])
 
 
-# ---- flag checks: one message per flag, the same on the command line and in a hydra config ----------
+# ---- flag checks: the one checker (fairseq_asam.checks), told fairseq's flag names ------------------
+
+FLAGS = {"rho": "--asam-rho", "eta": "--asam-eta", "p": "--asam-p", "normalization": "--asam-normalization"}
 
 
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else repr(v)
-
-
-def _number(flag: str, v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{flag} must be a number, got {v!r}") from None
+def _number(v, flag: str):
+    # Hydra may hand a value over as text; the checker wants a number, or says which flag was wrong.
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError(f"{flag} must be a number, got {v!r}") from None
+    return v
 
 
 def check_rho(v) -> float:
-    v = _number("--asam-rho", v)
-    if not math.isfinite(v):
-        raise ValueError(f"--asam-rho must be a finite number > 0, got {_fmt(v)}")
-    if v <= 0:
-        raise ValueError(f"--asam-rho must be > 0, got {_fmt(v)}")
-    return v
+    return checks.check_rho(_number(v, FLAGS["rho"]), FLAGS["rho"])
 
 
 def check_eta(v) -> float:
-    v = _number("--asam-eta", v)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"--asam-eta must be a finite number >= 0, got {_fmt(v)}")
-    return v
+    return checks.check_eta(_number(v, FLAGS["eta"]), FLAGS["eta"])
 
 
 def check_p(v) -> float:
-    f = _number("--asam-p", v)
-    if f not in (2.0, math.inf):
-        raise ValueError(f"--asam-p must be 2 or inf, got {_fmt(f)}")
-    return f
+    return checks.check_p(v, FLAGS["p"])
 
 
 def check_normalization(v) -> str:
-    v = str(getattr(v, "value", v))  # a ChoiceEnum member in configs built from the dataclass
-    if v not in ("element", "filter"):
-        raise ValueError(f"--asam-normalization must be element or filter, got {v!r}")
-    return v
+    return checks.check_normalization(v, FLAGS["normalization"])
 
 
-def _argparse_type(check):
-    """An argparse ``type=`` that runs ``check`` so a bad value stops fairseq-train while parsing, before
-    it creates the checkpoint directory; argparse prints 'argument --asam-rho: --asam-rho must be > 0, got -1'."""
-
-    def parse(text: str) -> float:
-        try:
-            return check(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = check.__name__.replace("check_", "")
-    return parse
-
-
-_FLAG_CHECKS = {"--asam-rho": check_rho, "--asam-eta": check_eta, "--asam-p": check_p}
+_FLAG_CHECKS = {
+    "--asam-rho": checks.argparse_type(checks.check_rho, FLAGS["rho"]),
+    "--asam-eta": checks.argparse_type(checks.check_eta, FLAGS["eta"]),
+    "--asam-p": checks.argparse_type(checks.check_p, FLAGS["p"], convert=str),
+}
 
 
 # ---- configs -------------------------------------------------------------------------------------
@@ -153,17 +128,6 @@ class SamAdamConfig(_SharpnessAdamConfig):
 # ---- the optimizers ------------------------------------------------------------------------------
 
 
-class _PerturbOnly(torch.optim.Optimizer):
-    """The base optimizer handed to the core object: the core only perturbs and restores; the fairseq
-    optimizer (with its fp16 master weights, loss scaling and clipping) does the descent."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-
-    def step(self, closure=None):
-        raise RuntimeError("the fairseq optimizer does the descent; the core object only perturbs and restores")
-
-
 class FairseqSharpnessAdam(FairseqAdam):
     """fairseq's Adam whose ``step()`` is the descent of a two-pass (SAM/ASAM) update."""
 
@@ -176,7 +140,6 @@ class FairseqSharpnessAdam(FairseqAdam):
             self.eta = check_eta(cfg.asam_eta)
             self.normalization = check_normalization(cfg.asam_normalization)
             self.normalize_bias = bool(cfg.asam_normalize_bias)
-            check_hyperparameters(self.rho, self.eta, self.p, self.normalization)  # the core agrees
         name = self.registry_name
         if getattr(cfg, "use_bmuf", False):
             raise ValueError(f"--optimizer {name} does not support --use-bmuf (its local steps have no second pass)")
@@ -198,23 +161,23 @@ class FairseqSharpnessAdam(FairseqAdam):
     def registry_name(self) -> str:
         return "asam_adam" if self.adaptive else "sam_adam"
 
-    def perturber(self, model) -> ASAM:
-        """The core ASAM/SAM object over the parameters the model's forward uses (fp16 ones under --fp16).
+    def perturber(self, model) -> Perturbation:
+        """The core's perturbation object over the parameters the model's forward uses (fp16 ones under --fp16).
 
         Built from ``model.named_parameters()``, so the core's rule 'a name ending in bias is a bias' decides
-        which tensors get T = 1; rebuilt if the model's parameter tensors change.
+        which tensors get T = 1; rebuilt if the model's parameter tensors change. The descent is this
+        optimizer's own step (Adam through fairseq's fp16/AMP wrappers), run by the task.
         """
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         key = (id(model), tuple(id(p) for _, p in named))
         if self._perturber is None or self._perturber_key != key:
-            base = _PerturbOnly([p for _, p in named])
             if self.adaptive:
-                self._perturber = ASAM(
-                    named, base, rho=self.rho, eta=self.eta, p=self.p,
+                self._perturber = Perturbation(
+                    named, rho=self.rho, eta=self.eta, p=self.p,
                     normalization=self.normalization, normalize_bias=self.normalize_bias,
                 )  # fmt: skip
             else:
-                self._perturber = SAM(named, base, rho=self.rho, p=self.p)
+                self._perturber = Perturbation(named, rho=self.rho, p=self.p, adaptive=False)
             self._perturber_key = key
         return self._perturber
 
@@ -240,10 +203,11 @@ class FairseqSharpnessAdam(FairseqAdam):
     def add_args(cls, parser):
         super().add_args(parser)
         # Check values while parsing, so a bad flag stops the run before anything is written.
+        actions = _compat.option_string_actions(parser)
         for flag, check in _FLAG_CHECKS.items():
-            action = parser._option_string_actions.get(flag)
+            action = actions.get(flag)
             if action is not None:
-                action.type = _argparse_type(check)
+                action.type = check
 
 
 @register_optimizer("asam_adam", dataclass=AsamAdamConfig)

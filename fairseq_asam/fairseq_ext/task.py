@@ -12,7 +12,7 @@ do not change it. Then, per update:
 2. second pass: forward/backward again over the same micro-batches, each with the random state (the
    dropout masks) its first pass had, so g' belongs to the same stochastic loss whose ascent direction
    was taken; ``no_sync`` for all but the last micro-batch under DDP, as the Trainer does;
-3. the weights are restored by copy; g' is all-reduced, normalised and clipped as fairseq did for g;
+3. w is copied back into the weights, bit for bit; g' is all-reduced, normalised and clipped as fairseq did for g;
 4. descent: fairseq's optimizer step (Adam, through any fp16/AMP wrapper) with g'.
 
 ``train_step`` only records each micro-batch (the sample and the random state before its forward) on
@@ -46,6 +46,7 @@ from fairseq.optim.fp16_optimizer import FP16Optimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from .. import _compat
 from .optimizer import find_sharpness_optimizer
 
 __all__ = ["SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "make_sharpness_aware"]
@@ -151,7 +152,7 @@ class SharpnessAwareTask:
             sums = self.sam_second_pass(pending, model, optimizer, update_num)
         finally:
             t_restore = self._clock(model)
-            perturber.restore()  # exact copy of w, also if the second pass raised
+            perturber.restore()  # w copied back in place, bit for bit, also if the second pass raised
         t2 = self._clock(model)
         sample_size, loss_w, loss_eps = self.sam_descent(sam, optimizer, model, update_num, sums)
         t3 = self._clock(model)
@@ -164,9 +165,9 @@ class SharpnessAwareTask:
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
         perturber = sam.perturber(model)
         _unscale_fp16_grads(sam, optimizer, model)
-        # zero_grad=False: the grads are left as eps (scratch), then the fairseq optimizer's zero_grad()
-        # clears them together with its own state (fp32 master grads, the loss scaler's factor).
-        if not perturber.ascent_step(zero_grad=False):
+        # The ascent consumes the model's grads (sets them to None); the fairseq optimizer's zero_grad()
+        # before the second pass clears its own state (fp32 master grads, the loss scaler's factor).
+        if not perturber.ascend():
             raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
         return perturber
 
@@ -180,7 +181,7 @@ class SharpnessAwareTask:
             # bf16: FP16Optimizer.zero_grad() resets its pending gradient factor only when there is a loss
             # scaler; in plain fairseq step() consumes it. The first pass's factor (1/sample_size times the
             # clip coefficient) was never applied and must not be applied to g' on top of g's own.
-            optimizer._multiply_factor = 1.0
+            _compat.set_fp16_multiply_factor(optimizer, 1.0)
         if isinstance(optimizer, AMPOptimizer):
             _amp_allow_second_unscale(optimizer)
         world = distributed_utils.get_data_parallel_world_size()
@@ -278,7 +279,7 @@ def _unscale_fp16_grads(sam, optimizer, model) -> None:
     overflow wherever |w| > 1. The factor fairseq would apply in its step (1 / (loss scale * sample size)
     times the clip coefficient) brings them to per-token size. They are discarded after the ascent.
     """
-    factor = getattr(optimizer, "_multiply_factor", None)
+    factor = _compat.fp16_multiply_factor(optimizer)
     if getattr(optimizer, "scaler", None) is None or factor is None or isinstance(optimizer, AMPOptimizer):
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.dtype == torch.float16]
@@ -290,14 +291,11 @@ def _amp_allow_second_unscale(optimizer) -> None:
     # AMPOptimizer.clip_grad_norm() calls GradScaler.unscale_(), which refuses a second call before
     # scaler.update(). The first pass's unscale found no inf (checked before the ascent), so forgetting it
     # loses nothing; update() must still run only once per update (in the step) so the scale's growth
-    # schedule is the one fairseq would follow. torch keeps this per-optimizer state in a private dict.
+    # schedule is the one fairseq would follow.
     scaler = optimizer.scaler
     if not scaler.is_enabled():
         return  # no CUDA: torch disabled the scaler, unscale_() is a no-op
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if states is None:
-        raise RuntimeError("this torch's GradScaler has no _per_optimizer_states; --amp is not supported with SAM here")
-    states.pop(id(optimizer.optimizer), None)
+    _compat.gradscaler_forget_unscale(scaler, optimizer.optimizer)
 
 
 def make_sharpness_aware(task_cls, name: str | None = None, dataclass=None):

@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..checks import argparse_type, check_int, check_rho
+
 __all__ = ["METHODS", "PAPER_RHO", "fairseq_train_args", "main"]
 
 METHODS = ("adam", "sam", "asam")
@@ -53,10 +55,12 @@ def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str
     """The fairseq-train argument list for one run (the paper's settings, then ``extra``)."""
     if method not in METHODS:
         raise ValueError(f"METHOD must be one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"SEED must be an integer >= 0, got {seed!r}")
-    if isinstance(max_update, bool) or not isinstance(max_update, int) or max_update < 1:
-        raise ValueError(f"MAX_UPDATE must be an integer >= 1, got {max_update!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"SEED must be an integer, got {seed!r}")
+    check_int(seed, "SEED", 0)
+    if isinstance(max_update, bool) or not isinstance(max_update, int):
+        raise ValueError(f"MAX_UPDATE must be an integer, got {max_update!r}")
+    check_int(max_update, "MAX_UPDATE", 1)
     if rho is not None and method == "adam":
         raise ValueError("RHO/--rho only applies to sam and asam, not adam")
     run_dir = Path(run_dir)
@@ -80,9 +84,7 @@ def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str
         "--log-format", "json", "--log-interval", "100", "--log-file", str(run_dir / "train.log"),
     ]
     if method != "adam":
-        r = PAPER_RHO[method] if rho is None else rho
-        if not (isinstance(r, (int, float)) and r > 0):
-            raise ValueError(f"RHO must be a number > 0, got {r!r}")
+        r = check_rho(PAPER_RHO[method] if rho is None else rho, "RHO")
         args += ["--asam-rho", str(r)]
     if eval_bleu:
         args += [
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default=os.environ.get("RUN_DIR"),
                     help="run directory (env RUN_DIR; default: $RUNS/<method>-seed<seed>)")
     ap.add_argument("--runs", default=os.environ.get("RUNS", DEFAULT_RUNS), help="root of run directories (env RUNS; default: %(default)s)")
-    ap.add_argument("--rho", type=float, default=os.environ.get("RHO") or None,
+    ap.add_argument("--rho", type=argparse_type(check_rho, "--rho (RHO)"), default=os.environ.get("RHO") or None,
                     help="SAM/ASAM radius (env RHO; default: the paper's 0.1 for sam, 0.2 for asam)")
     ap.add_argument("--no-eval-bleu", action="store_true", help="skip BLEU during validation (faster; best = lowest loss)")
     ap.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
@@ -147,8 +149,6 @@ def main(argv=None) -> int:
     max_update = _env_int("MAX_UPDATE", DEFAULT_MAX_UPDATE)
     if max_update < 1:
         ap.error(f"MAX_UPDATE must be >= 1, got {max_update}")
-    if args.rho is not None and args.rho <= 0:
-        ap.error(f"--rho (RHO) must be > 0, got {args.rho}")
     if args.rho is not None and args.method == "adam":
         ap.error("--rho (RHO) only applies to sam and asam")
     if not args.dry_run and not Path(args.data).is_dir():

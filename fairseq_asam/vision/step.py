@@ -1,7 +1,8 @@
 """One training update for SGD, SAM and ASAM (paper Section 4, Algorithm 1), with m-sharpness, DDP and AMP.
 
-The perturbation itself is the core's (``fairseq_asam.core``); this module only decides what the two
-passes see:
+The perturbation itself is the core's :class:`~fairseq_asam.core.Perturbation` (``opt.perturbation`` of an
+ASAM/SAM optimizer); this module only decides what the two passes see, and steps the base optimizer
+itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.base_optimizer)``):
 
 * m-sharpness (Foret et al. 2021, Section 4.1; the paper uses m = 32 for PyramidNet and 128 on ImageNet):
   each shard of m examples of the worker's batch gets its own eps from its own gradient. Per shard:
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import _compat
 from ..core import ASAM
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
@@ -52,7 +53,7 @@ def frozen_bn_stats(model: nn.Module):
     With ``track_running_stats`` off in training mode, torch's BatchNorm passes no running buffers to
     ``F.batch_norm``: the output is the same as with it on, and nothing is written.
     """
-    mods = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    mods = [m for m in model.modules() if isinstance(m, _compat.batchnorm_base()) and m.training and m.track_running_stats]
     for m in mods:
         m.track_running_stats = False
     try:
@@ -105,7 +106,7 @@ def _base_step(base, scaler):
 
 
 def _skip(opt, scaler):
-    opt.restore()
+    opt.perturbation.restore()
     opt.zero_grad()
     if scaler is not None and scaler.is_enabled():
         # What scaler.update() does after an inf: back off. Done by hand because the skipped step recorded
@@ -156,15 +157,16 @@ def _two_pass(model, opt, criterion, x, y, scaler, ac) -> StepResult:
         loss = criterion(logits, y)
     with _no_sync(model):
         _backward(loss, scaler)
-    ok = _all_ranks_true(opt.ascent_step(), x.device)
+    pert = opt.perturbation
+    ok = _all_ranks_true(pert.ascend(), x.device)
     if not ok:
         _skip(opt, scaler)
         return StepResult(loss.detach(), logits.detach(), True, None)
-    eps_norm = opt.last_eps_norm
+    eps_norm = pert.last_eps_norm
     with frozen_bn_stats(model), ac():
         loss2 = criterion(model(x), y)
     _backward(loss2, scaler)  # DDP averages these grads across workers
-    opt.restore()
+    pert.restore()
     _base_step(opt.base_optimizer, scaler)
     opt.zero_grad()
     return StepResult(loss.detach(), logits.detach(), False, eps_norm)
@@ -185,14 +187,14 @@ def _two_pass_sharded(model, opt, criterion, x, y, m, scaler, ac) -> StepResult:
             _backward(loss, scaler)
             losses.append(loss.detach() * xs.shape[0])
             logits_all.append(logits.detach())
-            if not opt.ascent_step():
+            if not opt.perturbation.ascend():
                 ok = False
                 break
-            eps_norm = opt.last_eps_norm
+            eps_norm = opt.perturbation.last_eps_norm
             with frozen_bn_stats(model), ac():
                 loss2 = criterion(model(xs), ys)
             _backward(loss2, scaler)
-        opt.restore()
+        opt.perturbation.restore()
         w = xs.shape[0] / n
         with torch.no_grad():
             for a, p in zip(acc, params):

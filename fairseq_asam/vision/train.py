@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
 from . import data as vdata
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
@@ -159,12 +160,9 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         ("--weight-decay", args.weight_decay, math.isfinite(args.weight_decay) and args.weight_decay >= 0, ">= 0"),
         ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)"),
         ("--label-noise", args.label_noise, 0 <= args.label_noise < 1, "in [0, 1)"),
-        ("--eta", args.eta, math.isfinite(args.eta) and args.eta >= 0, ">= 0"),
         ("--workers", args.workers, args.workers >= 0, ">= 0"),
         ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, ">= 1"),
     ]
-    if args.rho is not None:
-        checks.append(("--rho", args.rho, math.isfinite(args.rho) and args.rho > 0, "> 0"))
     if args.m is not None:
         checks.append(("--m", args.m, args.m >= 1, ">= 1"))
     if args.stop_after is not None:
@@ -172,6 +170,12 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     for flag, value, ok, want in checks:
         if not ok:
             fail(f"{flag} must be {want}, got {value}")
+    try:  # the sharpness-aware hyper-parameters: the same checker as every other front end
+        check_eta(args.eta, "--eta")
+        if args.rho is not None:
+            check_rho(args.rho, "--rho")
+    except ValueError as e:
+        fail(str(e))
     return args
 
 

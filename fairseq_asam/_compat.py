@@ -1,0 +1,209 @@
+"""Every reach into a private attribute of torch, fairseq or numpy, in one place.
+
+Each reach names why it is needed and the versions it was checked against; when the attribute is
+missing it raises a ``RuntimeError`` that says so, instead of an ``AttributeError`` deep in a training
+step, and a version newer than the checked range logs a warning once. ``tests/test_compat.py`` checks
+every reach against the installed versions, so an upgrade that removes one fails there first.
+fairseq is imported only by the reaches that need it.
+
+    python -c "from fairseq_asam import _compat; print(_compat.check_all())"
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+
+__all__ = [
+    "REACHES",
+    "batchnorm_base",
+    "check_all",
+    "config_name",
+    "fp16_multiply_factor",
+    "gradscaler_forget_unscale",
+    "mark_optimizer_stepped",
+    "numpy_reconstruct",
+    "option_string_actions",
+    "set_fp16_multiply_factor",
+    "tensor_placeholder_class",
+]
+
+logger = logging.getLogger(__name__)
+
+# The newest release of each library these reaches were read against.
+CHECKED = {"torch": "2.14.1", "fairseq": "0.12.3.1", "python": "3.13"}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+_warned: set[str] = set()
+
+
+def _installed(lib: str) -> str:
+    if lib == "python":
+        return ".".join(map(str, sys.version_info[:3]))
+    try:
+        return str(importlib.import_module(lib).__version__)
+    except Exception:  # pragma: no cover - a library without __version__
+        return "unknown"
+
+
+def _version_guard(lib: str) -> None:
+    v = _installed(lib)
+    if lib not in _warned and v != "unknown" and _version_tuple(v)[:2] > _version_tuple(CHECKED[lib])[:2]:
+        _warned.add(lib)
+        warnings.warn(
+            f"fairseq-asam reaches into private attributes of {lib}, checked up to {CHECKED[lib]}; "
+            f"{lib} {v} is newer. Run its tests (tests/test_compat.py) if anything fails.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def _get(lib: str, obj, attr: str, why: str):
+    _version_guard(lib)
+    try:
+        return getattr(obj, attr)
+    except AttributeError:
+        raise RuntimeError(
+            f"{type(obj).__name__ if not isinstance(obj, type) else obj.__name__}.{attr} does not exist in "
+            f"{lib} {_installed(lib)}; fairseq-asam needs it for {why} (checked with {lib} <= {CHECKED[lib]}). "
+            "Install a checked version or report this."
+        ) from None
+
+
+@dataclass(frozen=True)
+class Reach:
+    """One private attribute: ``attr`` of ``owner`` (a dotted path: module, then attributes), found on the
+    object, or (``in_source``) in the owner's source where it is an instance attribute set at run time."""
+
+    lib: str
+    owner: str
+    attr: str
+    why: str
+    in_source: bool = False
+
+    def resolve(self):
+        module, _, rest = self.owner.partition(":")
+        obj = importlib.import_module(module)
+        for part in filter(None, rest.split(".")):
+            obj = getattr(obj, part)
+        if self.in_source:
+            _version_guard(self.lib)
+            if self.attr not in inspect.getsource(obj):
+                raise RuntimeError(
+                    f"{self.owner} no longer sets {self.attr} in {self.lib} {_installed(self.lib)}; fairseq-asam "
+                    f"needs it for {self.why} (checked with {self.lib} <= {CHECKED[self.lib]})"
+                )
+            return True
+        return _get(self.lib, obj, self.attr, self.why)
+
+
+REACHES = {
+    "fp16_multiply_factor": Reach("fairseq", "fairseq.optim.fp16_optimizer:_FP16OptimizerMixin", "_multiply_factor",
+                                  "the pending fp16 gradient factor around the ascent (--fp16)", in_source=True),
+    "tensor_placeholder": Reach("fairseq", "fairseq.distributed.utils", "_TensorPlaceholder",
+                                "loading checkpoints broadcast to ranks > 0 with torch.load(weights_only=True)"),
+    "gradscaler_states": Reach("torch", "torch.amp.grad_scaler:GradScaler", "_per_optimizer_states",
+                               "a second unscale of the same optimizer in one update (--amp)", in_source=True),
+    "opt_called": Reach("torch", "torch.optim.lr_scheduler", "_opt_called",
+                        "telling LR schedulers that descent_step() stepped the optimizer", in_source=True),
+    "batchnorm": Reach("torch", "torch.nn.modules.batchnorm", "_BatchNorm",
+                       "finding every BatchNorm layer to freeze its statistics in the second pass"),
+    "argparse_actions": Reach("python", "argparse:ArgumentParser", "_option_string_actions",
+                              "checking the --asam-* flags while fairseq parses them", in_source=True),
+    "foreach_norm": Reach("torch", "torch", "_foreach_norm", "the foreach kernel's norms"),
+    "foreach_addcmul": Reach("torch", "torch", "_foreach_addcmul_", "the foreach kernel"),
+    "foreach_copy": Reach("torch", "torch", "_foreach_copy_", "the foreach kernel and the restore"),
+}
+
+
+def check_all() -> dict[str, str]:
+    """Resolve every reach; returns {name: 'ok'} or raises the RuntimeError of the first one missing."""
+    out = {}
+    for name, r in REACHES.items():
+        r.resolve()
+        out[name] = "ok"
+    return out
+
+
+# ---- the reaches themselves ---------------------------------------------------------------------
+
+
+def fp16_multiply_factor(optimizer):
+    """fairseq's pending gradient factor of an FP16Optimizer/MemoryEfficientFP16Optimizer (1/(scale*sample
+    size) times the clip coefficient, applied lazily in its step()), or None for other optimizers."""
+    if not hasattr(optimizer, "scaler"):
+        return None
+    _version_guard("fairseq")
+    return getattr(optimizer, "_multiply_factor", None)
+
+
+def set_fp16_multiply_factor(optimizer, value) -> None:
+    _get("fairseq", optimizer, "_multiply_factor", REACHES["fp16_multiply_factor"].why)
+    optimizer._multiply_factor = value
+
+
+def gradscaler_forget_unscale(scaler, optimizer) -> None:
+    """Let ``scaler.unscale_(optimizer)`` run a second time in one update.
+
+    GradScaler refuses a second unscale before update(); torch keeps that record in the private
+    ``_per_optimizer_states``. Forgetting it loses nothing when the first unscale found no inf.
+    """
+    states = _get("torch", scaler, "_per_optimizer_states", REACHES["gradscaler_states"].why)
+    states.pop(id(optimizer), None)
+
+
+def mark_optimizer_stepped(optimizer) -> None:
+    """Tell torch's LR schedulers that the optimizer stepped (they warn otherwise); they read ``_opt_called``."""
+    _version_guard("torch")
+    optimizer._opt_called = True
+
+
+def batchnorm_base() -> type:
+    return REACHES["batchnorm"].resolve()
+
+
+def tensor_placeholder_class() -> type:
+    return REACHES["tensor_placeholder"].resolve()
+
+
+def numpy_reconstruct() -> list[tuple[object, str]]:
+    """numpy's array unpickler under both of its module names (numpy 1.x: numpy.core, 2.x: numpy._core):
+    a checkpoint written under either must load under both."""
+    out = []
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                fn = importlib.import_module(mod)._reconstruct
+        except (ImportError, AttributeError):
+            continue
+        out.append((fn, f"{mod}._reconstruct"))
+    if not out:
+        raise RuntimeError("numpy has no multiarray._reconstruct under numpy.core or numpy._core; "
+                           "fairseq checkpoints holding numpy arrays cannot be allow-listed")
+    return out
+
+
+def option_string_actions(parser) -> dict:
+    """argparse's map from option strings to actions (to attach checks to flags fairseq's dataclass adds)."""
+    return _get("python", parser, "_option_string_actions", REACHES["argparse_actions"].why)
+
+
+def config_name(node) -> str:
+    """The registered name of a fairseq dataclass config node (fairseq stores it as ``_name``)."""
+    return str(getattr(node, "_name", "") or getattr(node, "arch", "") or "")
+
+
