@@ -78,7 +78,7 @@ def check_p(value: Any, flag: str = "p=") -> float:
     else:
         v = check_number(value, flag)
     if v not in (2.0, math.inf):
-        raise ValueError(f"{flag} must be 2 or inf, got {_fmt(value)}")
+        raise ValueError(f"{flag} must be 2 or inf, got {_fmt(v) if isinstance(value, str) else _fmt(value)}")
     return v
 
 

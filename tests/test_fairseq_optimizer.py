@@ -15,7 +15,7 @@ from fairseq.optim import build_optimizer
 from fairseq_helpers import tiny_train_args
 from omegaconf import OmegaConf, open_dict
 
-from fairseq_asam import ASAM, SAM
+from fairseq_asam import Perturbation
 from fairseq_asam.fairseq_ext.optimizer import FairseqASAMAdam, FairseqSAMAdam, find_sharpness_optimizer
 
 
@@ -128,8 +128,9 @@ def test_perturber_uses_parameter_names_for_biases(extra, want):
     cfg = _cfg("--optimizer", "asam_adam", *extra)
     opt = build_optimizer(cfg.optimizer, list(net.parameters()))
     core = opt.perturber(net)
-    assert isinstance(core, ASAM) and core.rho == 0.2 and core.eta == 0.01
-    assert {s.name: s.kind for s in core._specs} == want
+    assert isinstance(core, Perturbation) and core.adaptive
+    assert core.param_groups[0]["rho"] == 0.2 and core.param_groups[0]["eta"] == 0.01
+    assert {s.name: s.kind for _, s in core.named_specs()} == want
     assert opt.perturber(net) is core  # cached while the parameters stay the same
 
 
@@ -137,8 +138,9 @@ def test_sam_perturber_is_identity_normalized():
     net = _Net()
     opt = build_optimizer(_cfg("--optimizer", "sam_adam", "--asam-p", "inf").optimizer, list(net.parameters()))
     core = opt.perturber(net)
-    assert isinstance(core, SAM) and core.p == math.inf and core.rho == 0.1
-    assert {s.kind for s in core._specs} == {"none"}
+    assert isinstance(core, Perturbation) and not core.adaptive
+    assert core.param_groups[0]["p"] == math.inf and core.param_groups[0]["rho"] == 0.1
+    assert {s.kind for _, s in core.named_specs()} == {"none"}
     assert isinstance(opt, FairseqSAMAdam)
 
 
