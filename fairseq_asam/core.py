@@ -558,8 +558,13 @@ class Perturbation:
         return bool(tensors) and all(t.is_cuda for t in tensors)
 
     @torch.no_grad()
-    def ascend(self) -> bool:
-        """w -> w + eps in place from the gradients in ``.grad``, which are consumed (set to None).
+    def ascend(self, set_to_none: bool = True) -> bool:
+        """w -> w + eps in place from the gradients in ``.grad``, which are consumed.
+
+        ``set_to_none=True`` drops the gradients (as ``zero_grad()`` does, no pass over memory);
+        ``False`` zeroes them in place, so the second backward accumulates into the same tensors instead
+        of allocating new ones (one memset; it keeps the allocator from fragmenting the heap between the
+        passes, which costs peak memory on the CPU with glibc's default settings).
 
         Returns False when the gradient is not finite: the weights are untouched and the caller skips
         the update. w is kept in a persistent buffer (allocated once per parameter, reused).
@@ -572,10 +577,17 @@ class Perturbation:
             self.last_grad_finite, self.last_eps_norm = True, None
             return True
         out = _ascent(P, p=p, foreach=self._use_foreach(P.W))
-        # The grads hold scratch now; dropping them (as zero_grad(set_to_none=True) does) costs no pass
-        # over memory, and the second backward writes fresh ones.
-        for t in params:
-            t.grad = None
+        # The grads hold scratch now; the second backward needs them gone or zero.
+        if set_to_none:
+            for t in params:
+                t.grad = None
+        else:
+            grads = [t.grad for t in params]
+            if self._use_foreach(grads):
+                torch._foreach_zero_(grads)
+            else:
+                for g in grads:
+                    g.zero_()
         if out is None:
             self.last_grad_finite, self.last_eps_norm = False, None
             return False

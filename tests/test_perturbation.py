@@ -363,3 +363,30 @@ def test_private_reaches_exist_and_a_missing_one_says_what_and_why():
     sgd = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
     _compat.gradscaler_forget_unscale(scaler, sgd)
     assert math.isfinite(scaler.get_scale())
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_ascend_can_keep_the_gradient_memory_for_the_second_pass(foreach):
+    """set_to_none=False: the same grad tensors, zeroed, receive the second backward; same update."""
+    m1, x, y = make()
+    m2 = copy.deepcopy(m1)
+    runs = []
+    for model, keep in ((m1, True), (m2, False)):
+        pert = Perturbation(model.named_parameters(), rho=0.5, foreach=foreach)
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_of(model, x, y).backward()
+        ids = [id(p.grad) for p in model.parameters()]
+        pert.ascend(set_to_none=not keep)
+        if keep:
+            assert [id(p.grad) for p in model.parameters()] == ids
+            assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+        else:
+            assert all(p.grad is None for p in model.parameters())
+        loss_of(model, x, y).backward()
+        if keep:
+            assert [id(p.grad) for p in model.parameters()] == ids
+        pert.restore()
+        base.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
