@@ -34,6 +34,7 @@ registered under a new name, or with :func:`make_sharpness_aware`.
 
 # No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .optimizer import find_sharpness_optimizer
 
-__all__ = ["SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "make_sharpness_aware"]
+__all__ = [
+    "SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "fp16_grads_for_ascent", "make_sharpness_aware",
+]
 
 _LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
 
@@ -163,7 +166,8 @@ class SharpnessAwareTask:
     def sam_ascent(self, sam, optimizer, model):
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
         perturber = sam.perturber(model)
-        _unscale_fp16_grads(sam, optimizer, model)
+        # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
+        fp16_grads_for_ascent([p.grad for p in model.parameters()], sam.p)
         # zero_grad=False: the grads are left as eps (scratch), then the fairseq optimizer's zero_grad()
         # clears them together with its own state (fp32 master grads, the loss scaler's factor).
         if not perturber.ascent_step(zero_grad=False):
@@ -269,21 +273,35 @@ def _as_tensor(x, device):
     return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
-def _unscale_fp16_grads(sam, optimizer, model) -> None:
-    """--fp16 / --memory-efficient-fp16: turn the model's fp16 grads into the final (unscaled, normalised,
-    clipped) gradient before the ascent.
+# Where the fp16 gradients' largest entry is put for the ascent. eps depends on g only through its direction
+# (p = 2 divides by ||T g||, p = inf takes sign(g)), so any positive factor gives the same eps, and a power of
+# two changes no mantissa. 2**8 leaves 2**7 of headroom below fp16's largest value for T g (T = |w| + eta, or
+# a filter's norm + eta, would have to exceed 255) and keeps every entry within 2**-22 of the largest one in
+# fp16's normal range (>= 2**-14) even after T >= eta = 0.01 multiplies it.
+_FP16_ASCENT_GRAD_MAX = 2.0**8
 
-    fairseq keeps them multiplied by the loss scale, which its scaler lets grow until they nearly
-    overflow; the ascent multiplies them by T = |w| + eta (twice for p = 2) in place, which would then
-    overflow wherever |w| > 1. The factor fairseq would apply in its step (1 / (loss scale * sample size)
-    times the clip coefficient) brings them to per-token size. They are discarded after the ascent.
+
+def fp16_grads_for_ascent(grads, p) -> None:
+    """Rescale fp16 gradients (in place, by one power of two) so that the ascent with norm ``p`` (2 or inf)
+    neither overflows nor loses entries to underflow; other dtypes and None entries are left alone. No host
+    sync: the factor stays on the device.
+
+    fairseq keeps the fp16 gradients multiplied by the loss scale, which its scaler grows until they nearly
+    overflow; for p = 2 the ascent forms T g, which would then overflow wherever T > 1, so they are scaled
+    down to a largest entry of 2**8. For p = inf the ascent only takes sign(g) (no T g), so they are never
+    scaled down: that would flush the smallest subnormal entries to zero and lose their sign (measured
+    1 - cos = 3e-3 on transformer_iwslt_de_en). The whole pending factor of fairseq's step (1 / (loss scale
+    x sample size) x clip coefficient), used before, overshot: per-token gradients of 1e-4 to 1e-8, most of
+    them subnormal in fp16 and some zero, which bent eps by 1 - cos = 0.03 for p = inf (docs/precision.md).
     """
-    factor = getattr(optimizer, "_multiply_factor", None)
-    if getattr(optimizer, "scaler", None) is None or factor is None or isinstance(optimizer, AMPOptimizer):
+    grads = [g for g in grads if g is not None and g.dtype == torch.float16]
+    if not grads:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.dtype == torch.float16]
-    if grads:
-        torch._foreach_mul_(grads, factor.to(grads[0].device) if torch.is_tensor(factor) else factor)
+    amax = torch.stack(torch._foreach_norm(grads, math.inf)).max().float()
+    # 2**15 is fp16's largest power of two: the factor stays exact if a kernel casts it to the grads' dtype.
+    k = torch.floor(torch.log2(_FP16_ASCENT_GRAD_MAX / amax)).clamp_(0.0 if p == math.inf else -24.0, 15.0)
+    factor = torch.where(amax > 0, torch.exp2(k), torch.ones_like(k))  # all-zero gradient: leave it
+    torch._foreach_mul_(grads, factor)
 
 
 def _amp_allow_second_unscale(optimizer) -> None:
