@@ -108,9 +108,17 @@ def _skip(opt, scaler):
     opt.restore()
     opt.zero_grad()
     if scaler is not None and scaler.is_enabled():
-        # What scaler.update() does after an inf: back off. Done by hand because the skipped step recorded
-        # no inf check, and every rank must take the same decision.
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        # Back off exactly as scaler.update() does after an overflow: lower the scale *and* restart its growth
+        # count (update(new_scale) sets the scale only, so the next good steps grew it straight back). The
+        # skipped step recorded no inf check, and on some ranks the local gradient may even be finite (every
+        # rank must take the same decision), so record one through the public API: an inf gradient on the
+        # smallest parameter, unscale_, update.
+        params = [p for g in opt.base_optimizer.param_groups for p in g["params"] if p.requires_grad]
+        smallest = min(params, key=lambda p: p.numel())
+        smallest.grad = torch.full_like(smallest, float("inf"))
+        scaler.unscale_(opt.base_optimizer)
+        scaler.update()
+        opt.zero_grad()
 
 
 def train_step(
