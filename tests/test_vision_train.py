@@ -219,3 +219,26 @@ def test_amp_run_on_cpu(cifar_dir, tmp_path, amp):
     assert (ck["scaler"] is not None) == (amp == "fp16")
     if amp == "fp16":
         assert ck["scaler"]["scale"] == 65536.0  # no overflow, no growth within 4 steps
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["run", "error"])
+def test_main_restores_global_torch_settings(cifar_dir, tmp_path, fails):
+    # --deterministic switches torch's deterministic algorithms on and cudnn.benchmark off for the run; a caller
+    # (here: the tests that follow in this process) must get its own settings back, also when main() fails.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    torch.backends.cudnn.benchmark = True
+    argv = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1", "--minimizer", "sgd", "--deterministic",
+            "--device", "cpu", "--run-dir", str(tmp_path / "r"), *TINY]
+    try:
+        if fails:
+            with pytest.raises(SystemExit):  # fails after the settings were changed: no checkpoint to resume
+                vtrain.cli_main([*argv, "--resume"])
+        else:
+            assert vtrain.cli_main(argv) == 0
+        assert torch.are_deterministic_algorithms_enabled() is False
+        assert torch.backends.cudnn.benchmark is True
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == saved[2]
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]

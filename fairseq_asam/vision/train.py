@@ -361,9 +361,36 @@ def _save_checkpoint(path, model, opt, sched, scaler, epoch, history, best, args
 # ---- the run -----------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
-    """Train; returns the summary (best and final test accuracy). ``args`` as from :func:`build_parser`."""
+@contextlib.contextmanager
+def _torch_globals_restored():
+    """Give back torch's process-wide settings that a run changes (deterministic algorithms, cudnn.benchmark,
+    CUBLAS_WORKSPACE_CONFIG), also when it fails: code that calls main() in-process, such as a test suite or a
+    notebook, keeps its own."""
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
+    """Train; returns the summary (best and final test accuracy). ``args`` as from :func:`build_parser`.
+
+    torch's global settings that the run changes are restored when it returns or fails.
+    """
+    with _torch_globals_restored():
+        return _train(args, parser)
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> dict:
     def fail(msg):
         if parser is not None:
             parser.error(msg)
