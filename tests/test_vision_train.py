@@ -242,3 +242,30 @@ def test_main_restores_global_torch_settings(cifar_dir, tmp_path, fails):
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.benchmark = saved[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: counts host syncs of the CUDA training loop")
+def test_training_loop_syncs_once_per_asam_step(tmp_path):
+    # Two runs that differ only in the number of training steps (2 and 4, full batches of 32): the difference in
+    # synchronising CUDA calls per extra step must be exactly the ascent's one (the norm's finiteness), i.e. the
+    # loop's own bookkeeping adds none. Before issue 15 it made a host tensor per step (torch.tensor(float(n),
+    # device=cuda)): 2 per step.
+    import warnings
+
+    counts = {}
+    for n_train in (64, 128):
+        data = tmp_path / f"data{n_train}"
+        write_cifar(str(data), "cifar10", n_train=n_train, n_test=100, seed=0)
+        argv = ["--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--minimizer", "asam", "--device",
+                "cuda", "--run-dir", str(tmp_path / f"run{n_train}"), *TINY]
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                vtrain.cli_main(argv)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[n_train] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+    assert (counts[128] - counts[64]) / 2 == 1, counts
