@@ -34,6 +34,7 @@ registered under a new name, or with :func:`make_sharpness_aware`.
 
 # No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
 import contextlib
+import logging
 import math
 import os
 import time
@@ -50,8 +51,11 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from .optimizer import find_sharpness_optimizer
 
 __all__ = [
-    "SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "fp16_grads_for_ascent", "make_sharpness_aware",
+    "SecondPassOutOfMemory", "SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "fp16_grads_for_ascent",
+    "make_sharpness_aware",
 ]
+
+logger = logging.getLogger(__name__)
 
 _LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
 
@@ -151,7 +155,7 @@ class SharpnessAwareTask:
         perturber = self.sam_ascent(sam, optimizer, model)
         t1 = self._clock(model)
         try:
-            sums = self.sam_second_pass(pending, model, optimizer, update_num)
+            sums = self._sam_second_pass_handled(pending, sam, optimizer, model, update_num)
         finally:
             t_restore = self._clock(model)
             perturber.restore()  # exact copy of w, also if the second pass raised
@@ -216,6 +220,52 @@ class SharpnessAwareTask:
             sample_size *= 0  # as the Trainer does when the last micro-batch is a dummy batch
         return sample_size, loss_w, loss_eps
 
+    def _sam_second_pass_handled(self, pending, sam, optimizer, model, update_num):
+        """:meth:`sam_second_pass`, with fairseq's handling of an AMP overflow and of running out of memory.
+
+        The Trainer only sees what optimizer_step raises, and treats everything but an OverflowError raised
+        here as fatal; it counts the update (and steps the LR schedule) whenever optimizer_step returns.
+
+        - --amp overflow at w + eps: the grad scaler skips the step and lowers its scale, as for a
+          first-pass overflow (at the minimum scale fairseq's FloatingPointError stops training); the second
+          pass is retried at the lower scale up to --amp-batch-retries times, as the Trainer retries a batch
+          (eps stays valid: the first-pass gradient was finite, and eps does not depend on its scale); after
+          that, OverflowError: the Trainer skips the batch without counting an update.
+        - out of memory in the second pass, one worker: the grads are dropped and OverflowError (a
+          :class:`SecondPassOutOfMemory`) makes the Trainer skip the batch, as it skips one whose first
+          forward/backward ran out of memory. With several workers the error is raised as before: the others
+          are inside the second pass's all-reduce and cannot be told to skip, so going on would pair
+          mismatched collectives.
+        """
+        attempt = 0
+        while True:
+            try:
+                sums = self.sam_second_pass(pending, model, optimizer, update_num)
+            except RuntimeError as e:
+                if not _is_oom(e) or distributed_utils.get_data_parallel_world_size() > 1:
+                    raise
+                optimizer.zero_grad()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.warning("out of memory in the second (w + eps) pass; skipping this batch: %s", e)
+                raise SecondPassOutOfMemory(
+                    f"out of memory in the sharpness-aware second pass, batch skipped (not an overflow): {e}"
+                ) from e
+            if not isinstance(optimizer, AMPOptimizer) or _all_finite(model.parameters()):
+                return sums
+            optimizer.clip_grad_norm(0.0)  # the scaler's unscale_ records the inf; fairseq logs the new scale
+            with sam.descent():
+                optimizer.step()  # GradScaler.step skips Adam's step; update() lowers the scale
+            if attempt >= sam.amp_batch_retries:
+                optimizer.zero_grad()
+                raise OverflowError(
+                    f"AMP: gradients at w + eps overflowed {attempt + 1} times (the second pass of the "
+                    "sharpness-aware update); skipping this batch"
+                )
+            attempt += 1
+            logger.info("AMP: overflow in the second (w + eps) pass; retrying it at loss scale %g",
+                        optimizer.scaler.get_scale())
+
     def sam_descent(self, sam, optimizer, model, update_num, sums):
         """Reduce, normalise and clip g' exactly as the Trainer did g, then fairseq's optimizer step."""
         criterion = self._sam_criterion
@@ -259,6 +309,16 @@ class SharpnessAwareTask:
         if self._sam_timing and torch.cuda.is_available() and next(model.parameters()).is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+class SecondPassOutOfMemory(OverflowError):
+    """Out of memory in the second pass. An OverflowError because that is the one error fairseq's Trainer
+    survives inside optimizer_step: it skips the batch without counting an update."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    # fairseq's own test for an out-of-memory error (Trainer.train_step), plus torch's class for it
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
 
 
 def _loss_of(loss, logging_output):
