@@ -156,8 +156,8 @@ def applied_fraction(named, grads, dtype, *, rho=0.2, eta=0.01, p=2, adaptive=Tr
 # The precision modes of fairseq-train and asam-vision-train, by the dtype their weights (the tensors the
 # ascent perturbs) are held in. AMP (--amp) and bf16 autocast cast inside the forward and keep fp32 weights.
 MODES = [
-    ("fp32", torch.float32, "fairseq default / vision --amp none"),
-    ("AMP / bf16 autocast (fp32 weights)", torch.float32, "fairseq --amp / vision --amp fp16|bf16"),
+    ("fp32", torch.float32, "fairseq default; vision --amp none"),
+    ("AMP / bf16 autocast (fp32 weights)", torch.float32, "fairseq --amp; vision --amp fp16 or bf16"),
     ("fp16 weights", torch.float16, "fairseq --fp16, --memory-efficient-fp16"),
     ("bf16 weights", torch.bfloat16, "fairseq --bf16, --memory-efficient-bf16"),
 ]
@@ -206,7 +206,7 @@ def format_tables(res: dict) -> list[str]:
         lines.append(f"| {prep} | {method} | {c:.6f} | {1 - c:.2e} |")
     lines += [
         "",
-        "| weights | method | ||w_eps - w|| / ||eps|| | cos(w_eps - w, eps) | entries left unchanged | restore exact | flags |",
+        "| weights | method | ‖w_eps − w‖ / ‖eps‖ | cos(w_eps − w, eps) | entries left unchanged | restore exact | flags |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, r in res["applied"].items():
