@@ -211,7 +211,7 @@ PRECISIONS = {
     "memory-efficient-bf16": ([], _mem_bf16, torch.bfloat16),
     "amp": (["--amp"], None, torch.float32),
 }
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[needs_cuda, pytest.mark.gpu])]
 
 
 def _build(tmp_path, data_bin, device, precision, *extra, task_cls=None):
@@ -416,18 +416,21 @@ class FaultySecondPass(TranslationSAMTask):
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kw)
 
 
-def _amp_trainer(data_bin, tmp_path, init_scale, fail_passes, fault="overflow"):
-    task_cls = type("Faulty", (FaultySecondPass,), {"fail_passes": fail_passes, "fault": fault})
+def _amp_trainer(data_bin, tmp_path, init_scale, fail_passes, device="cpu"):
+    task_cls = type("Faulty", (FaultySecondPass,), {"fail_passes": fail_passes})
+
+    def on_device(cfg):
+        cfg.common.cpu = device == "cpu"
+
     trainer, task, cfg = build_trainer(
         data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam", "--amp", "--update-freq", "2",
-        "--adam-eps", "0.1", task_cls=task_cls,
+        "--adam-eps", "0.1", "--fp16-init-scale", str(int(init_scale)), task_cls=task_cls, cfg_edit=on_device,
     )  # fmt: skip
-    if not CUDA:
-        # fairseq's AMPOptimizer makes a CUDA GradScaler, which torch disables without a GPU (no inf checks,
-        # no scale); torch's CPU GradScaler is the same class on the CPU.
+    if device == "cpu":
+        # fairseq's AMPOptimizer makes a CUDA GradScaler, which has nothing to scale for a CPU model (torch
+        # disables it without a GPU: no inf checks, no scale); torch's CPU GradScaler is the same class on the CPU.
         trainer.optimizer._grad_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    else:
-        trainer.optimizer._grad_scaler = torch.amp.GradScaler("cuda", init_scale=init_scale)
+    assert trainer.optimizer.scaler.get_scale() == init_scale
     return trainer, task, cfg
 
 
@@ -440,14 +443,15 @@ def _train_step_skipped_by_trainer(trainer, samples):
         # the error raised there carries, as its context, the OverflowError the branch was handling.
         assert not CUDA and isinstance(e.__context__, OverflowError), e
         return e.__context__
-    return None
+    return None  # with CUDA the Trainer logs the OverflowError and returns
 
 
-def test_amp_overflow_in_second_pass_is_retried(tiny_data_bin, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_overflow_in_second_pass_is_retried(tiny_data_bin, tmp_path, device):
     # One second pass overflows: the scaler halves its scale and the second pass is redone, so the update equals
     # one that ran at the halved scale from the start (eps does not depend on the first pass's scale).
-    clean, task_a, cfg = _amp_trainer(tiny_data_bin, tmp_path / "a", 64.0, fail_passes=0)
-    hurt, task_b, _ = _amp_trainer(tiny_data_bin, tmp_path / "b", 128.0, fail_passes=1)
+    clean, task_a, cfg = _amp_trainer(tiny_data_bin, tmp_path / "a", 64.0, fail_passes=0, device=device)
+    hurt, task_b, _ = _amp_trainer(tiny_data_bin, tmp_path / "b", 128.0, fail_passes=1, device=device)
     samples = train_batches(task_a, cfg, 2)
     before = _snapshot(hurt.model)
     clean.train_step(samples)
@@ -461,10 +465,11 @@ def test_amp_overflow_in_second_pass_is_retried(tiny_data_bin, tmp_path):
     assert not bad, f"{len(bad)} tensors differ from the update at the lower scale (max |diff| {worst:.3g})"
 
 
-def test_amp_overflow_in_every_second_pass_skips_the_update(tiny_data_bin, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_overflow_in_every_second_pass_skips_the_update(tiny_data_bin, tmp_path, device):
     # Every retry overflows: 1 + --amp-batch-retries (2) second passes, each halving the scale; then the Trainer
     # must skip the batch like a first-pass overflow: no update counted, no LR step, weights untouched.
-    trainer, task, cfg = _amp_trainer(tiny_data_bin, tmp_path, 128.0, fail_passes=99)
+    trainer, task, cfg = _amp_trainer(tiny_data_bin, tmp_path, 128.0, fail_passes=99, device=device)
     samples = train_batches(task, cfg, 2)
     before = _snapshot(trainer.model)
     lr = trainer.get_lr()

@@ -289,6 +289,7 @@ def test_bad_data_and_loss_raise_and_restore():
     assert torch.equal(model.weight.detach(), before) and model.training
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the measure on cuda equals the CPU one")
 def test_cuda_matches_cpu():
     torch.manual_seed(7)

@@ -196,6 +196,7 @@ def _assert_same_update(model, ref, w0):
     assert (a - b).norm() <= 0.02 * step
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: fp16 autocast + GradScaler on CUDA")
 def test_fp16_scaler_cuda():
     x, y = _batch(8, torch.float32)
