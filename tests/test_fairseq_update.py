@@ -368,7 +368,8 @@ def test_mixin_wraps_another_task(tmp_path_factory, tmp_path):
 
 def test_fp16_ascent_uses_unscaled_gradient(tiny_data_bin, tmp_path):
     # fp16 keeps grads multiplied by the loss scale; with layer-norm weights of 3 the ascent's T^2 g
-    # overflowed fp16 when taken on them (eps = inf, measured), so it must use the unscaled gradient.
+    # overflowed fp16 when taken on them (eps = inf, measured), so the task rescales them first (largest
+    # entry 2**8 for p = 2; tests/test_precision.py checks the direction this gives).
     trainer, task, cfg = build_trainer(
         tiny_data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam", "--fp16",
         "--fp16-no-flatten-grads", "--update-freq", "2", task_cls=RecordingTask,

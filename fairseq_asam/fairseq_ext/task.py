@@ -15,6 +15,12 @@ do not change it. Then, per update:
 3. the weights are restored by copy; g' is all-reduced, normalised and clipped as fairseq did for g;
 4. descent: fairseq's optimizer step (Adam, through any fp16/AMP wrapper) with g'.
 
+Under ``--fp16`` the ascent perturbs the fp16 weights the forward reads (the fp32 masters stay), from the
+fp16 gradients rescaled by a power of two (:func:`fp16_grads_for_ascent`). An ``--amp`` overflow in the
+second pass is retried at the lowered scale, then reported to the Trainer as an overflow, and an
+out-of-memory error in it skips the batch, as fairseq does for the first pass (``docs/precision.md`` says
+which precision mode to use).
+
 ``train_step`` only records each micro-batch (the sample and the random state before its forward) on
 top of the wrapped task's own ``train_step``. Logged through fairseq's metrics (progress bar,
 tensorboard, wandb): ``loss_eps`` (the loss at w + eps, in the same base-2 units as fairseq's ``loss``,
