@@ -319,6 +319,22 @@ def bench(report, dry: bool, out_dir: Path) -> None:
                f"exit {p.returncode}; tables above" if p.returncode == 0 else p.stderr[-300:].replace("\n", " "))
 
 
+def _preflight(report) -> None:
+    """Which of the project's dependencies import here: on a bare GPU image fairseq and its config
+    libraries are missing (see scripts/gpu_check.sh), and every fairseq section would fail for that reason."""
+    import importlib
+
+    found, missing = [], []
+    for mod in ("fairseq", "hydra", "omegaconf", "bitarray", "sacrebleu", "torchvision"):
+        try:
+            m = importlib.import_module(mod)
+            found.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as e:  # an ImportError, or a broken build of a compiled extension
+            missing.append(f"{mod} ({type(e).__name__})")
+    report.add("environment", "imports", not missing,
+               ", ".join(found) + (f"; MISSING: {', '.join(missing)} (see scripts/gpu_check.sh)" if missing else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-dry-run", action="store_true",
@@ -350,6 +366,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"gpu_check: torch {torch.__version__}, GPU {gpu}, {'CPU dry run' if dry else 'CUDA'}", flush=True)
     t0 = time.perf_counter()
+    _preflight(report)
     plan = {
         "tests": ("gpu tests", gpu_tests, dry),
         "kernels": ("kernels", kernels, device),
