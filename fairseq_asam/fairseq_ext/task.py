@@ -343,7 +343,8 @@ def _as_tensor(x, device):
 # (p = 2 divides by ||T g||, p = inf takes sign(g)), so any positive factor gives the same eps, and a power of
 # two changes no mantissa. 2**8 leaves 2**7 of headroom below fp16's largest value for T g (T = |w| + eta, or
 # a filter's norm + eta, would have to exceed 255) and keeps every entry within 2**-22 of the largest one in
-# fp16's normal range (>= 2**-14) even after T >= eta = 0.01 multiplies it.
+# fp16's normal range (>= 2**-14); in T g (T >= eta = 0.01) those within about 2**-15 stay normal and smaller
+# ones become subnormals, whose share of ||T g|| is negligible (1 - cos = 2e-7 on transformer_iwslt_de_en).
 _FP16_ASCENT_GRAD_MAX = 2.0**8
 
 
