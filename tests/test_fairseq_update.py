@@ -462,8 +462,13 @@ def test_amp_overflow_in_second_pass_is_retried(tiny_data_bin, tmp_path, device)
     assert any(not torch.equal(before[n], b[n]) for n in b), "an update was counted but not taken"
     assert task_b.passes == 2 and task_a.passes == 1
     assert hurt.optimizer.scaler.get_scale() == clean.optimizer.scaler.get_scale() == 64.0
-    bad, worst = _params_close(a, b, rtol=1e-6, atol=1e-9)
-    assert not bad, f"{len(bad)} tensors differ from the update at the lower scale (max |diff| {worst:.3g})"
+    if device == "cpu":  # fp32 throughout: scaling by a power of two is exact, so the updates agree to rounding
+        bad, worst = _params_close(a, b, rtol=1e-6, atol=1e-9)
+        assert not bad, f"{len(bad)} tensors differ from the update at the lower scale (max |diff| {worst:.3g})"
+    else:  # CUDA autocast: the first pass's fp16 backward at another scale underflows differently
+        moved = max(float((a[n] - before[n]).abs().max()) for n in a)
+        _, worst = _params_close(a, b, rtol=0, atol=0)
+        assert worst < 1e-2 * moved, f"the retried update differs by {worst:.3g} (update size {moved:.3g})"
 
 
 @pytest.mark.parametrize("device", DEVICES)
