@@ -209,8 +209,8 @@ def measure_sharpness(
     """Sharpness (Eq. 2, ``adaptive=False``) or adaptive sharpness (Eq. 4) of ``model`` on ``batches``.
 
     Args:
-        model: any ``torch.nn.Module``; measured in eval mode (dropout off), every module's mode is
-            restored afterwards, and so are the weights, bit for bit.
+        model: any ``torch.nn.Module``; measured in eval mode (dropout off) and without TF32; every
+            module's mode and the TF32 settings are restored afterwards, and so are the weights, bit for bit.
         loss_fn: ``loss_fn(model, batch)`` returns the mean loss on the batch, or ``(mean, weight)``
             to weight batches unevenly (e.g. by token count); L_S is the weighted mean over batches.
         batches: the data, an iterable of whatever ``loss_fn`` takes; iterated once per evaluation
@@ -251,7 +251,13 @@ def measure_sharpness(
     modes = [(m, m.training) for m in model.modules()]
     saved = [w.detach().clone() for w in W]
     objective = _Objective(model, loss_fn, batches, W)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
+        # The value is a difference of two losses, often small next to either: TF32 (cuDNN convolutions use
+        # it by default on Ampere and later GPUs) keeps 10 mantissa bits and would move it by 1e-3 of the
+        # loss, and a CUDA measurement would not match a CPU one. Full fp32 while measuring.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         model.eval()
         T = pert.operator(W)
         base_loss, g0 = objective(grad=True)
@@ -300,6 +306,7 @@ def measure_sharpness(
                 _project(u, pf, rho)
             history.append(trace)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         with torch.no_grad():
             for w, w0 in zip(W, saved):
                 w.copy_(w0)

@@ -211,7 +211,7 @@ PRECISIONS = {
     "memory-efficient-bf16": ([], _mem_bf16, torch.bfloat16),
     "amp": (["--amp"], None, torch.float32),
 }
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[needs_cuda, pytest.mark.gpu])]
 
 
 def _build(tmp_path, data_bin, device, precision, *extra, task_cls=None):
@@ -368,7 +368,8 @@ def test_mixin_wraps_another_task(tmp_path_factory, tmp_path):
 
 def test_fp16_ascent_uses_unscaled_gradient(tiny_data_bin, tmp_path):
     # fp16 keeps grads multiplied by the loss scale; with layer-norm weights of 3 the ascent's T^2 g
-    # overflowed fp16 when taken on them (eps = inf, measured), so it must use the unscaled gradient.
+    # overflowed fp16 when taken on them (eps = inf, measured), so the task rescales them first (largest
+    # entry 2**8 for p = 2; tests/test_precision.py checks the direction this gives).
     trainer, task, cfg = build_trainer(
         tiny_data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam", "--fp16",
         "--fp16-no-flatten-grads", "--update-freq", "2", task_cls=RecordingTask,
@@ -383,3 +384,123 @@ def test_fp16_ascent_uses_unscaled_gradient(tiny_data_bin, tmp_path):
     eps_norm = float(agg["eps_norm"].avg)
     assert math.isfinite(eps_norm) and 0 < eps_norm < 10
     assert all(torch.isfinite(v).all() for v in task.rec["w_eps"].values())
+
+
+# ---- the Trainer sees what went wrong in the second pass (issue 15, items 4 and 5) ---------------------
+
+
+class FaultySecondPass(TranslationSAMTask):
+    """translation_sam whose first ``fail_passes`` second passes fail: ``fault`` "overflow" (the loss times
+    inf, so the backward gives inf/NaN gradients, as an fp16 overflow does) or "oom" (torch's
+    out-of-memory error from the first micro-batch)."""
+
+    fault = "overflow"
+    fail_passes = 0
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.passes = 0
+
+    def sam_second_pass(self, *a, **kw):
+        self.passes += 1
+        return super().sam_second_pass(*a, **kw)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kw):
+        if self._sam_replaying and self.passes <= self.fail_passes:
+            if self.fault == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+            def criterion(m, s, _c=criterion, **k):
+                loss, n, log = _c(m, s, **k)
+                return loss * float("inf"), n, log
+
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kw)
+
+
+def _amp_trainer(data_bin, tmp_path, init_scale, fail_passes, device="cpu"):
+    task_cls = type("Faulty", (FaultySecondPass,), {"fail_passes": fail_passes})
+
+    def on_device(cfg):
+        cfg.common.cpu = device == "cpu"
+
+    trainer, task, cfg = build_trainer(
+        data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam", "--amp", "--update-freq", "2",
+        "--adam-eps", "0.1", "--fp16-init-scale", str(int(init_scale)), task_cls=task_cls, cfg_edit=on_device,
+    )  # fmt: skip
+    if device == "cpu":
+        # fairseq's AMPOptimizer makes a CUDA GradScaler, which has nothing to scale for a CPU model (torch
+        # disables it without a GPU: no inf checks, no scale); torch's CPU GradScaler is the same class on the CPU.
+        trainer.optimizer._grad_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    assert trainer.optimizer.scaler.get_scale() == init_scale
+    return trainer, task, cfg
+
+
+def _train_step_skipped_by_trainer(trainer, samples):
+    """trainer.train_step() for an update the Trainer must skip through its OverflowError branch."""
+    try:
+        trainer.train_step(samples)
+    except (AssertionError, RuntimeError) as e:
+        # A torch without CUDA: that branch itself fails at its `torch.tensor(0.0).cuda()` (fairseq 0.12), so
+        # the error raised there carries, as its context, the OverflowError the branch was handling.
+        assert not CUDA and isinstance(e.__context__, OverflowError), e
+        return e.__context__
+    return None  # with CUDA the Trainer logs the OverflowError and returns
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_overflow_in_second_pass_is_retried(tiny_data_bin, tmp_path, device):
+    # One second pass overflows: the scaler halves its scale and the second pass is redone, so the update equals
+    # one that ran at the halved scale from the start (eps does not depend on the first pass's scale).
+    clean, task_a, cfg = _amp_trainer(tiny_data_bin, tmp_path / "a", 64.0, fail_passes=0, device=device)
+    hurt, task_b, _ = _amp_trainer(tiny_data_bin, tmp_path / "b", 128.0, fail_passes=1, device=device)
+    samples = train_batches(task_a, cfg, 2)
+    before = _snapshot(hurt.model)
+    clean.train_step(samples)
+    hurt.train_step(samples)
+    assert hurt.get_num_updates() == clean.get_num_updates() == 1
+    a, b = _snapshot(clean.model), _snapshot(hurt.model)
+    assert any(not torch.equal(before[n], b[n]) for n in b), "an update was counted but not taken"
+    assert task_b.passes == 2 and task_a.passes == 1
+    assert hurt.optimizer.scaler.get_scale() == clean.optimizer.scaler.get_scale() == 64.0
+    if device == "cpu":  # fp32 throughout: scaling by a power of two is exact, so the updates agree to rounding
+        bad, worst = _params_close(a, b, rtol=1e-6, atol=1e-9)
+        assert not bad, f"{len(bad)} tensors differ from the update at the lower scale (max |diff| {worst:.3g})"
+    else:  # CUDA autocast: the first pass's fp16 backward at another scale underflows differently
+        moved = max(float((a[n] - before[n]).abs().max()) for n in a)
+        _, worst = _params_close(a, b, rtol=0, atol=0)
+        assert worst < 1e-2 * moved, f"the retried update differs by {worst:.3g} (update size {moved:.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_overflow_in_every_second_pass_skips_the_update(tiny_data_bin, tmp_path, device):
+    # Every retry overflows: 1 + --amp-batch-retries (2) second passes, each halving the scale; then the Trainer
+    # must skip the batch like a first-pass overflow: no update counted, no LR step, weights untouched.
+    trainer, task, cfg = _amp_trainer(tiny_data_bin, tmp_path, 128.0, fail_passes=99, device=device)
+    samples = train_batches(task, cfg, 2)
+    before = _snapshot(trainer.model)
+    lr = trainer.get_lr()
+    err = _train_step_skipped_by_trainer(trainer, samples)
+    assert trainer.get_num_updates() == 0, "the Trainer counted an update whose step was skipped"
+    assert err is None or "overflowed 3 times" in str(err)
+    assert task.passes == 3
+    assert trainer.optimizer.scaler.get_scale() == 128.0 / 8
+    assert trainer.get_lr() == lr
+    assert all(torch.equal(before[n], v) for n, v in _snapshot(trainer.model).items())
+
+
+def test_out_of_memory_in_second_pass_skips_the_batch(tiny_data_bin, tmp_path):
+    # As fairseq skips a batch whose forward/backward runs out of memory: weights restored, no update counted,
+    # and training goes on with the next batch.
+    trainer, task, cfg = build_trainer(
+        tiny_data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam",
+        task_cls=type("OOM", (FaultySecondPass,), {"fault": "oom", "fail_passes": 1}),
+    )  # fmt: skip
+    batches = train_batches(task, cfg, 2)
+    before = _snapshot(trainer.model)
+    err = _train_step_skipped_by_trainer(trainer, batches[:1])
+    assert err is None or "out of memory" in str(err)
+    assert trainer.get_num_updates() == 0
+    assert all(torch.equal(before[n], v) for n, v in _snapshot(trainer.model).items())
+    trainer.train_step(batches[1:])
+    assert trainer.get_num_updates() == 1
+    assert any(not torch.equal(before[n], v) for n, v in _snapshot(trainer.model).items())

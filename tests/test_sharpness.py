@@ -289,6 +289,7 @@ def test_bad_data_and_loss_raise_and_restore():
     assert torch.equal(model.weight.detach(), before) and model.training
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the measure on cuda equals the CPU one")
 def test_cuda_matches_cpu():
     torch.manual_seed(7)
@@ -305,3 +306,33 @@ def test_cuda_matches_cpu():
     gpu = measure_sharpness(model, loss, [(x.cuda(), y.cuda())], **kw)
     assert gpu.value == pytest.approx(cpu.value, rel=1e-9)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["measures", "raises"])
+def test_tf32_is_off_while_measuring_and_restored(fails):
+    # The measure is a difference of two losses; TF32 (cuDNN convolutions use it by default on Ampere and later)
+    # keeps 10 mantissa bits, enough to move it by more than its size on a flat model. It is switched off for
+    # the measurement and the caller's setting comes back, also when the measurement fails.
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    seen = []
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    data = [(torch.randn(4, 2, 4, 4), torch.randint(0, 2, (4,)))]
+
+    def loss(m, batch):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        if fails and len(seen) > 1:
+            raise RuntimeError("boom")
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="boom"):
+                measure_sharpness(model, loss, data, rho=0.5, steps=2)
+        else:
+            measure_sharpness(model, loss, data, rho=0.5, steps=2)
+        assert seen and all(s == (False, False) for s in seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

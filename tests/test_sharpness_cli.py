@@ -51,7 +51,9 @@ def _run(capsys, argv):
 def test_fairseq_checkpoint(fairseq_ckpt, tmp_path, capsys):
     data, ckpt = fairseq_ckpt
     out_json = tmp_path / "out" / "s.json"
-    base = ["fairseq", str(ckpt), "--data", str(data), "--split", "valid", "--max-tokens", "200", "--rho", "0.5"]
+    # --device cpu: the loss is compared with fairseq-validate --cpu; on a GPU TF32 and other kernels differ.
+    base = ["fairseq", str(ckpt), "--data", str(data), "--split", "valid", "--max-tokens", "200", "--device", "cpu",
+            "--rho", "0.5"]
     text, rep = _run(capsys, base + ["--steps", "3", "--restarts", "1", "--out", str(out_json)])
     assert text.startswith("adaptive sharpness (Eq. 4), p=2, rho=0.5: ")
     assert json.loads(out_json.read_text()) == rep
@@ -81,12 +83,12 @@ def test_vision_checkpoint(vision_run, tmp_path, capsys):
     ckpt = vision_run / "checkpoint_last.pt"
     out_json = tmp_path / "v.json"
     argv = ["vision", str(ckpt), "--split", "test", "--batch-size", "16", "--rho", "0.5", "--steps", "2",
-            "--normalization", "filter", "--out", str(out_json)]  # fmt: skip
+            "--normalization", "filter", "--device", "cpu", "--out", str(out_json)]  # fmt: skip
     text, rep = _run(capsys, argv)
     assert json.loads(out_json.read_text()) == rep
     assert rep["model"] == "resnet8" and rep["num_examples"] == 40 and rep["num_batches"] == 3
     assert rep["normalization"] == "filter" and rep["value"] > 0
-    # The loss at w is the test loss the training run itself logged for its last epoch.
+    # The loss at w is the test loss the training run itself logged for its last epoch (on the CPU, as here).
     logged = json.loads((vision_run / "metrics.json").read_text())[-1]["test_loss"]
     assert rep["loss"] == pytest.approx(logged, rel=1e-5)
 
@@ -113,3 +115,20 @@ def test_bad_input(fairseq_ckpt, tmp_path, capsys, argv, needle):
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
     assert not out_json.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares the measure on CUDA with the CPU")
+def test_vision_checkpoint_cuda_matches_cpu(vision_run, capsys):
+    # The measure switches TF32 off, so a CUDA measurement of a conv net agrees with the CPU one to fp32 noise;
+    # with TF32 convolutions the loss alone differed by about 1e-3 relative.
+    argv = ["vision", str(vision_run / "checkpoint_last.pt"), "--split", "test", "--batch-size", "16", "--rho", "0.5",
+            "--steps", "2", "--normalization", "filter"]  # fmt: skip
+    _, cpu = _run(capsys, [*argv, "--device", "cpu"])
+    tf32 = torch.backends.cudnn.allow_tf32
+    _, cuda = _run(capsys, [*argv, "--device", "cuda"])
+    assert torch.backends.cudnn.allow_tf32 == tf32  # the caller's setting is back
+    assert cuda["device"].startswith("cuda")
+    assert cuda["loss"] == pytest.approx(cpu["loss"], rel=1e-5)
+    assert cuda["max_loss"] == pytest.approx(cpu["max_loss"], rel=1e-5)
+    assert cuda["value"] == pytest.approx(cpu["value"], rel=1e-2, abs=1e-6)

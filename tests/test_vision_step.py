@@ -196,6 +196,7 @@ def _assert_same_update(model, ref, w0):
     assert (a - b).norm() <= 0.02 * step
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: fp16 autocast + GradScaler on CUDA")
 def test_fp16_scaler_cuda():
     x, y = _batch(8, torch.float32)
@@ -216,3 +217,29 @@ def test_fp16_scaler_cuda():
     assert scaler.get_scale() == 2048.0
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), w1))
 
+
+
+@pytest.mark.parametrize("m", [None, 4])
+def test_skipped_update_backs_off_the_scaler_as_torch_does(m):
+    # growth_interval 2 and the sequence good, overflow, good. torch's own handling (one pass, scaler.step
+    # skips and update() backs off and restarts the growth count) ends at init / 2. Backing off by hand with
+    # update(new_scale) left the growth count at 1, so the next good step doubled the scale straight back.
+    x, y = _batch(8, torch.float32)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    crit = nn.CrossEntropyLoss()
+
+    def final_scale(two_pass):
+        model, opt = _fp16_setup()
+        if not two_pass:
+            opt = opt.base_optimizer
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+        skipped = [train_step(model, opt, crit, xb, y, m_sharpness=m, scaler=scaler, autocast=_autocast("cpu")).skipped
+                   for xb in (x, bad, x)]
+        return scaler.get_scale(), skipped
+
+    ref, _ = final_scale(two_pass=False)
+    assert ref == 512.0
+    scale, skipped = final_scale(two_pass=True)
+    assert skipped == [False, True, False]
+    assert scale == ref

@@ -14,7 +14,10 @@ from fairseq_asam.vision.data import build_eval_dataset
 from fairseq_asam.vision.toydata import write_cifar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "resnet8", "--batch-size", "32", "--workers", "0", "--no-progress", "--test-batch-size", "100"]
+# On the CPU on every machine: the tests compare runs with each other and with CPU evaluations, exactly or at
+# rel 1e-5, which CUDA (TF32 convolutions, other kernels) would not meet. GPU runs pass --device cuda after TINY.
+TINY = ["--device", "cpu", "--model", "resnet8", "--batch-size", "32", "--workers", "0", "--no-progress",
+        "--test-batch-size", "100"]
 
 
 def _env():
@@ -193,7 +196,7 @@ def test_paper_defaults():
 def test_reproduce_cifar_script(cifar_dir, tmp_path):
     out = tmp_path / "out"
     env = dict(_env(), MODELS="resnet8", METHODS="sgd asam", SEEDS="0", DATASETS="cifar10", EPOCHS="1",
-               DATA_DIR=cifar_dir, OUT=str(out), PYTHON=sys.executable, EXTRA_ARGS="--workers 0 --batch-size 64")
+               DATA_DIR=cifar_dir, OUT=str(out), PYTHON=sys.executable, EXTRA_ARGS="--workers 0 --batch-size 64 --device cpu")
     script = os.path.join(REPO, "scripts", "reproduce-cifar.sh")
     p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -219,3 +222,53 @@ def test_amp_run_on_cpu(cifar_dir, tmp_path, amp):
     assert (ck["scaler"] is not None) == (amp == "fp16")
     if amp == "fp16":
         assert ck["scaler"]["scale"] == 65536.0  # no overflow, no growth within 4 steps
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["run", "error"])
+def test_main_restores_global_torch_settings(cifar_dir, tmp_path, fails):
+    # --deterministic switches torch's deterministic algorithms on and cudnn.benchmark off for the run; a caller
+    # (here: the tests that follow in this process) must get its own settings back, also when main() fails.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    torch.backends.cudnn.benchmark = True
+    argv = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1", "--minimizer", "sgd", "--deterministic",
+            "--device", "cpu", "--run-dir", str(tmp_path / "r"), *TINY]
+    try:
+        if fails:
+            with pytest.raises(SystemExit):  # fails after the settings were changed: no checkpoint to resume
+                vtrain.cli_main([*argv, "--resume"])
+        else:
+            assert vtrain.cli_main(argv) == 0
+        assert torch.are_deterministic_algorithms_enabled() is False
+        assert torch.backends.cudnn.benchmark is True
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == saved[2]
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: counts host syncs of the CUDA training loop")
+def test_training_loop_syncs_once_per_asam_step(tmp_path):
+    # Two runs that differ only in the number of training steps (2 and 4, full batches of 32): the difference in
+    # synchronising CUDA calls per extra step must be exactly the ascent's one (the norm's finiteness), i.e. the
+    # loop's own bookkeeping adds none. Before issue 15 it made a host tensor per step (torch.tensor(float(n),
+    # device=cuda)): 2 per step.
+    import warnings
+
+    counts = {}
+    for n_train in (64, 128):
+        data = tmp_path / f"data{n_train}"
+        write_cifar(str(data), "cifar10", n_train=n_train, n_test=100, seed=0)
+        argv = ["--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--minimizer", "asam",
+                "--run-dir", str(tmp_path / f"run{n_train}"), *TINY, "--device", "cuda"]
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                vtrain.cli_main(argv)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[n_train] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+    assert (counts[128] - counts[64]) / 2 == 1, counts

@@ -22,8 +22,8 @@ import torch
 from ..core import ASAM
 
 
-def transformer_iwslt_params(src_vocab: int = 8848, tgt_vocab: int = 6632):
-    """(name, parameter) of fairseq's transformer_iwslt_de_en with shared decoder input/output embeddings.
+def transformer_iwslt_model(src_vocab: int = 8848, tgt_vocab: int = 6632):
+    """fairseq's transformer_iwslt_de_en with shared decoder input/output embeddings (39.5M parameters).
 
     The vocabulary sizes are those fairseq's IWSLT'14 recipe produces (10k joint BPE, separate dictionaries).
     """
@@ -45,8 +45,12 @@ def transformer_iwslt_params(src_vocab: int = 8848, tgt_vocab: int = 6632):
     class _Task:
         source_dictionary, target_dictionary = src, tgt
 
-    model = TransformerModel.build_model(args, _Task())
-    return list(model.named_parameters())
+    return TransformerModel.build_model(args, _Task())
+
+
+def transformer_iwslt_params(src_vocab: int = 8848, tgt_vocab: int = 6632):
+    """(name, parameter) of :func:`transformer_iwslt_model`."""
+    return list(transformer_iwslt_model(src_vocab, tgt_vocab).named_parameters())
 
 
 def wrn28_10_params():

@@ -84,6 +84,9 @@ class _SharpnessAdamConfig(FairseqAdamConfig):
     # Read from the rest of the config (not command-line flags of their own): the second pass clips
     # its gradient exactly as fairseq clipped the first one, and some setups are refused up front.
     clip_norm: float = II("optimization.clip_norm")
+    # --amp: an overflow in the second pass is retried (at the lowered scale) as often as the Trainer retries
+    # a first-pass overflow.
+    amp_batch_retries: int = II("common.amp_batch_retries")
     use_bmuf: bool = II("optimization.use_bmuf")
     ddp_backend: Any = II("distributed_training.ddp_backend")
 
@@ -153,6 +156,7 @@ class FairseqSharpnessAdam(FairseqAdam):
             raise ValueError(f"--optimizer {name} does not support --tpu")
         super().__init__(cfg, params)
         self.clip_norm = float(cfg.clip_norm)
+        self.amp_batch_retries = int(cfg.amp_batch_retries)
         self._descent_allowed = False
         self._perturber = None
         self._perturber_key = None

@@ -15,6 +15,12 @@ do not change it. Then, per update:
 3. w is copied back into the weights, bit for bit; g' is all-reduced, normalised and clipped as fairseq did for g;
 4. descent: fairseq's optimizer step (Adam, through any fp16/AMP wrapper) with g'.
 
+Under ``--fp16`` the ascent perturbs the fp16 weights the forward reads (the fp32 masters stay), from the
+fp16 gradients rescaled by a power of two (:func:`fp16_grads_for_ascent`). An ``--amp`` overflow in the
+second pass is retried at the lowered scale, then reported to the Trainer as an overflow, and an
+out-of-memory error in it skips the batch, as fairseq does for the first pass (``docs/precision.md`` says
+which precision mode to use).
+
 ``train_step`` only records each micro-batch (the sample and the random state before its forward) on
 top of the wrapped task's own ``train_step``. Logged through fairseq's metrics (progress bar,
 tensorboard, wandb): ``loss_eps`` (the loss at w + eps, in the same base-2 units as fairseq's ``loss``,
@@ -34,6 +40,8 @@ registered under a new name, or with :func:`make_sharpness_aware`.
 
 # No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
 import contextlib
+import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -49,7 +57,12 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from .. import _compat
 from .optimizer import find_sharpness_optimizer
 
-__all__ = ["SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "make_sharpness_aware"]
+__all__ = [
+    "SecondPassOutOfMemory", "SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "fp16_grads_for_ascent",
+    "make_sharpness_aware",
+]
+
+logger = logging.getLogger(__name__)
 
 _LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
 
@@ -149,7 +162,7 @@ class SharpnessAwareTask:
         perturber = self.sam_ascent(sam, optimizer, model)
         t1 = self._clock(model)
         try:
-            sums = self.sam_second_pass(pending, model, optimizer, update_num)
+            sums = self._sam_second_pass_handled(pending, sam, optimizer, model, update_num)
         finally:
             t_restore = self._clock(model)
             perturber.restore()  # w copied back in place, bit for bit, also if the second pass raised
@@ -164,9 +177,10 @@ class SharpnessAwareTask:
     def sam_ascent(self, sam, optimizer, model):
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
         perturber = sam.perturber(model)
-        _unscale_fp16_grads(sam, optimizer, model)
-        # The ascent consumes the model's grads (sets them to None); the fairseq optimizer's zero_grad()
-        # before the second pass clears its own state (fp32 master grads, the loss scaler's factor).
+        # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
+        fp16_grads_for_ascent([p.grad for p in model.parameters()], sam.p)
+        # The ascent consumes the model's grads and leaves them zeroed in place for the second backward;
+        # the fairseq optimizer's zero_grad() before the second pass clears its own state.
         if not perturber.ascend(set_to_none=False):
             raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
         return perturber
@@ -221,6 +235,52 @@ class SharpnessAwareTask:
             sample_size *= 0  # as the Trainer does when the last micro-batch is a dummy batch
         return sample_size, loss_w, loss_eps
 
+    def _sam_second_pass_handled(self, pending, sam, optimizer, model, update_num):
+        """:meth:`sam_second_pass`, with fairseq's handling of an AMP overflow and of running out of memory.
+
+        The Trainer only sees what optimizer_step raises, and treats everything but an OverflowError raised
+        here as fatal; it counts the update (and steps the LR schedule) whenever optimizer_step returns.
+
+        - --amp overflow at w + eps: the grad scaler skips the step and lowers its scale, as for a
+          first-pass overflow (at the minimum scale fairseq's FloatingPointError stops training); the second
+          pass is retried at the lower scale up to --amp-batch-retries times, as the Trainer retries a batch
+          (eps stays valid: the first-pass gradient was finite, and eps does not depend on its scale); after
+          that, OverflowError: the Trainer skips the batch without counting an update.
+        - out of memory in the second pass, one worker: the grads are dropped and OverflowError (a
+          :class:`SecondPassOutOfMemory`) makes the Trainer skip the batch, as it skips one whose first
+          forward/backward ran out of memory. With several workers the error is raised as before: the others
+          are inside the second pass's all-reduce and cannot be told to skip, so going on would pair
+          mismatched collectives.
+        """
+        attempt = 0
+        while True:
+            try:
+                sums = self.sam_second_pass(pending, model, optimizer, update_num)
+            except RuntimeError as e:
+                if not _is_oom(e) or distributed_utils.get_data_parallel_world_size() > 1:
+                    raise
+                optimizer.zero_grad()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.warning("out of memory in the second (w + eps) pass; skipping this batch: %s", e)
+                raise SecondPassOutOfMemory(
+                    f"out of memory in the sharpness-aware second pass, batch skipped (not an overflow): {e}"
+                ) from e
+            if not isinstance(optimizer, AMPOptimizer) or _all_finite(model.parameters()):
+                return sums
+            optimizer.clip_grad_norm(0.0)  # the scaler's unscale_ records the inf; fairseq logs the new scale
+            with sam.descent():
+                optimizer.step()  # GradScaler.step skips Adam's step; update() lowers the scale
+            if attempt >= sam.amp_batch_retries:
+                optimizer.zero_grad()
+                raise OverflowError(
+                    f"AMP: gradients at w + eps overflowed {attempt + 1} times (the second pass of the "
+                    "sharpness-aware update); skipping this batch"
+                )
+            attempt += 1
+            logger.info("AMP: overflow in the second (w + eps) pass; retrying it at loss scale %g",
+                        optimizer.scaler.get_scale())
+
     def sam_descent(self, sam, optimizer, model, update_num, sums):
         """Reduce, normalise and clip g' exactly as the Trainer did g, then fairseq's optimizer step."""
         criterion = self._sam_criterion
@@ -266,6 +326,16 @@ class SharpnessAwareTask:
         return time.perf_counter()
 
 
+class SecondPassOutOfMemory(OverflowError):
+    """Out of memory in the second pass. An OverflowError because that is the one error fairseq's Trainer
+    survives inside optimizer_step: it skips the batch without counting an update."""
+
+
+def _is_oom(e: BaseException) -> bool:
+    # fairseq's own test for an out-of-memory error (Trainer.train_step), plus torch's class for it
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+
+
 def _loss_of(loss, logging_output):
     v = logging_output.get("loss", None) if isinstance(logging_output, dict) else None
     v = loss if v is None else v
@@ -278,21 +348,36 @@ def _as_tensor(x, device):
     return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
-def _unscale_fp16_grads(sam, optimizer, model) -> None:
-    """--fp16 / --memory-efficient-fp16: turn the model's fp16 grads into the final (unscaled, normalised,
-    clipped) gradient before the ascent.
+# Where the fp16 gradients' largest entry is put for the ascent. eps depends on g only through its direction
+# (p = 2 divides by ||T g||, p = inf takes sign(g)), so any positive factor gives the same eps, and a power of
+# two changes no mantissa. 2**8 leaves 2**7 of headroom below fp16's largest value for T g (T = |w| + eta, or
+# a filter's norm + eta, would have to exceed 255) and keeps every entry within 2**-22 of the largest one in
+# fp16's normal range (>= 2**-14); in T g (T >= eta = 0.01) those within about 2**-15 stay normal and smaller
+# ones become subnormals, whose share of ||T g|| is negligible (1 - cos = 2e-7 on transformer_iwslt_de_en).
+_FP16_ASCENT_GRAD_MAX = 2.0**8
 
-    fairseq keeps them multiplied by the loss scale, which its scaler lets grow until they nearly
-    overflow; the ascent multiplies them by T = |w| + eta (twice for p = 2) in place, which would then
-    overflow wherever |w| > 1. The factor fairseq would apply in its step (1 / (loss scale * sample size)
-    times the clip coefficient) brings them to per-token size. They are discarded after the ascent.
+
+def fp16_grads_for_ascent(grads, p) -> None:
+    """Rescale fp16 gradients (in place, by one power of two) so that the ascent with norm ``p`` (2 or inf)
+    neither overflows nor loses entries to underflow; other dtypes and None entries are left alone. No host
+    sync: the factor stays on the device.
+
+    fairseq keeps the fp16 gradients multiplied by the loss scale, which its scaler grows until they nearly
+    overflow; for p = 2 the ascent forms T g, which would then overflow wherever T > 1, so they are scaled
+    down to a largest entry of 2**8. For p = inf the ascent only takes sign(g) (no T g), so they are never
+    scaled down: that would flush the smallest subnormal entries to zero and lose their sign (measured
+    1 - cos = 3e-3 on transformer_iwslt_de_en). The whole pending factor of fairseq's step (1 / (loss scale
+    x sample size) x clip coefficient), used before, overshot: per-token gradients of 1e-4 to 1e-8, most of
+    them subnormal in fp16 and some zero, which bent eps by 1 - cos = 0.03 for p = inf (docs/precision.md).
     """
-    factor = _compat.fp16_multiply_factor(optimizer)
-    if getattr(optimizer, "scaler", None) is None or factor is None or isinstance(optimizer, AMPOptimizer):
+    grads = [g for g in grads if g is not None and g.dtype == torch.float16]
+    if not grads:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.dtype == torch.float16]
-    if grads:
-        torch._foreach_mul_(grads, factor.to(grads[0].device) if torch.is_tensor(factor) else factor)
+    amax = torch.stack(torch._foreach_norm(grads, math.inf)).max().float()
+    # 2**15 is fp16's largest power of two: the factor stays exact if a kernel casts it to the grads' dtype.
+    k = torch.floor(torch.log2(_FP16_ASCENT_GRAD_MAX / amax)).clamp_(0.0 if p == math.inf else -24.0, 15.0)
+    factor = torch.where(amax > 0, torch.exp2(k), torch.ones_like(k))  # all-zero gradient: leave it
+    torch._foreach_mul_(grads, factor)
 
 
 def _amp_allow_second_unscale(optimizer) -> None:

@@ -6,7 +6,7 @@ itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.b
 
 * m-sharpness (Foret et al. 2021, Section 4.1; the paper uses m = 32 for PyramidNet and 128 on ImageNet):
   each shard of m examples of the worker's batch gets its own eps from its own gradient. Per shard:
-  first-pass grad, ``ascent_step()``, second-pass grad at w + eps_shard, ``restore()``; the second-pass
+  first-pass grad, ``ascend()``, second-pass grad at w + eps_shard, ``restore()``; the second-pass
   grads are averaged (weighted by shard size) and the base optimizer steps once.
 * DDP: the first pass runs under ``no_sync()``, so eps is per worker (no all-reduce); the second-pass
   gradients are averaged across workers.
@@ -14,7 +14,7 @@ itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.b
   not fold them into the running statistics (they would describe weights w + eps that are never kept).
 * fp16: one GradScaler. The first-pass gradients stay scaled: eps is invariant to scaling the gradient
   (p = 2 divides by its norm, p = inf takes its sign), so they need no unscale; a non-finite first-pass
-  gradient makes ``ascent_step()`` return False and the update is skipped on every rank, with the scale
+  gradient makes ``ascend()`` return False and the update is skipped on every rank, with the scale
   backed off. The second-pass gradients are unscaled once, by ``scaler.step``.
 
     python -c "import torch; from fairseq_asam import ASAM; from fairseq_asam.vision.step import train_step; \
@@ -109,9 +109,17 @@ def _skip(opt, scaler):
     opt.perturbation.restore()
     opt.zero_grad()
     if scaler is not None and scaler.is_enabled():
-        # What scaler.update() does after an inf: back off. Done by hand because the skipped step recorded
-        # no inf check, and every rank must take the same decision.
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        # Back off exactly as scaler.update() does after an overflow: lower the scale *and* restart its growth
+        # count (update(new_scale) sets the scale only, so the next good steps grew it straight back). The
+        # skipped step recorded no inf check, and on some ranks the local gradient may even be finite (every
+        # rank must take the same decision), so record one through the public API: an inf gradient on the
+        # smallest parameter, unscale_, update.
+        params = [p for g in opt.base_optimizer.param_groups for p in g["params"] if p.requires_grad]
+        smallest = min(params, key=lambda p: p.numel())
+        smallest.grad = torch.full_like(smallest, float("inf"))
+        scaler.unscale_(opt.base_optimizer)
+        scaler.update()
+        opt.zero_grad()
 
 
 def train_step(

@@ -365,9 +365,36 @@ def _save_checkpoint(path, model, opt, sched, scaler, epoch, history, best, args
 # ---- the run -----------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
-    """Train; returns the summary (best and final test accuracy). ``args`` as from :func:`build_parser`."""
+@contextlib.contextmanager
+def _torch_globals_restored():
+    """Give back torch's process-wide settings that a run changes (deterministic algorithms, cudnn.benchmark,
+    CUBLAS_WORKSPACE_CONFIG), also when it fails: code that calls main() in-process, such as a test suite or a
+    notebook, keeps its own."""
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
+    """Train; returns the summary (best and final test accuracy). ``args`` as from :func:`build_parser`.
+
+    torch's global settings that the run changes are restored when it returns or fails.
+    """
+    with _torch_globals_restored():
+        return _train(args, parser)
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> dict:
     def fail(msg):
         if parser is not None:
             parser.error(msg)
@@ -485,8 +512,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
         model.train()
         t0 = time.time()
         lr = base.param_groups[0]["lr"]
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, eps_norm sum
-        steps = skipped = 0
+        # loss*n, correct, eps_norm sum: on the device, where adding to them needs no host sync. The example
+        # count is known on the host and stays there (making a device tensor of it each step synchronised).
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        steps = skipped = seen = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and rank == 0),
                    leave=False, dynamic_ncols=True)
         for x, y in bar:
@@ -498,29 +527,30 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
             with torch.no_grad():
                 correct = (r.logits.argmax(1) == y[:n]).sum()
                 eps = r.eps_norm if r.eps_norm is not None else torch.zeros((), device=device)
-                sums += torch.stack([r.loss.double() * n, correct.double(), torch.tensor(float(n), device=device,
-                                     dtype=torch.float64), eps.double().to(device)])
+                sums += torch.stack([r.loss.double() * n, correct.double(), eps.double().to(device)])
             steps += 1
+            seen += n
             skipped += int(r.skipped)
             if steps % 20 == 0 and bar.disable is False:
-                s = sums.tolist()
-                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}")
+                s = sums.tolist()  # a sync, only when a progress bar shows it
+                bar.set_postfix(loss=f"{s[0] / seen:.3f}", acc=f"{100 * s[1] / seen:.1f}")
         bar.close()
         sched.step()
+        totals = torch.cat([sums, sums.new_tensor([float(seen)])])  # loss*n, correct, eps_norm sum, n
         if world > 1:
-            dist.all_reduce(sums)
+            dist.all_reduce(totals)
             _broadcast_buffers(model)
-        s = sums.tolist()
+        loss_sum, correct_sum, eps_sum, count = totals.tolist()
         test = evaluate(model, test_loader, device, autocast)
         rec = {
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": s[0] / max(s[2], 1),
-            "train_acc": 100.0 * s[1] / max(s[2], 1),
+            "train_loss": loss_sum / max(count, 1),
+            "train_acc": 100.0 * correct_sum / max(count, 1),
             "test_loss": test["loss"],
             "test_acc": test["top1"],
             "test_top5": test["top5"],
-            "eps_norm": s[3] / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
+            "eps_norm": eps_sum / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
             "skipped_steps": skipped,
             "time_s": round(time.time() - t0, 3),
         }
