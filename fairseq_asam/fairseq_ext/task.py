@@ -179,9 +179,10 @@ class SharpnessAwareTask:
         perturber = sam.perturber(model)
         # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
         fp16_grads_for_ascent([p.grad for p in model.parameters()], sam.p)
-        # The ascent consumes the model's grads and leaves them zeroed in place for the second backward;
+        # The ascent consumes the model's grads (drops them, so the second forward's activations can use
+        # their memory: keeping them zeroed raised asam_adam's peak RSS by about one more parameter size);
         # the fairseq optimizer's zero_grad() before the second pass clears its own state.
-        if not perturber.ascend(set_to_none=False):
+        if not perturber.ascend():
             raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
         return perturber
 
@@ -190,15 +191,7 @@ class SharpnessAwareTask:
 
         Returns local (sample_size, loss at w, loss at w + eps) sums.
         """
-        # fairseq's zero_grad() resets its own state (fp32 master grads, the loss scaler's factor) and
-        # drops the model's grads; the ascent left those zeroed in place, and the second backward
-        # accumulates into them again: freeing and reallocating every gradient between the passes
-        # fragments glibc's heap (measured: +0.6x parameter bytes of peak RSS on the CPU).
-        kept = [(p, p.grad) for p in model.parameters() if p.grad is not None]
         optimizer.zero_grad()
-        for p, g in kept:
-            if p.grad is None:
-                p.grad = g
         if isinstance(optimizer, FP16Optimizer) and optimizer.scaler is None:
             # bf16: FP16Optimizer.zero_grad() resets its pending gradient factor only when there is a loss
             # scaler; in plain fairseq step() consumes it. The first pass's factor (1/sample_size times the
