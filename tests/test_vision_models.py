@@ -7,12 +7,13 @@ import torchvision
 from fairseq_asam.vision.models import MODELS, ResNeXt29, build_model, count_parameters
 
 # Published counts (10 classes): He et al. 2016 Table 6 (ResNet-20/32/56: 0.27M, 0.46M, 0.85M);
-# Zagoruyko & Komodakis 2016 Table 1/4 (WRN-28-10: 36.5M) and the widely quoted 1.5M of WRN-28-2
+# Zagoruyko & Komodakis 2016 Table 1/4 (WRN-16-8: 11.0M, WRN-28-10: 36.5M) and the widely quoted 1.5M of WRN-28-2
 # (Oliver et al. 2018); torchvision's ResNet-50: 25.6M (25,557,032).
 PUBLISHED = {
     "resnet20": 0.27e6,
     "resnet32": 0.46e6,
     "resnet56": 0.85e6,
+    "wrn16_8": 11.0e6,
     "wrn28_2": 1.47e6,
     "wrn28_10": 36.5e6,
 }

@@ -3,7 +3,8 @@
 torchvision has no 32x32 versions of these networks, so they are written here, each after its paper:
 
     resnet20/32/56     He et al. 2016, Section 4.2 (16-32-64 channels, option-A identity shortcuts)
-    wrn28_2, wrn28_10  Zagoruyko & Komodakis 2016 (pre-activation basic blocks, 1x1 conv shortcuts)
+    wrn16_8, wrn28_2,  Zagoruyko & Komodakis 2016 (pre-activation basic blocks, 1x1 conv shortcuts);
+    wrn28_10           WRN-16-8 is the network of the paper's Figure 4 (Section 5.1)
     vgg19_bn           Simonyan & Zisserman 2015, configuration E with BatchNorm, one 512->classes head
     densenet121        Huang et al. 2017, DenseNet-BC 6-12-24-16, growth 32, 3x3 stem (no stem pooling)
     resnext29_32x4d    Xie et al. 2017, Section 5.3 CIFAR template (output widths 256-512-1024)
@@ -255,6 +256,7 @@ CIFAR_MODELS = {
     "resnet56": lambda nc: CifarResNet(56, nc),
     "vgg19_bn": lambda nc: VGG(num_classes=nc),
     "densenet121": lambda nc: DenseNet(num_classes=nc),
+    "wrn16_8": lambda nc: WideResNet(16, 8, nc),  # Figure 4 (normalization, p, bias normalization vs rho)
     "wrn28_2": lambda nc: WideResNet(28, 2, nc),
     "wrn28_10": lambda nc: WideResNet(28, 10, nc),
     "resnext29_32x4d": lambda nc: ResNeXt29(32, 4, nc),
