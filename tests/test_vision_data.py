@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fairseq_asam.vision import data as vdata
-from fairseq_asam.vision.toydata import write_cifar, write_imagefolder
+from fairseq_asam.vision.toydata import write_cifar, write_cifar_digits, write_imagefolder
 
 
 def _read(path):
@@ -107,3 +107,36 @@ def test_eval_train_split_has_the_runs_noisy_labels(tmp_path):
     with pytest.raises(ValueError, match="split"):
         vdata.build_eval_dataset(args, "val")
 
+
+
+def test_write_cifar_digits_is_the_cifar10_format_with_sklearns_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    folder = write_cifar_digits(str(tmp_path / "a"), n_train=100, n_test=40, seed=1)
+    assert sorted(os.listdir(folder)) == ["batches.meta", "data_batch_1", "data_batch_2", "data_batch_3",
+                                          "data_batch_4", "data_batch_5", "test_batch"]
+    train = vdata.load_cifar("cifar10", str(tmp_path / "a"), train=True)
+    test = vdata.load_cifar("cifar10", str(tmp_path / "a"), train=False)
+    assert (len(train), len(test)) == (100, 40) and train.classes == [str(c) for c in range(10)]
+    assert train.data.shape == (100, 32, 32, 3) and train.data.dtype == np.uint8
+    assert np.array_equal(train.data[..., 0], train.data[..., 2])  # grey in RGB
+    # Real digits: each image is an 8x8 scan resized, so its 4x4 block means track the source pixels,
+    # and the labels are the source's. Match every image to its source by that block mean.
+    d = load_digits()
+    src = d.images.reshape(len(d.images), -1) * 255.0 / 16.0
+    blocks = train.data[..., 0].reshape(100, 8, 4, 8, 4).mean((2, 4)).reshape(100, -1)
+    nearest = ((blocks[:, None, :] - src[None]) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(d.target[nearest], np.asarray(train.targets))
+    assert len(set(nearest.tolist())) == 100
+    # Deterministic from the seed, disjoint train/test, all 1797 by default with 360 held out.
+    again = write_cifar_digits(str(tmp_path / "b"), n_train=100, n_test=40, seed=1)
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as fa, open(os.path.join(again, name), "rb") as fb:
+            assert fa.read() == fb.read(), name
+    rows_tr = {r.tobytes() for r in train.data}
+    assert not rows_tr & {r.tobytes() for r in test.data}
+    write_cifar_digits(str(tmp_path / "c"))
+    full = vdata.load_cifar("cifar10", str(tmp_path / "c"), train=True)
+    assert len(full) == 1437 and len(vdata.load_cifar("cifar10", str(tmp_path / "c"), train=False)) == 360
+    with pytest.raises(ValueError, match=r"n_train must be in \[5, 1437\]"):
+        write_cifar_digits(str(tmp_path / "d"), n_train=2000)
