@@ -366,3 +366,34 @@ def test_ddp_all_reduces_only_the_last_micro_batch(tmp_path, kind):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accum,m", [(1, None), (2, None), (1, 2), (2, 4)])
+def test_shakedrop_draws_are_the_same_in_both_passes(accum, m):
+    from fairseq_asam.vision.models import PyramidNet, ShakeDrop
+
+    torch.manual_seed(0)
+    model = PyramidNet(20, 16, 5).double()  # 6 bottleneck blocks with ShakeDrop
+    draws = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ShakeDrop):
+            mod.register_forward_hook(lambda mod, i, o, name=name: draws.setdefault(name, []).append(
+                tuple(t.clone() for t in mod.last_draws)))
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    opt = ASAM(model.named_parameters(), _sgd(model), rho=0.5)
+    train_step(model, opt, nn.CrossEntropyLoss(), x, y, m_sharpness=m, accum_steps=accum)
+    # Forward order: per shard, its micro-batches' first passes, then the same micro-batches' second passes.
+    pieces = (8 // (m or 8)) * max(1, (m or 8) // (8 // accum))  # forwards per pass
+    per_shard = max(1, (m or 8) // (8 // accum))
+    assert len(draws) == 6
+    for name, calls in draws.items():
+        assert len(calls) == 2 * pieces, name
+        firsts = []
+        for s in range(0, 2 * pieces, 2 * per_shard):
+            first, second = calls[s : s + per_shard], calls[s + per_shard : s + 2 * per_shard]
+            firsts += first
+            for a, b in zip(first, second):
+                assert all(torch.equal(u, v) for u, v in zip(a, b)), name  # b, alpha, beta replayed
+        if pieces > 1:  # different micro-batches/shards draw afresh
+            assert not all(torch.equal(u, v) for u, v in zip(firsts[0], firsts[1]))
