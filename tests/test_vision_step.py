@@ -368,19 +368,24 @@ def test_ddp_all_reduces_only_the_last_micro_batch(tmp_path, kind):
         dist.destroy_process_group()
 
 
+_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                       reason="needs a CUDA GPU: ShakeDrop draws from the CUDA generator"))
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("accum,m", [(1, None), (2, None), (1, 2), (2, 4)])
-def test_shakedrop_draws_are_the_same_in_both_passes(accum, m):
+def test_shakedrop_draws_are_the_same_in_both_passes(accum, m, device):
     from fairseq_asam.vision.models import PyramidNet, ShakeDrop
 
     torch.manual_seed(0)
-    model = PyramidNet(20, 16, 5).double()  # 6 bottleneck blocks with ShakeDrop
+    model = PyramidNet(20, 16, 5).double().to(device)  # 6 bottleneck blocks with ShakeDrop
     draws = {}
     for name, mod in model.named_modules():
         if isinstance(mod, ShakeDrop):
             mod.register_forward_hook(lambda mod, i, o, name=name: draws.setdefault(name, []).append(
                 tuple(t.clone() for t in mod.last_draws)))
-    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
-    y = torch.randint(0, 5, (8,))
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64).to(device)
+    y = torch.randint(0, 5, (8,)).to(device)
     opt = ASAM(model.named_parameters(), _sgd(model), rho=0.5)
     train_step(model, opt, nn.CrossEntropyLoss(), x, y, m_sharpness=m, accum_steps=accum)
     # Forward order: per shard, its micro-batches' first passes, then the same micro-batches' second passes.
