@@ -20,7 +20,8 @@ the plot (test accuracy against rho on a log axis, one curve per factor, mean ±
 
 The laptop preset writes scikit-learn's real handwritten digits as CIFAR-10 files
 (:func:`fairseq_asam.vision.toydata.write_cifar_digits`) into ``<out>/data`` and trains ResNet-8 on them
-for 6 epochs over 5 values of rho with 2 seeds (40 short runs); see docs/vision-figure4.md.
+for 6 epochs over 5 values of rho with 2 seeds (40 short runs, about 10 CPU-minutes); the measured
+result is in docs/vision-figure4.md.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ PRESETS = {
     # WRN-16-8 on CIFAR-10 with the paper's Section 5.2 training settings (asam-vision-train's defaults).
     "paper": dict(dataset="cifar10", model="wrn16_8", rhos=PAPER_RHOS, seeds=(0, 1, 2), epochs=None,
                   extra=""),
-    # ~10 minutes on one CPU core: real 32x32 images (sklearn digits, 1437 train / 360 test), ResNet-8.
+    # ~10 CPU-minutes on one core: real 32x32 images (sklearn digits, 1437 train / 360 test), ResNet-8.
     "laptop": dict(dataset="cifar10", model="resnet8", rhos=(1e-4, 1e-3, 1e-2, 0.1, 1.0), seeds=(0, 1), epochs=6,
                    extra="--batch-size 32 --lr 0.1 --workers 0"),
 }
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("best_test_acc", "final_test_acc"), default="best_test_acc",
                    help="best: maximum over epochs, as in the paper's tables")
     p.add_argument("--plot", default=None, help="the PNG (default <out>/figure4.png)")
+    p.add_argument("--title", default=None, help="the plot's title (default: model, data, seeds, epochs)")
     p.add_argument("--subprocess", action="store_true",
                    help="one `python -m fairseq_asam.vision` process per run (default: in this process)")
     return p
@@ -258,7 +260,9 @@ def main(argv=None) -> int:
     table = markdown_table(agg, cfg["rhos"], a.metric)
     with open(os.path.join(cfg["out"], "figure4.md"), "w") as f:
         f.write(table)
-    title = f"ASAM on {cfg['dataset']}, {cfg['model']} (Figure 4, {len(cfg['seeds'])} seeds)"
+    data = "sklearn digits as CIFAR-10" if cfg["preset"] == "laptop" and a.data_dir is None else cfg["dataset"]
+    epochs = f"{cfg['epochs']} epochs" if cfg["epochs"] is not None else "paper's epochs"
+    title = a.title or f"ASAM, {cfg['model']} on {data}: {len(cfg['seeds'])} seeds, {epochs}"
     png = plot(agg, a.plot or os.path.join(cfg["out"], "figure4.png"), title, a.metric)
     print(table)
     print(f"== {len(rows)} runs; results in {cfg['out']}/results.csv; plot {png}; {time.time() - t0:.0f}s")
