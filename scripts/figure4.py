@@ -157,7 +157,8 @@ def markdown_table(agg: dict, rhos, metric: str) -> str:
     lines = [f"{metric} (%), mean ± std over seeds", "", head, "|" + "---|" * (len(rhos) + 1)]
     for factor, pts in agg.items():
         by = {rho: (m, s, n) for rho, m, s, n in pts}
-        cells = [f"{by[r][0]:.2f} ± {by[r][1]:.2f}" if r in by else "-" for r in rhos]
+        cells = ["-" if r not in by else f"{by[r][0]:.2f} (n=1)" if by[r][2] == 1 else f"{by[r][0]:.2f} ± {by[r][1]:.2f}"
+                 for r in rhos]
         lines.append(f"| {LABELS.get(factor, factor)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
