@@ -129,8 +129,9 @@ def test_resume_equals_uninterrupted(cifar_dir, tmp_path):
 
 
 # Under torchrun the long spellings --m-sharpness/--sharpness-p (torchrun would take --m/--p for its own).
-@pytest.mark.parametrize("extra", [["--minimizer", "asam"], ["--minimizer", "sam", "--m-sharpness", "8", "--sharpness-p", "2"]],
-                         ids=["asam", "sam-m8"])
+@pytest.mark.parametrize("extra", [["--minimizer", "asam"], ["--minimizer", "sam", "--m-sharpness", "8", "--sharpness-p", "2"],
+                                   ["--minimizer", "asam", "--accum-steps", "2"]],
+                         ids=["asam", "sam-m8", "asam-accum2"])
 def test_ddp_two_processes_gloo(cifar_dir, tmp_path, extra):
     d = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -158,6 +159,11 @@ def test_ddp_two_processes_gloo(cifar_dir, tmp_path, extra):
         (["--data-dir", "/nonexistent/cifar"], "--data-dir: cifar10: /nonexistent/cifar/cifar-10-batches-py"),
         (["--resume"], "--resume: no checkpoint at"),
         (["--normalize-bias", "yes"], "unrecognized arguments: yes"),
+        (["--accum-steps", "0"], "--accum-steps must be >= 1, got 0"),
+        (["--accum-steps", "3"], "--batch-size 32 must be divisible by --accum-steps 3 times the number of workers (1)"),
+        (["--cutmix", "1.5"], "--cutmix must be in [0, 1], got 1.5"),
+        (["--cutmix", "0.5", "--cutmix-alpha", "0"], "--cutmix-alpha must be > 0, got 0.0"),
+        (["--preset", "pyramidnet272", "--dataset", "imagenet"], "--preset pyramidnet272 is a CIFAR setting"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(cifar_dir, tmp_path, capsys, argv, message):
@@ -272,3 +278,92 @@ def test_training_loop_syncs_once_per_asam_step(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         counts[n_train] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
     assert (counts[128] - counts[64]) / 2 == 1, counts
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_pyramidnet272_preset_is_the_papers_row(dataset):
+    # Section 5.2: m = 32, lr 0.05, batch 256, 900 epochs SAM/ASAM and 1800 SGD, rho 0.05 SAM / 1.0 ASAM on
+    # both data sets, AutoAugment + CutMix + ShakeDrop (the pyramidnet272 model).
+    p = vtrain.build_parser()
+    want = {"sgd": (1800, None, None), "sam": (900, 0.05, 32), "asam": (900, 1.0, 32)}
+    for mn, (epochs, rho, m) in want.items():
+        r = vtrain.resolve_args(p.parse_args(["--dataset", dataset, "--preset", "pyramidnet272", "--minimizer", mn]))
+        assert (r.model, r.lr, r.batch_size, r.epochs, r.rho, r.m) == ("pyramidnet272", 0.05, 256, epochs, rho, m)
+        assert (r.autoaugment, r.cutmix, r.cutmix_alpha, r.weight_decay, r.label_smoothing) == (True, 0.5, 1.0, 5e-4, 0.1)
+    # Explicit flags override the preset.
+    r = vtrain.resolve_args(p.parse_args(["--preset", "pyramidnet272", "--lr", "0.1", "--no-autoaugment",
+                                          "--cutmix", "0", "--m", "64", "--epochs", "3"]))
+    assert (r.lr, r.autoaugment, r.cutmix, r.m, r.epochs, r.model) == (0.1, False, 0.0, 64, 3, "pyramidnet272")
+    # Without the preset nothing changes: no AutoAugment, no CutMix, one micro-batch.
+    r = vtrain.resolve_args(p.parse_args(["--dataset", dataset]))
+    assert (r.autoaugment, r.cutmix, r.accum_steps, r.model) == (False, 0.0, 1, "resnet20")
+
+
+def test_autoaugment_flag_adds_torchvisions_cifar10_policy(cifar_dir):
+    from torchvision import transforms as T
+
+    from fairseq_asam.vision.data import build_train_dataset
+
+    plain, _ = build_train_dataset({"dataset": "cifar10", "data_dir": cifar_dir})
+    aa, _ = build_train_dataset({"dataset": "cifar10", "data_dir": cifar_dir, "autoaugment": True})
+    assert not any(isinstance(t, T.AutoAugment) for t in plain.transform.transforms)
+    names = [type(t).__name__ for t in aa.transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "AutoAugment", "ToTensor", "Normalize"]
+    assert aa.transform.transforms[2].policy == T.AutoAugmentPolicy.CIFAR10
+
+
+def test_cutmix_batch_and_soft_label_loss():
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    cm = v2.CutMix(alpha=1.0, num_classes=5)
+    xm, ym = vtrain._cutmix_batch(cm, 1.0, x, y, 5)
+    # Every pixel comes from the image itself or from its neighbour in the batch (torchvision rolls by one),
+    # and the label weight of each is the pixel share it got.
+    own = (xm == x).all(1)
+    other = (xm == x.roll(1, 0)).all(1)
+    assert bool((own | other).all()) and 0 < int(other[0].sum()) < 64
+    share = other[0].float().mean()
+    onehot = torch.nn.functional.one_hot(y, 5).float()
+    torch.testing.assert_close(ym, (1 - share) * onehot + share * onehot.roll(1, 0))
+    assert torch.equal(vtrain._hard_labels(ym), torch.where(share > 0.5, y.roll(1, 0), y))
+    # Probability 0: images untouched, labels one-hot, and the loss on them is the loss on the indices.
+    x0, y0 = vtrain._cutmix_batch(cm, 0.0, x, y, 5)
+    assert torch.equal(x0, x) and torch.equal(y0, onehot)
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    torch.testing.assert_close(ce(logits, y0.double()), ce(logits, y), rtol=0, atol=1e-14)
+
+
+def test_resume_equals_uninterrupted_with_accumulation_cutmix_autoaugment(cifar_dir, tmp_path, capsys):
+    # Every new source of randomness (AutoAugment in the loader, CutMix in the loop) and the micro-batches
+    # must replay across a resume.
+    common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2", "--minimizer", "asam",
+              "--m", "8", "--accum-steps", "2", "--autoaugment", "--cutmix", "0.5", "--deterministic", *TINY]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    vtrain.cli_main([*common, "--run-dir", a])
+    vtrain.cli_main([*common, "--run-dir", b, "--stop-after", "1"])
+    vtrain.cli_main([*common, "--run-dir", b, "--resume"])
+    ca, cb = _weights(a), _weights(b)
+    assert ca["epoch"] == cb["epoch"] == 2 and ca["args"]["accum_steps"] == 2
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    hist = [{k: v for k, v in h.items() if k != "time_s"} for h in ca["history"]]
+    assert hist == [{k: v for k, v in h.items() if k != "time_s"} for h in cb["history"]]
+    assert hist[-1]["eps_norm"] > 0
+    # --accum-steps is part of the run: resuming with another value is refused, naming it.
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        vtrain.cli_main([*common, "--run-dir", b, "--resume", "--accum-steps", "1"])
+    assert "--accum-steps 1 (checkpoint: 2)" in capsys.readouterr().err
+    # A checkpoint from before these flags existed resumes with their defaults (accum 1, no CutMix...).
+    ck = torch.load(os.path.join(b, "checkpoint_last.pt"), weights_only=True)
+    for k in ("accum_steps", "autoaugment", "cutmix", "cutmix_alpha", "preset"):
+        ck["args"].pop(k)
+    ck["epoch"] = 1
+    torch.save(ck, os.path.join(b, "old.pt"))
+    old = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2", "--minimizer", "asam", "--m", "8",
+           "--deterministic", *TINY, "--run-dir", b, "--resume", os.path.join(b, "old.pt")]
+    assert vtrain.cli_main(old) == 0

@@ -3,10 +3,13 @@
 torchvision has no 32x32 versions of these networks, so they are written here, each after its paper:
 
     resnet20/32/56     He et al. 2016, Section 4.2 (16-32-64 channels, option-A identity shortcuts)
-    wrn28_2, wrn28_10  Zagoruyko & Komodakis 2016 (pre-activation basic blocks, 1x1 conv shortcuts)
+    wrn16_8, wrn28_2,  Zagoruyko & Komodakis 2016 (pre-activation basic blocks, 1x1 conv shortcuts);
+    wrn28_10           WRN-16-8 is the network of the paper's Figure 4 (Section 5.1)
     vgg19_bn           Simonyan & Zisserman 2015, configuration E with BatchNorm, one 512->classes head
     densenet121        Huang et al. 2017, DenseNet-BC 6-12-24-16, growth 32, 3x3 stem (no stem pooling)
     resnext29_32x4d    Xie et al. 2017, Section 5.3 CIFAR template (output widths 256-512-1024)
+    pyramidnet272      Han et al. 2017, PyramidNet-272 (alpha 200, bottleneck blocks) with ShakeDrop
+                       (Yamada et al. 2019, p_L = 0.5): the last row of the paper's Tables 2 and 3
     resnet50           torchvision.models.resnet50 (ImageNet)
 
 Parameter counts (10 classes) are checked in tests/test_vision_models.py against the published ones.
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODELS", "CIFAR_MODELS", "IMAGENET_MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "CIFAR_MODELS", "IMAGENET_MODELS", "PyramidNet", "ShakeDrop", "build_model", "count_parameters"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -242,6 +245,105 @@ class ResNeXt29(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# ---- PyramidNet with ShakeDrop (Han et al. 2017; Yamada et al. 2019) --------------------------------
+
+
+class ShakeDrop(nn.Module):
+    """ShakeDrop on a residual branch F(x) (Yamada et al. 2019, Eq. 6, image level).
+
+    Training: forward (b + alpha - b alpha) F(x), backward (b + beta - b beta) dF, with b ~ Bernoulli(p_keep),
+    alpha ~ U[-1, 1], beta ~ U[0, 1] drawn per image. All three are drawn in the forward (from the global
+    generator of the input's device), so replaying that generator's state replays the whole update:
+    fairseq_asam.vision.step does so between the two passes of SAM/ASAM. Evaluation: the expected value,
+    E[b + alpha - b alpha] = p_keep, so ``p_keep * F(x)``, deterministic. The last draws are kept in
+    ``last_draws`` (b, alpha, beta) for inspection.
+    """
+
+    def __init__(self, p_keep: float, alpha_range=(-1.0, 1.0), beta_range=(0.0, 1.0)):
+        super().__init__()
+        if not 0.0 <= p_keep <= 1.0:
+            raise ValueError(f"ShakeDrop p_keep must be in [0, 1], got {p_keep}")
+        self.p_keep, self.alpha_range, self.beta_range = float(p_keep), alpha_range, beta_range
+        self.last_draws = None
+
+    def forward(self, x):
+        if not self.training:
+            mean_alpha = sum(self.alpha_range) / 2
+            return x * (self.p_keep + mean_alpha - self.p_keep * mean_alpha)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        b = (torch.rand(shape, device=x.device) < self.p_keep).to(x.dtype)
+        alpha = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(*self.alpha_range)
+        beta = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(*self.beta_range)
+        self.last_draws = (b, alpha, beta)
+        fwd = b + alpha - b * alpha
+        bwd = b + beta - b * beta
+        # Value x * fwd, gradient bwd (as in the reference implementations: the forward part is detached).
+        return x * bwd + (x * fwd - x * bwd).detach()
+
+
+class _PyramidBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, p_keep: float | None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(planes * self.expansion)
+        self.shake = ShakeDrop(p_keep) if p_keep is not None else None
+        self.stride = stride
+
+    def forward(self, x):
+        y = self.conv1(self.bn1(x))  # no ReLU before the first conv (Han et al., Fig. 6(d))
+        y = self.conv2(F.relu(self.bn2(y)))
+        y = self.bn4(self.conv3(F.relu(self.bn3(y))))
+        if self.shake is not None:
+            y = self.shake(y)
+        # Parameter-free shortcut: 2x2 average pooling when downsampling, zero-padded new channels.
+        sc = F.avg_pool2d(x, 2, ceil_mode=True) if self.stride != 1 else x
+        pad = y.shape[1] - sc.shape[1]
+        if pad:
+            sc = F.pad(sc, (0, 0, 0, 0, 0, pad))
+        return y + sc
+
+
+class PyramidNet(nn.Module):
+    """Bottleneck PyramidNet for CIFAR (Han et al. 2017): widths grow by alpha / (3n) per block from 16.
+
+    depth = 9n + 2. ``shakedrop_pl`` (p_L) sets ShakeDrop's keep probability of block l to
+    1 - (l / L)(1 - p_L) (Yamada et al., linear decay); None: no ShakeDrop.
+    """
+
+    def __init__(self, depth: int = 272, alpha: float = 200, num_classes: int = 10, shakedrop_pl: float | None = 0.5):
+        super().__init__()
+        if (depth - 2) % 9:
+            raise ValueError(f"bottleneck PyramidNet depth must be 9n+2, got {depth}")
+        n = (depth - 2) // 9
+        total = 3 * n
+        add = alpha / total
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, cin, width = [], 16, 16.0
+        for i in range(total):
+            width += add
+            p_keep = None if shakedrop_pl is None else 1.0 - (i + 1) / total * (1.0 - shakedrop_pl)
+            stride = 2 if i in (n, 2 * n) else 1
+            blocks.append(_PyramidBottleneck(cin, int(round(width)), stride, p_keep))
+            cin = int(round(width)) * _PyramidBottleneck.expansion
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+        _init(self)
+
+    def forward(self, x):
+        x = self.blocks(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def _resnet50(num_classes: int) -> nn.Module:
     import torchvision
 
@@ -255,9 +357,11 @@ CIFAR_MODELS = {
     "resnet56": lambda nc: CifarResNet(56, nc),
     "vgg19_bn": lambda nc: VGG(num_classes=nc),
     "densenet121": lambda nc: DenseNet(num_classes=nc),
+    "wrn16_8": lambda nc: WideResNet(16, 8, nc),  # Figure 4 (normalization, p, bias normalization vs rho)
     "wrn28_2": lambda nc: WideResNet(28, 2, nc),
     "wrn28_10": lambda nc: WideResNet(28, 10, nc),
     "resnext29_32x4d": lambda nc: ResNeXt29(32, 4, nc),
+    "pyramidnet272": lambda nc: PyramidNet(272, 200, nc, shakedrop_pl=0.5),  # Tables 2-3, last row
 }
 IMAGENET_MODELS = {"resnet50": _resnet50}
 MODELS = {**CIFAR_MODELS, **IMAGENET_MODELS}

@@ -10,6 +10,17 @@ itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.b
   grads are averaged (weighted by shard size) and the base optimizer steps once.
 * DDP: the first pass runs under ``no_sync()``, so eps is per worker (no all-reduce); the second-pass
   gradients are averaged across workers.
+* Gradient accumulation (``accum_steps`` N, like fairseq's ``--update-freq``): the worker's batch is cut
+  into N micro-batches. The first pass runs over all of them, each loss weighted by its share of the
+  examples, so the accumulated gradient is the whole update's mean gradient and eps comes from it; the
+  second pass runs over the same micro-batch tensors (same augmentation), then the base optimizer steps
+  once. With m-sharpness each shard of m examples still gets its own eps; a shard larger than a
+  micro-batch is itself accumulated over micro-batches. Under DDP only the last micro-batch of the
+  second pass all-reduces (``no_sync()`` for the others).
+* Random state: the random numbers a forward pass draws (ShakeDrop, dropout) are replayed. The CPU
+  (and CUDA) RNG state is saved before each micro-batch's first forward and restored before its second,
+  so both passes of one update see the same draws (as fairseq_asam.fairseq_ext.task replays dropout);
+  the state reached after the first pass is restored at the end. Models that draw nothing are unaffected.
 * BatchNorm: the second forward pass normalizes with the batch's statistics, like the first, but does
   not fold them into the running statistics (they would describe weights w + eps that are never kept).
 * fp16: one GradScaler. The first-pass gradients stay scaled: eps is invariant to scaling the gradient
@@ -20,7 +31,8 @@ itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.b
     python -c "import torch; from fairseq_asam import ASAM; from fairseq_asam.vision.step import train_step; \
 m = torch.nn.Linear(4, 3); b = torch.optim.SGD(m.parameters(), lr=0.1); \
 o = ASAM(m.named_parameters(), b, rho=0.5); \
-print(train_step(m, o, torch.nn.CrossEntropyLoss(), torch.randn(8, 4), torch.randint(3, (8,)), m_sharpness=4))"
+print(train_step(m, o, torch.nn.CrossEntropyLoss(), torch.randn(8, 4), torch.randint(3, (8,)), m_sharpness=4, \
+accum_steps=2))"
 """
 
 from __future__ import annotations
@@ -122,6 +134,79 @@ def _skip(opt, scaler):
         opt.zero_grad()
 
 
+def _rng_state(device: torch.device) -> dict:
+    """The state of the generators a forward pass draws from: CPU and, for a CUDA batch, that device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = (device, torch.cuda.get_rng_state(device))
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        device, cuda_state = state["cuda"]
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _micro_batches(x, y, size: int) -> list:
+    return list(zip(x.split(size), y.split(size)))
+
+
+def _weighted(loss, k: int, n: int):
+    # A micro-batch's mean loss times its share k/n of the examples: the accumulated gradient is the mean
+    # over all n, what one batch of n gives. k == n (no accumulation) leaves the graph as it was.
+    return loss if k == n else loss * (k / n)
+
+
+def _first_pass(model, criterion, pieces, scaler, ac):
+    """Forward/backward at w over the micro-batches, under no_sync (eps is this worker's own).
+
+    Returns (the random state before each forward, the mean loss over all examples, the logits).
+    """
+    n = sum(len(ys) for _, ys in pieces)
+    states, losses, logits = [], [], []
+    for xs, ys in pieces:
+        states.append(_rng_state(xs.device))
+        with _no_sync(model):
+            with ac():
+                out = model(xs)
+                loss = criterion(out, ys)
+            _backward(_weighted(loss, len(ys), n), scaler)
+        losses.append(loss.detach())
+        logits.append(out.detach())
+    if len(pieces) == 1:
+        return states, losses[0], logits[0]
+    loss = sum(ls * len(ys) for ls, (_, ys) in zip(losses, pieces)) / n
+    return states, loss, torch.cat(logits)
+
+
+def _second_pass(model, criterion, pieces, states, scaler, ac, *, sync_last: bool) -> None:
+    """Forward/backward at w + eps over the same micro-batches, each with its first pass's random state.
+
+    ``sync_last``: under DDP the last micro-batch's backward all-reduces the accumulated gradient; the
+    others (and all of them when False) run under no_sync. BatchNorm statistics are left alone.
+    """
+    n = sum(len(ys) for _, ys in pieces)
+    after_first = _rng_state(pieces[0][0].device)
+    try:
+        for i, ((xs, ys), state) in enumerate(zip(pieces, states)):
+            _set_rng_state(state)  # ShakeDrop/dropout: the draws of this micro-batch's first pass
+            sync = sync_last and i == len(pieces) - 1
+            with contextlib.nullcontext() if sync else _no_sync(model):
+                with frozen_bn_stats(model), ac():
+                    loss2 = criterion(model(xs), ys)
+                _backward(_weighted(loss2, len(ys), n), scaler)
+    finally:
+        # Training continues from where one pass would have left the generators (next batch's draws).
+        _set_rng_state(after_first)
+
+
+def _check_accum_steps(accum_steps) -> None:
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
+
+
 def train_step(
     model: nn.Module,
     optimizer,
@@ -132,76 +217,86 @@ def train_step(
     m_sharpness: int | None = None,
     scaler=None,
     autocast=None,
+    accum_steps: int = 1,
 ) -> StepResult:
     """One update. ``optimizer`` is an :class:`ASAM`/SAM (two passes) or a plain torch optimizer (SGD).
 
     ``model`` may be wrapped in DistributedDataParallel; ``m_sharpness`` (m) splits the worker's batch
     into shards of m examples (None or m >= batch: one shard); ``scaler`` is a GradScaler for fp16;
-    ``autocast`` a context manager factory (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``).
+    ``autocast`` a context manager factory (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``);
+    ``accum_steps`` (N) runs each pass over N micro-batches of ceil(batch / N) examples (the update is the
+    same as one batch's, in 1/N of the activation memory). ``y`` may be class indices or class
+    probabilities (CutMix), whatever ``criterion`` takes.
     """
+    _check_accum_steps(accum_steps)
     ac = autocast if autocast is not None else contextlib.nullcontext
     if scaler is not None and not scaler.is_enabled():
         scaler = None
-    if not isinstance(optimizer, ASAM):  # plain SGD: one pass
-        optimizer.zero_grad()
-        with ac():
-            logits = model(x)
-            loss = criterion(logits, y)
-        _backward(loss, scaler)
-        _base_step(optimizer, scaler)
-        optimizer.zero_grad()
-        return StepResult(loss.detach(), logits.detach(), False, None)
-
     n = x.shape[0]
+    micro = -(-n // accum_steps)  # ceil: an epoch's short last batch gives fewer micro-batches, none empty
+    if not isinstance(optimizer, ASAM):  # plain SGD: one pass
+        return _one_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
+
     if m_sharpness is None or m_sharpness >= n:
-        return _two_pass(model, optimizer, criterion, x, y, scaler, ac)
-    return _two_pass_sharded(model, optimizer, criterion, x, y, m_sharpness, scaler, ac)
+        return _two_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
+    return _two_pass_sharded(model, optimizer, criterion, x, y, m_sharpness, micro, scaler, ac)
 
 
-def _two_pass(model, opt, criterion, x, y, scaler, ac) -> StepResult:
+def _one_pass(model, optimizer, criterion, pieces, scaler, ac) -> StepResult:
+    optimizer.zero_grad()
+    n = sum(len(ys) for _, ys in pieces)
+    losses, logits = [], []
+    for i, (xs, ys) in enumerate(pieces):
+        # Under DDP only the last micro-batch's backward all-reduces the accumulated gradient.
+        with contextlib.nullcontext() if i == len(pieces) - 1 else _no_sync(model):
+            with ac():
+                out = model(xs)
+                loss = criterion(out, ys)
+            _backward(_weighted(loss, len(ys), n), scaler)
+        losses.append(loss.detach())
+        logits.append(out.detach())
+    _base_step(optimizer, scaler)
+    optimizer.zero_grad()
+    if len(pieces) == 1:
+        return StepResult(losses[0], logits[0], False, None)
+    loss = sum(ls * len(ys) for ls, (_, ys) in zip(losses, pieces)) / n
+    return StepResult(loss, torch.cat(logits), False, None)
+
+
+def _two_pass(model, opt, criterion, pieces, scaler, ac) -> StepResult:
     opt.zero_grad()
-    with _no_sync(model), ac():  # eps from this worker's gradient only (per-worker m-sharpness)
-        logits = model(x)
-        loss = criterion(logits, y)
-    with _no_sync(model):
-        _backward(loss, scaler)
-    pert = opt.perturbation
-    ok = _all_ranks_true(pert.ascend(), x.device)
+    # eps from this worker's gradient only (per-worker m-sharpness), accumulated over its micro-batches
+    states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
+    ok = _all_ranks_true(opt.perturbation.ascend(), logits.device)
     if not ok:
         _skip(opt, scaler)
-        return StepResult(loss.detach(), logits.detach(), True, None)
-    eps_norm = pert.last_eps_norm
-    with frozen_bn_stats(model), ac():
-        loss2 = criterion(model(x), y)
-    _backward(loss2, scaler)  # DDP averages these grads across workers
-    pert.restore()
+        return StepResult(loss, logits, True, None)
+    eps_norm = opt.perturbation.last_eps_norm
+    _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=True)  # DDP averages across workers
+    opt.perturbation.restore()
     _base_step(opt.base_optimizer, scaler)
     opt.zero_grad()
-    return StepResult(loss.detach(), logits.detach(), False, eps_norm)
+    return StepResult(loss, logits, False, eps_norm)
 
 
-def _two_pass_sharded(model, opt, criterion, x, y, m, scaler, ac) -> StepResult:
+def _two_pass_sharded(model, opt, criterion, x, y, m, micro, scaler, ac) -> StepResult:
     params = [p for g in opt.base_optimizer.param_groups for p in g["params"] if p.requires_grad]
     acc = [torch.zeros_like(p) for p in params]  # the averaged second-pass gradient
     n = x.shape[0]
     losses, logits_all, ok, eps_norm = [], [], True, None
     opt.zero_grad()
     for xs, ys in zip(x.split(m), y.split(m)):
+        # A shard larger than a micro-batch is accumulated over micro-batches; its eps is still its own.
+        pieces = _micro_batches(xs, ys, micro)
         # Every pass runs under no_sync: shards must not all-reduce; the average is reduced once below.
-        with _no_sync(model):
-            with ac():
-                logits = model(xs)
-                loss = criterion(logits, ys)
-            _backward(loss, scaler)
-            losses.append(loss.detach() * xs.shape[0])
-            logits_all.append(logits.detach())
-            if not opt.perturbation.ascend():
-                ok = False
-                break
-            eps_norm = opt.perturbation.last_eps_norm
-            with frozen_bn_stats(model), ac():
-                loss2 = criterion(model(xs), ys)
-            _backward(loss2, scaler)
+        states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
+        losses.append(loss * xs.shape[0])
+        logits_all.append(logits)
+        if not opt.perturbation.ascend():
+            ok = False
+            break
+        eps_norm = opt.perturbation.last_eps_norm
+        _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=False)
         opt.perturbation.restore()
         w = xs.shape[0] / n
         with torch.no_grad():

@@ -6,7 +6,14 @@ SGD; rho 0.5 / 1.0 (ASAM, CIFAR-10 / CIFAR-100), 0.05 / 0.1 (SAM); eta 0.01. Ima
 batch 512, lr 0.2, weight decay 1e-4, 100 epochs for SAM/ASAM and 200 for SGD, rho 1.0 (ASAM) / 0.05
 (SAM), m = 128. The update itself is :func:`fairseq_asam.vision.step.train_step` around the core.
 
+The PyramidNet-272 row of Tables 2 and 3 (Section 5.2): ``--preset pyramidnet272`` sets the model (with
+ShakeDrop), AutoAugment (CIFAR-10 policy), CutMix (probability 0.5, alpha 1), m = 32, lr 0.05, batch
+256, 900 epochs for SAM/ASAM and 1800 for SGD, rho 0.05 (SAM) / 1.0 (ASAM) on CIFAR-10 and CIFAR-100;
+a flag given explicitly overrides the preset. ``--accum-steps N`` runs each update's batch as N
+micro-batches (the same update in 1/N of the activation memory; see :mod:`fairseq_asam.vision.step`).
+
     asam-vision-train --dataset cifar10 --data-dir data --model resnet20 --minimizer asam --run-dir runs/r20-asam
+    asam-vision-train --dataset cifar100 --data-dir data --preset pyramidnet272 --minimizer asam --accum-steps 4
     torchrun --nproc_per_node 4 -m fairseq_asam.vision --dataset imagenet --data-dir /data/imagenet --minimizer asam
 
 Each epoch writes <run-dir>/checkpoint_last.pt (and checkpoint_best.pt), metrics.csv and metrics.json;
@@ -49,10 +56,23 @@ _RHO = {("cifar10", "asam"): 0.5, ("cifar100", "asam"): 1.0, ("imagenet", "asam"
 _EPOCHS = {("cifar", "sgd"): 400, ("cifar", "sam"): 200, ("cifar", "asam"): 200,
            ("imagenet", "sgd"): 200, ("imagenet", "sam"): 100, ("imagenet", "asam"): 100}
 
+# The PyramidNet-272 row of Tables 2-3 (Section 5.2, last paragraph of "CIFAR-10 and CIFAR-100"). Values
+# that depend on the minimizer are keyed by it; CutMix probability 0.5 and alpha 1 are Yun et al.'s
+# PyramidNet settings (the ASAM paper names CutMix without its hyper-parameters).
+PRESETS = {
+    "pyramidnet272": {
+        "model": "pyramidnet272", "m": 32, "lr": 0.05, "batch_size": 256,
+        "epochs": {"sgd": 1800, "sam": 900, "asam": 900}, "rho": {"sam": 0.05, "asam": 1.0},
+        "autoaugment": True, "cutmix": 0.5, "cutmix_alpha": 1.0,
+    },
+}
+
 # Arguments that must not change when a run is resumed (they change the trajectory or the model).
 _RESUME_FIXED = ("dataset", "model", "minimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                  "label_smoothing", "rho", "eta", "p", "normalization", "normalize_bias", "m", "label_noise",
-                 "seed", "amp")
+                 "seed", "amp", "accum_steps", "autoaugment", "cutmix", "cutmix_alpha")
+# What a checkpoint written before these arguments existed ran with (so it still resumes).
+_RESUME_DEFAULTS = {"accum_steps": 1, "autoaugment": False, "cutmix": 0.0, "cutmix_alpha": 1.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-noise", type=float, default=0.0, metavar="RATE",
                    help="symmetric label noise on the training set (Table 6), reproducible from --seed")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 8)")
+    g.add_argument("--autoaugment", action=argparse.BooleanOptionalAction, default=None,
+                   help="AutoAugment (Cubuk et al. 2019; torchvision, CIFAR-10 policy, ImageNet policy for imagenet) "
+                   "after crop and flip (default off; on with --preset pyramidnet272)")
+    g.add_argument("--cutmix", type=float, default=None, metavar="PROB",
+                   help="CutMix (Yun et al. 2019; torchvision.transforms.v2.CutMix) on each training batch with "
+                   "this probability; the labels become class probabilities (default 0: off; preset 0.5)")
+    g.add_argument("--cutmix-alpha", type=float, default=None, metavar="ALPHA",
+                   help="CutMix's Beta(alpha, alpha) for the mixing ratio (default 1.0)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODELS), default=None,
                    help="default: resnet20 for CIFAR, resnet50 for ImageNet")
 
     g = p.add_argument_group("optimization")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="pyramidnet272: every setting of the paper's PyramidNet-272 row (model with ShakeDrop, "
+                   "AutoAugment, CutMix, m 32, lr 0.05, batch 256, 900/1800 epochs, rho 0.05 SAM / 1.0 ASAM)")
     g.add_argument("--minimizer", choices=("sgd", "sam", "asam"), default="asam")
     g.add_argument("--epochs", type=int, default=None, help="default: 200 SAM/ASAM, 400 SGD (ImageNet 100/200)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch, all workers (default 128, ImageNet 512)")
@@ -84,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, ImageNet 1e-4")
     g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                   help="gradient accumulation: each worker's batch runs as N micro-batches in both passes (eps "
+                   "from the whole batch's gradient); --batch-size stays the update's batch")
 
     g = p.add_argument_group("sharpness-aware minimization (SAM/ASAM)")
     g.add_argument("--rho", type=float, default=None,
@@ -124,6 +158,16 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         raise ValueError(msg)
 
     imagenet = args.dataset == "imagenet"
+    if args.preset is not None:
+        if imagenet:
+            fail(f"--preset {args.preset} is a CIFAR setting (Tables 2-3); use --dataset cifar10 or cifar100")
+        _apply_preset(args, PRESETS[args.preset])
+    if args.autoaugment is None:
+        args.autoaugment = False
+    if args.cutmix is None:
+        args.cutmix = 0.0
+    if args.cutmix_alpha is None:
+        args.cutmix_alpha = 1.0
     if args.model is None:
         args.model = "resnet50" if imagenet else "resnet20"
     if imagenet and args.model not in IMAGENET_MODELS:
@@ -162,6 +206,9 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         ("--label-noise", args.label_noise, 0 <= args.label_noise < 1, "in [0, 1)"),
         ("--workers", args.workers, args.workers >= 0, ">= 0"),
         ("--test-batch-size", args.test_batch_size, args.test_batch_size >= 1, ">= 1"),
+        ("--accum-steps", args.accum_steps, args.accum_steps >= 1, ">= 1"),
+        ("--cutmix", args.cutmix, 0 <= args.cutmix <= 1, "in [0, 1]"),
+        ("--cutmix-alpha", args.cutmix_alpha, math.isfinite(args.cutmix_alpha) and args.cutmix_alpha > 0, "> 0"),
     ]
     if args.m is not None:
         checks.append(("--m", args.m, args.m >= 1, ">= 1"))
@@ -177,6 +224,19 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     except ValueError as e:
         fail(str(e))
     return args
+
+
+def _apply_preset(args: argparse.Namespace, preset: dict) -> None:
+    """Fill every value the command line left unset (None) from the preset; explicit flags win."""
+    for key, value in preset.items():
+        if isinstance(value, dict):  # keyed by minimizer
+            if args.minimizer not in value:
+                continue  # e.g. no rho for SGD
+            value = value[args.minimizer]
+        if key == "m" and args.minimizer == "sgd":
+            continue  # m-sharpness is a SAM/ASAM setting
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # ---- distributed ------------------------------------------------------------------------------------
@@ -257,6 +317,20 @@ def _write_metrics(run_dir: str, history: list[dict]) -> None:
             wr.writerows(history)
 
     _atomic_write(os.path.join(run_dir, "metrics.csv"), w)
+
+
+def _hard_labels(y: torch.Tensor) -> torch.Tensor:
+    # CutMix gives class probabilities: the training accuracy counts the dominant class as the label.
+    return y.argmax(1) if y.dim() > 1 else y
+
+
+def _cutmix_batch(cutmix, prob: float, x, y, num_classes: int):
+    """CutMix (Yun et al. 2019) on the batch with probability ``prob``; the labels are class probabilities
+    either way, so the criterion sees one target type. Draws from the global generator, which each epoch
+    seeds: a resumed run mixes the same batches the same way."""
+    if float(torch.rand(())) < prob:
+        return cutmix(x, y)
+    return x, nn.functional.one_hot(y, num_classes).to(x.dtype)
 
 
 def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -404,6 +478,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     world, rank, local_rank = _dist_env()
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} must be divisible by the number of workers ({world})")
+    if args.batch_size % (world * args.accum_steps):
+        fail(f"--batch-size {args.batch_size} must be divisible by --accum-steps {args.accum_steps} times the "
+             f"number of workers ({world}): each worker's batch is cut into equal micro-batches")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
         torch.use_deterministic_algorithms(True)
@@ -456,10 +533,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     if ckpt_path is not None:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         saved = ckpt["args"]
-        diff = [k for k in _RESUME_FIXED if saved.get(k) != args_dict.get(k)]
+        diff = [k for k in _RESUME_FIXED if saved.get(k, _RESUME_DEFAULTS.get(k)) != args_dict.get(k)]
         if diff:
             fail("--resume: these arguments differ from the checkpoint's: "
-                 + ", ".join(f"--{k.replace('_', '-')} {args_dict.get(k)} (checkpoint: {saved.get(k)})" for k in diff))
+                 + ", ".join(f"--{k.replace('_', '-')} {args_dict.get(k)} (checkpoint: "
+                             f"{saved.get(k, _RESUME_DEFAULTS.get(k))})" for k in diff))
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -500,6 +578,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     test_part = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world))
     test_loader = torch.utils.data.DataLoader(test_part, batch_size=args.test_batch_size, shuffle=False, **loader_kw)
 
+    cutmix = None
+    if args.cutmix > 0:
+        from torchvision.transforms import v2
+
+        cutmix = v2.CutMix(alpha=args.cutmix_alpha, num_classes=num_classes)
+
     from tqdm import tqdm
 
     last_epoch = args.stop_after if args.stop_after is not None else args.epochs
@@ -522,10 +606,13 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            r = train_step(ddp_model, opt, criterion, x, y, m_sharpness=args.m, scaler=scaler, autocast=autocast)
+            if cutmix is not None:
+                x, y = _cutmix_batch(cutmix, args.cutmix, x, y, num_classes)
+            r = train_step(ddp_model, opt, criterion, x, y, m_sharpness=args.m, scaler=scaler, autocast=autocast,
+                           accum_steps=args.accum_steps)
             n = r.logits.shape[0]
             with torch.no_grad():
-                correct = (r.logits.argmax(1) == y[:n]).sum()
+                correct = (r.logits.argmax(1) == _hard_labels(y)[:n]).sum()
                 eps = r.eps_norm if r.eps_norm is not None else torch.zeros((), device=device)
                 sums += torch.stack([r.loss.double() * n, correct.double(), eps.double().to(device)])
             steps += 1
