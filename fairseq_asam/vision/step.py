@@ -10,6 +10,8 @@ itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.b
   grads are averaged (weighted by shard size) and the base optimizer steps once.
 * DDP: the first pass runs under ``no_sync()``, so eps is per worker (no all-reduce); the second-pass
   gradients are averaged across workers.
+* FSDP2 (``fully_shard``): both passes reduce-scatter, so eps comes from the global batch's gradient; the
+  core totals the norm over the shards (one all-reduce), and every rank takes the same skip decision.
 * BatchNorm: the second forward pass normalizes with the batch's statistics, like the first, but does
   not fold them into the running statistics (they would describe weights w + eps that are never kept).
 * fp16: one GradScaler. The first-pass gradients stay scaled: eps is invariant to scaling the gradient
@@ -34,6 +36,7 @@ from torch import nn
 
 from .. import _compat
 from ..core import ASAM
+from .fsdp import is_fsdp
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
 
@@ -145,6 +148,11 @@ def train_step(
         return StepResult(loss.detach(), logits.detach(), False, None)
 
     n = x.shape[0]
+    if m_sharpness is not None and m_sharpness < n and is_fsdp(model):
+        raise ValueError(
+            "m-sharpness under FSDP: the first-pass gradient is reduce-scattered over all workers, so a "
+            "per-shard eps cannot be formed; use DDP for m-sharpness, or m_sharpness=None with FSDP"
+        )
     if m_sharpness is None or m_sharpness >= n:
         return _two_pass(model, optimizer, criterion, x, y, scaler, ac)
     return _two_pass_sharded(model, optimizer, criterion, x, y, m_sharpness, scaler, ac)
@@ -158,7 +166,9 @@ def _two_pass(model, opt, criterion, x, y, scaler, ac) -> StepResult:
     with _no_sync(model):
         _backward(loss, scaler)
     pert = opt.perturbation
-    ok = _all_ranks_true(pert.ascend(), x.device)
+    ok = pert.ascend()
+    if not is_fsdp(model):  # under FSDP the norm is global already: the same answer on every rank
+        ok = _all_ranks_true(ok, x.device)
     if not ok:
         _skip(opt, scaler)
         return StepResult(loss.detach(), logits.detach(), True, None)
