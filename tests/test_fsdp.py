@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from fairseq_asam import ASAM
+from fairseq_asam import ASAM, sharpness_cli
 from fairseq_asam.vision import fsdp as vfsdp
 from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.toydata import write_cifar
@@ -181,6 +181,12 @@ def test_cli_fsdp_resume_equals_uninterrupted(cifar_dir, tmp_path):
     assert args["fsdp"] and args["world_size"] == 2
     for k, v in model.state_dict().items():
         assert torch.equal(v, ca["model"][k]), k
+    # asam-sharpness reads the folder too; its loss at w is the test loss the 2 sharded workers logged.
+    out_json = tmp_path / "sharp.json"
+    assert sharpness_cli.cli_main(["vision", os.path.join(a, vfsdp.CHECKPOINT), "--split", "test", "--batch-size",
+                                   "50", "--rho", "0.5", "--steps", "1", "--out", str(out_json)]) == 0
+    logged = json.load(open(os.path.join(a, "metrics.json")))[-1]["test_loss"]
+    assert json.loads(out_json.read_text())["loss"] == pytest.approx(logged, rel=1e-5)
     # The 2-worker checkpoint of epoch 1 resumes on 1 worker (in this process: a one-rank group).
     assert vtrain.cli_main([*common[2:], "--run-dir", c, "--resume"]) == 0
     hist = json.load(open(os.path.join(c, "metrics.json")))
@@ -197,3 +203,15 @@ def test_cli_fsdp_bad_combinations(cifar_dir, tmp_path, capsys, argv, message):
         vtrain.cli_main(["--data-dir", cifar_dir, "--run-dir", str(tmp_path / "r"), *TINY, *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_docs_example_runs_under_torchrun(tmp_path):
+    import re
+
+    text = open(os.path.join(REPO, "docs", "distributed.md")).read()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    p = _torchrun(2, str(script), cwd=str(tmp_path))
+    eps = [float(v) for v in re.findall(r"step \d: \|\|eps\|\| = ([0-9.]+)", p.stdout)]
+    assert len(eps) == 3 and all(0 < e < 1 for e in eps), p.stdout
