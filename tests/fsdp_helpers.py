@@ -30,6 +30,8 @@ CONFIGS = {
     "sam": dict(minimizer="sam", rho=0.05),
     "asam-element": dict(minimizer="asam", rho=0.5, normalization="element"),
     "asam-filter": dict(minimizer="asam", rho=0.5, normalization="filter"),
+    # The torch._foreach_* kernel (CUDA's default) on the shards, against the per-tensor loop unsharded.
+    "asam-filter-foreach": dict(minimizer="asam", rho=0.5, normalization="filter", foreach=True),
 }
 
 
@@ -64,7 +66,8 @@ def build(cfg: dict, *, sharded: bool):
         vfsdp.shard(model, blocks=[model.conv1, model.conv2])
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     if cfg["minimizer"] == "asam":
-        opt = ASAM(model.named_parameters(), base, rho=cfg["rho"], normalization=cfg["normalization"])
+        opt = ASAM(model.named_parameters(), base, rho=cfg["rho"], normalization=cfg["normalization"],
+                   foreach=cfg.get("foreach") if sharded else None)
     elif cfg["minimizer"] == "sam":
         opt = SAM(model.named_parameters(), base, rho=cfg["rho"])
     else:
@@ -119,7 +122,7 @@ def _train(out: str) -> None:
         result[name] = {"weights": full_state(model), "eps": eps}
     # One ascent, its collectives counted, on each configuration's fresh model.
     shards = {}
-    for name in ("sam", "asam-element", "asam-filter"):
+    for name in ("sam", "asam-element", "asam-filter", "asam-filter-foreach"):
         model, opt, _ = build(CONFIGS[name], sharded=True)
         first_grads(model, rank, world)
         with CommDebugMode() as comm:

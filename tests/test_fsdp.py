@@ -74,7 +74,7 @@ def _chunk(t, rank, world=2):
     return parts[rank] if rank < len(parts) else t[:0]
 
 
-@pytest.mark.parametrize("name", ["sam", "asam-element", "asam-filter"])
+@pytest.mark.parametrize("name", ["sam", "asam-element", "asam-filter", "asam-filter-foreach"])
 def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, name):
     model, opt, _ = fh.build(fh.CONFIGS[name], sharded=False)
     fh.first_grads(model)
