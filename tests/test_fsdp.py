@@ -135,6 +135,39 @@ def test_filter_wise_needs_dim0_shards(one_rank_group):
     assert torch.equal(w.to_local(), before)
 
 
+def test_placements_the_core_refuses(one_rank_group):
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor, init_device_mesh
+
+    def asam(w, g, **kw):
+        w = torch.nn.Parameter(w)
+        w.grad = g
+        return ASAM([("fc.weight", w)], torch.optim.SGD([w], lr=0.1), **kw)
+
+    mesh = init_device_mesh("cpu", (1,))
+    t = torch.randn(4, 3)
+    # An unreduced gradient (what a backward without gradient synchronization leaves).
+    opt = asam(distribute_tensor(t, mesh, [Shard(0)]), DTensor.from_local(t.clone(), mesh, [Partial()]))
+    with pytest.raises(RuntimeError, match=r"fc.weight: the parameter is a DTensor placed \(Shard\(dim=0\),\)"):
+        opt.ascent_step()
+    opt = asam(DTensor.from_local(t.clone(), mesh, [Partial()]), DTensor.from_local(t.clone(), mesh, [Partial()]))
+    with pytest.raises(RuntimeError, match=r"hold a partial \(unreduced\) value"):
+        opt.ascent_step()
+    # Two sharded mesh dimensions (FSDP + tensor parallel).
+    mesh2 = init_device_mesh("cpu", (1, 1))
+    opt = asam(distribute_tensor(t, mesh2, [Shard(0), Shard(1)]), distribute_tensor(t, mesh2, [Shard(0), Shard(1)]))
+    with pytest.raises(NotImplementedError, match=r"sharded over 2 mesh dimensions"):
+        opt.ascent_step()
+    # fp16 shards: the fp16 overflow guard scales by 1/norm before the second T, which needs the total first.
+    h = t.half()
+    opt = asam(distribute_tensor(h, mesh, [Shard(0)]), distribute_tensor(h.clone(), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"fp16 gradients on a sharded model"):
+        opt.ascent_step()
+    # A plain gradient on a DTensor parameter.
+    opt = asam(distribute_tensor(t, mesh, [Shard(0)]), t.clone())
+    with pytest.raises(RuntimeError, match=r"its gradient is a plain Tensor"):
+        opt.ascent_step()
+
+
 # ---- asam-vision-train --fsdp ------------------------------------------------------------------------
 
 
