@@ -99,17 +99,24 @@ def first_grads(model, rank: int = 0, world: int = 1):
     nn.CrossEntropyLoss()(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
 
 
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def ascent_eps(model, opt) -> dict:
-    """eps = (w + eps) - w of one ascent, per parameter, as the local slice each rank holds."""
-    before = {n: p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
-              for n, p in model.named_parameters()}
+    """One ascent from the gradients in .grad, as each rank sees it (local slices): eps = (w + eps) - w,
+    compute_eps() on the same gradients, applied_eps_norm(), and whether restore() was bit for bit."""
+    names = [n for n, _ in model.named_parameters()]
+    computed = opt.perturbation.compute_eps([p.grad for p in model.parameters()])
+    before = {n: _local(p.detach()).clone() for n, p in model.named_parameters()}
     opt.ascent_step()
-    after = {n: p.detach().to_local().clone() if hasattr(p, "to_local") else p.detach().clone()
-             for n, p in model.named_parameters()}
+    after = {n: _local(p.detach()).clone() for n, p in model.named_parameters()}
+    applied = float(opt.perturbation.applied_eps_norm())
     opt.restore()
-    now = {n: p.detach().to_local() if hasattr(p, "to_local") else p.detach() for n, p in model.named_parameters()}
-    restored = all(torch.equal(now[n], before[n]) for n in before)
-    return {n: after[n] - before[n] for n in before}, restored
+    restored = all(torch.equal(_local(p.detach()), before[n]) for n, p in model.named_parameters())
+    return {"eps": {n: after[n] - before[n] for n in before}, "restored": restored, "applied": applied,
+            "computed": {n: _local(e).clone() for n, e in zip(names, computed)},
+            "computed_is_dtensor": all(hasattr(e, "to_local") for e in computed)}
 
 
 def _train(out: str) -> None:
@@ -130,7 +137,7 @@ def _train(out: str) -> None:
         opt.restore()
         opt.zero_grad()
         first_grads(model, rank, world)
-        eps, restored = ascent_eps(model, opt)
+        one = ascent_eps(model, opt)
         # The mistake of the popular implementations: the norm of this rank's slice only. Built from the
         # same local slices with an unsharded Perturbation, to show the test below tells the two apart.
         model2, _, _ = build(CONFIGS[name], sharded=True)
@@ -144,7 +151,7 @@ def _train(out: str) -> None:
         before = {n: q.detach().clone() for n, q in local}
         naive.ascent_step()
         naive_eps = {n: q.detach() - before[n] for n, q in local}
-        shards[name] = {"eps": eps, "naive": naive_eps, "restored": restored,
+        shards[name] = {**one, "naive": naive_eps,
                         "collectives": {str(k): v for k, v in comm.get_comm_counts().items()}}
     torch.save(shards, os.path.join(out, f"shards-rank{rank}.pt"))
     # A sharded checkpoint of a trained ASAM run, and the full state it must hold.

@@ -78,8 +78,10 @@ def _chunk(t, rank, world=2):
 def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, name):
     model, opt, _ = fh.build(fh.CONFIGS[name], sharded=False)
     fh.first_grads(model)
-    ref, restored = fh.ascent_eps(model, opt)
-    assert restored
+    one = fh.ascent_eps(model, opt)
+    ref = one["eps"]
+    assert one["restored"] and not one["computed_is_dtensor"]
+    assert _maxdiff(ref, one["computed"]) < 1e-7
     for rank in (0, 1):
         got = torch.load(os.path.join(sharded_run, f"shards-rank{rank}.pt"), weights_only=True)[name]
         # fully_shard splits dim 0 like torch.chunk: 5 filters -> 3 + 2, gate's 1 filter -> 1 + 0 (empty).
@@ -89,6 +91,9 @@ def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, 
         # A norm of the local slice (what the popular SAM code computes on a shard) is caught by the same check.
         assert _maxdiff(want, got["naive"]) > 1e-2
         assert got["restored"]  # restore() is bit for bit on the shards
+        # compute_eps() gives DTensors placed like the parameters; applied_eps_norm() totals the shards.
+        assert got["computed_is_dtensor"] and _maxdiff(want, got["computed"]) < 1e-7
+        assert got["applied"] == pytest.approx(one["applied"], rel=1e-6)
         assert got["collectives"] == {"c10d.allreduce_": 1}  # the norm and ||eps||^2: one all-reduce
 
 
