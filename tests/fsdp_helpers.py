@@ -59,11 +59,11 @@ def batches():
     return [(torch.randn(BATCH, 3, 6, 6, generator=g), torch.randint(4, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def build(cfg: dict, *, sharded: bool):
+def build(cfg: dict, *, sharded: bool, mesh=None):
     torch.manual_seed(0)
     model = Tiny()
     if sharded:
-        vfsdp.shard(model, blocks=[model.conv1, model.conv2])
+        vfsdp.shard(model, blocks=[model.conv1, model.conv2], mesh=mesh)
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     if cfg["minimizer"] == "asam":
         opt = ASAM(model.named_parameters(), base, rho=cfg["rho"], normalization=cfg["normalization"],
@@ -81,9 +81,9 @@ def full_state(model) -> dict:
             for n, p in model.named_parameters()}
 
 
-def run(cfg: dict, *, sharded: bool, rank: int = 0, world: int = 1):
+def run(cfg: dict, *, sharded: bool, rank: int = 0, world: int = 1, mesh=None):
     """STEPS updates; returns (model, opt, base, [||eps|| per update])."""
-    model, opt, base = build(cfg, sharded=sharded)
+    model, opt, base = build(cfg, sharded=sharded, mesh=mesh)
     crit = nn.CrossEntropyLoss()
     eps = []
     per = BATCH // world
@@ -194,10 +194,26 @@ def _load(out: str) -> None:
     dist.barrier()
 
 
+def _hsdp(out: str) -> None:
+    """4 workers as 2 replicas x 2 shards (HSDP): the norm is totalled over the shard group only."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    result = {}
+    for name in ("sam", "asam-filter"):
+        model, _, _, eps = run(CONFIGS[name], sharded=True, rank=rank, world=world, mesh=mesh)
+        result[name] = {"weights": full_state(model), "eps": eps,
+                        "placements": str(next(model.parameters()).placements)}
+    if rank == 0:
+        torch.save(result, os.path.join(out, f"hsdp-{world}.pt"))
+    dist.barrier()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     try:
-        {"train": _train, "load": _load}[mode](out)
+        {"train": _train, "load": _load, "hsdp": _hsdp}[mode](out)
     finally:
         dist.destroy_process_group()
