@@ -208,7 +208,7 @@ def _full(ck_dir, tmp):
     return torch.load(f, weights_only=True)
 
 
-def test_cli_fsdp_resume_equals_uninterrupted(cifar_dir, tmp_path):
+def test_cli_fsdp_resume_equals_uninterrupted(cifar_dir, tmp_path, capsys):
     common = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2",
               "--minimizer", "asam", "--normalization", "filter", *TINY]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -243,6 +243,10 @@ def test_cli_fsdp_resume_equals_uninterrupted(cifar_dir, tmp_path):
                                    "50", "--rho", "0.5", "--steps", "1", "--out", str(out_json)]) == 0
     logged = json.load(open(os.path.join(a, "metrics.json")))[-1]["test_loss"]
     assert json.loads(out_json.read_text())["loss"] == pytest.approx(logged, rel=1e-5)
+    # Resuming the sharded run without --fsdp says why it finds no checkpoint.
+    with pytest.raises(SystemExit):
+        vtrain.cli_main([*common[2:-1], "--run-dir", c, "--resume"])
+    assert "checkpoint_last.dcp is there: the run was trained with --fsdp" in capsys.readouterr().err
     # The 2-worker checkpoint of epoch 1 resumes on 1 worker (in this process: a one-rank group).
     assert vtrain.cli_main([*common[2:], "--run-dir", c, "--resume"]) == 0
     hist = json.load(open(os.path.join(c, "metrics.json")))

@@ -131,7 +131,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     imagenet = args.dataset == "imagenet"
     if args.model is None:
         args.model = "resnet50" if imagenet else "resnet20"
-    args.fsdp = bool(getattr(args, "fsdp", False))
+    args.fsdp = bool(getattr(args, "fsdp", False))  # a Namespace built by a caller may predate the flag
     if imagenet and args.model not in IMAGENET_MODELS:
         fail(f"--model {args.model} is a 32x32 CIFAR model; for imagenet use one of {sorted(IMAGENET_MODELS)}")
     if not imagenet and args.model not in CIFAR_MODELS:
@@ -413,7 +413,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
     if args.resume is not None:
         ckpt_path = os.path.join(args.run_dir, last_name) if args.resume == "last" else args.resume
         if not (os.path.isdir if args.fsdp else os.path.isfile)(ckpt_path):
-            fail(f"--resume: no {'sharded (--fsdp) ' if args.fsdp else ''}checkpoint at {ckpt_path}")
+            other = "checkpoint_last.pt" if args.fsdp else vfsdp.CHECKPOINT
+            hint = (f" ({other} is there: the run was {'not ' if args.fsdp else ''}trained with --fsdp)"
+                    if os.path.exists(os.path.join(args.run_dir, other)) else "")
+            fail(f"--resume: no {'sharded (--fsdp) ' if args.fsdp else ''}checkpoint at {ckpt_path}{hint}")
     elif any(os.path.exists(os.path.join(args.run_dir, n)) for n in ("checkpoint_last.pt", vfsdp.CHECKPOINT)):
         fail(f"--run-dir {args.run_dir} already holds a run (checkpoint_last); pass --resume or another --run-dir")
 
