@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -212,7 +212,8 @@ def _sum_sq_foreach(tensors) -> list[Tensor]:
 
 def filter_operator(w: Tensor, eta: float) -> Tensor:
     """Eq. 5 filter-wise: ||f_i||_2 + eta for every entry of filter i (an output channel), broadcastable to w."""
-    n = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=_acc(w.dtype)) + eta
+    # flatten(1), not reshape(n, -1): a shard may hold no filter at all (fully_shard of 3 filters on 4 ranks).
+    n = torch.linalg.vector_norm(w.flatten(1), dim=1, dtype=_acc(w.dtype)) + eta
     return n.to(w.dtype).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
 
@@ -247,6 +248,9 @@ class _Plan:
     eta: list[float]
     rho: list[float]
     c: list[float]
+    # Per tensor: the process group over which its (shard's) sums of squares are totalled; None for a
+    # whole tensor. Set by _plan() for DTensors sharded by fully_shard (see _local_shard).
+    groups: list[Any] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -309,8 +313,9 @@ def _prescaled(g: Tensor, p: float) -> bool:
     return p == 2 and g.dtype == torch.float16
 
 
-def _single_tensor_phase2(P: _Plan, p: float, alphas: list[float]):
-    # Everything on one tensor while it is hot in cache, then the next one.
+def _single_tensor_phase2(P: _Plan, p: float, alphas: list[float], apply: bool = True):
+    # Everything on one tensor while it is hot in cache, then the next one. apply=False leaves S and W
+    # alone (the sharded ascent moves w after its reduction, in _apply).
     parts, used = [], []
     for w, g, s, kind, eta, c, alpha in zip(P.W, P.G, P.S, P.kinds, P.eta, P.c, alphas):
         if p != 2:
@@ -327,12 +332,13 @@ def _single_tensor_phase2(P: _Plan, p: float, alphas: list[float]):
             g.mul_(filter_operator(w, eta))
         parts.append(_sq(g))
         used.append(alpha)
-        s.copy_(w)
-        w.add_(g, alpha=alpha)
+        if apply:
+            s.copy_(w)
+            w.add_(g, alpha=alpha)
     return parts, used
 
 
-def _multi_tensor_phase2(P: _Plan, p: float, alphas: list[float]):
+def _multi_tensor_phase2(P: _Plan, p: float, alphas: list[float], apply: bool = True):
     if p != 2:
         torch._foreach_sign_(P.G)
     alphas = list(alphas)
@@ -352,10 +358,21 @@ def _multi_tensor_phase2(P: _Plan, p: float, alphas: list[float]):
         if P.kinds[i] == "filter":
             P.G[i].mul_(filter_operator(P.W[i], P.eta[i]))
     parts = _sum_sq_foreach(P.G)
-    torch._foreach_copy_(P.S, P.W)
-    for a, idx in _by_key(range(P.n), lambda i: alphas[i]):
-        torch._foreach_add_([P.W[i] for i in idx], [P.G[i] for i in idx], alpha=a)
+    if apply:
+        _apply(P, alphas, foreach=True)
     return parts, alphas
+
+
+def _apply(P: _Plan, alphas: list[float], *, foreach: bool) -> None:
+    """S <- w, w <- w + alpha G, in place."""
+    if foreach:
+        torch._foreach_copy_(P.S, P.W)
+        for a, idx in _by_key(range(P.n), lambda i: alphas[i]):
+            torch._foreach_add_([P.W[i] for i in idx], [P.G[i] for i in idx], alpha=a)
+    else:
+        for w, g, s, a in zip(P.W, P.G, P.S, alphas):
+            s.copy_(w)
+            w.add_(g, alpha=a)
 
 
 def _ascent(P: _Plan, *, p: float, foreach: bool):
@@ -364,6 +381,8 @@ def _ascent(P: _Plan, *, p: float, foreach: bool):
     Returns (||eps||_2 as a device tensor, the per-tensor alphas), or None when the gradient is not
     finite (W untouched; S and G then hold scratch).
     """
+    if any(g is not None for g in P.groups):
+        return _ascent_sharded(P, p=p, foreach=foreach)
     phase1, phase2 = (
         (_multi_tensor_phase1, _multi_tensor_phase2) if foreach else (_single_tensor_phase1, _single_tensor_phase2)
     )
@@ -377,6 +396,128 @@ def _ascent(P: _Plan, *, p: float, foreach: bool):
     parts, used = phase2(P, p, alphas)
     eps_sq = _total(parts, [a * a for a in used])
     return eps_sq.sqrt(), used
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded parameters (DTensors of torch.distributed.fsdp.fully_shard, FSDP2). Each rank holds a slice
+# of every tensor and the slice of its (reduce-scattered, i.e. global) gradient. Element-wise T and the
+# scalings are local, so the kernels above run unchanged on the local slices, in place. Two things are
+# not local: the norm ||T g|| (a norm of a shard is not the norm of the tensor: every rank would get a
+# different, wrong eps), and filter-wise T (the norm of a whole filter). The first is one all-reduce of
+# the per-shard sums; the second holds because fully_shard splits dim 0, the output channels, so every
+# filter lies whole on one rank. _local_shard checks it instead of assuming it.
+# ----------------------------------------------------------------------------------------------
+
+_DTENSOR: Any = False  # the DTensor class once looked up; None where torch has no distributed support
+
+
+def _dtensor_class():
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch built without distributed: nothing can be a DTensor
+            DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
+def _is_dtensor(t) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The rank's own slice of a DTensor (a view: writing it writes the DTensor), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_shard(w: Tensor, g: Tensor, spec: ParamSpec):
+    """(local w, local g, the process group of its shard dimension or None) for one parameter."""
+    if not _is_dtensor(w):
+        if _is_dtensor(g):
+            raise RuntimeError(f"{spec.name}: the gradient is a DTensor but the parameter is not")
+        return w, g, None
+    pl = tuple(w.placements)
+    if not _is_dtensor(g) or tuple(g.placements) != pl or g.device_mesh != w.device_mesh:
+        got = f"a DTensor {tuple(g.placements)}" if _is_dtensor(g) else f"a plain {type(g).__name__}"
+        raise RuntimeError(
+            f"{spec.name}: the parameter is a DTensor placed {pl} but its gradient is {got}; the sharpness-aware "
+            "step needs the gradient reduced and sharded like the parameter (as fully_shard's backward leaves it)"
+        )
+    if any(not (q.is_shard() or q.is_replicate()) for q in pl):
+        raise RuntimeError(
+            f"{spec.name}: placements {pl} hold a partial (unreduced) value; the perturbation needs the reduced "
+            "gradient: call it after backward() with gradient synchronization on"
+        )
+    dims = [i for i, q in enumerate(pl) if q.is_shard()]
+    if len(dims) > 1:
+        raise NotImplementedError(
+            f"{spec.name} is sharded over {len(dims)} mesh dimensions {pl} (e.g. FSDP with tensor parallelism); "
+            "the sharpness-aware step supports one sharded mesh dimension: fully_shard on a 1-D mesh, or HSDP"
+        )
+    if spec.kind == "filter" and dims and pl[dims[0]].dim not in (0, -w.dim()):
+        raise ValueError(
+            f"{spec.name}: filter-wise normalization needs whole filters (slices along dim 0), but the tensor is "
+            f"sharded as {pl}; shard it with Shard(0) (fully_shard's default) or use normalization='element'"
+        )
+    group = w.device_mesh.get_group(dims[0]) if dims else None  # replicated: the whole tensor is here
+    return w.to_local(), g.to_local(), group
+
+
+def _reduce_by_group(vecs: dict) -> Tensor:
+    """Sum the per-group vectors of local sums: all-reduced over each shard group, whole tensors (key None)
+    added once. One collective per shard group, in the order the groups were met (the same on every rank)."""
+    import torch.distributed as dist
+
+    out = []
+    for group, v in vecs.items():
+        if group is not None:
+            dist.all_reduce(v, group=group)
+        out.append(v)
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in out) else out[0].dtype
+    return torch.stack([v.to(device=out[0].device, dtype=dtype) for v in out]).sum(0)
+
+
+def _ascent_sharded(P: _Plan, *, p: float, foreach: bool):
+    """_ascent for a plan with shards, with ONE all-reduce (per shard group) and one host sync.
+
+    For p = inf and for gradients that are not fp16, phase 2's transform of G (sign, T) does not depend on
+    the norm; only the final w + alpha G does. So it runs before the reduction, and the vector reduced holds
+    both ||T g||^2 and ||eps||^2 * ||T g||^2 (p = 2): the logged ||eps|| costs no second collective.
+    """
+    if p == 2 and any(g.dtype == torch.float16 for g in P.G):
+        raise ValueError(
+            "fp16 gradients on a sharded model: the perturbation of fp16 gradients is scaled before its second "
+            "multiplication by T, which needs the global norm first. Keep the sharded parameters in fp32 and "
+            "compute in fp16 with fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=torch.float16)), or use bf16"
+        )
+    phase1, phase2 = (
+        (_multi_tensor_phase1, _multi_tensor_phase2) if foreach else (_single_tensor_phase1, _single_tensor_phase2)
+    )
+    parts1 = phase1(P, p)
+    parts2, _ = phase2(P, p, [1.0] * P.n, apply=False)
+    # eps_i = alpha_i G_i with alpha_i = rho_i / (norm c_i^2) (p = 2) or rho_i (p = inf): see _factors.
+    w1 = [1.0 / (c * c) for c in P.c]
+    w2 = [(r / (c * c)) ** 2 for r, c in zip(P.rho, P.c)] if p == 2 else [r * r for r in P.rho]
+    vecs: dict = {}
+    for group, idx in _by_key(range(P.n), lambda i: P.groups[i] if P.groups else None):
+        vecs[group] = torch.stack([_total([parts1[i] for i in idx], [w1[i] for i in idx]),
+                                   _total([parts2[i] for i in idx], [w2[i] for i in idx])])
+    tot = _reduce_by_group(vecs)
+    norm_sq = float(tot[0])  # the one host sync, as in _ascent
+    norm = math.sqrt(norm_sq) if norm_sq >= 0 else math.nan
+    if not math.isfinite(norm):
+        return None
+    alphas = _factors(P, p, norm)
+    _apply(P, alphas, foreach=foreach)
+    if p != 2:
+        eps_norm = tot[1].sqrt()
+    elif norm == 0:
+        eps_norm = torch.zeros_like(tot[1])
+    else:
+        eps_norm = (tot[1] / tot[0]).sqrt()
+    return eps_norm, alphas
 
 
 def perturbation(params, grads, *, rho: float, eta: float = 0.01, p=2, kinds=None, foreach: bool = False):
@@ -396,6 +537,13 @@ def perturbation(params, grads, *, rho: float, eta: float = 0.01, p=2, kinds=Non
     if out is None:
         raise ValueError("the gradient is not finite")
     return [g * a for g, a in zip(P.G, out[1])]
+
+
+def _like(t: Tensor, local: Tensor) -> Tensor:
+    """``local`` as a DTensor placed like ``t`` when ``t`` is one (the eps of a shard is that shard's eps)."""
+    if not _is_dtensor(t):
+        return local
+    return type(t).from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,7 +671,7 @@ class Perturbation:
         return normalization_operator(tensors, [self.spec(t).kind for t in tensors], etas)
 
     def _plan(self, grads: dict[int, Tensor] | None = None) -> tuple[_Plan, float]:
-        W, G, S, kinds, etas, rhos, cs = [], [], [], [], [], [], []
+        W, G, S, kinds, etas, rhos, cs, shard_groups = [], [], [], [], [], [], [], []
         ps = set()
         for gi, group in enumerate(self.param_groups):
             for k in _HYPER:
@@ -537,20 +685,23 @@ class Perturbation:
                 spec = self.spec(t)
                 if g.is_sparse:
                     raise RuntimeError(f"the sharpness-aware perturbation does not support sparse gradients ({spec.name})")
+                # A DTensor (fully_shard) is worked on through its local slice; its group totals the norm.
+                w, g, shard_group = _local_shard(t.data if grads is None else t, g, spec)
                 buf = self._buffers.get(id(t))
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-                    buf = self._buffers[id(t)] = torch.empty_like(t, memory_format=torch.preserve_format)
+                if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
+                    buf = self._buffers[id(t)] = torch.empty_like(w, memory_format=torch.preserve_format)
                 ps.add(group["p"])
-                W.append(t.data if grads is None else t)
+                W.append(w)
                 G.append(g)
                 S.append(buf)
+                shard_groups.append(shard_group)
                 kinds.append(spec.kind)
                 etas.append(eta)
                 rhos.append(group["rho"])
                 cs.append(_c_of(spec.kind, eta, g, group["p"]))
         if len(ps) > 1:
             raise ValueError(f"every param group must have the same p, got {sorted(ps)}")
-        return _Plan(W, G, S, kinds, etas, rhos, cs), (ps.pop() if ps else self.defaults["p"])
+        return _Plan(W, G, S, kinds, etas, rhos, cs, shard_groups), (ps.pop() if ps else self.defaults["p"])
 
     def _use_foreach(self, tensors) -> bool:
         if self.foreach is not None:
@@ -606,7 +757,7 @@ class Perturbation:
         """Copy the kept w back into each parameter's own storage, bit for bit (not w + eps - eps)."""
         if not self._perturbed:
             return
-        W = [t.data for t in self._perturbed]
+        W = [_local(t.data) for t in self._perturbed]
         S = [self._buffers[id(t)] for t in self._perturbed]
         if self._use_foreach(W):
             torch._foreach_copy_(W, S)
@@ -620,11 +771,16 @@ class Perturbation:
         """||w_eps - w||_2 of the perturbation as stored in the weights' dtype (fp32 arithmetic), while perturbed.
 
         In fp16/bf16 weights much of a small eps rounds away; :attr:`last_eps_norm` is the intended norm.
+        On sharded parameters every rank must call it (it all-reduces the shards' sums).
         """
         if not self._perturbed:
             return None
-        parts = [(t.data.float() - self._buffers[id(t)].float()).square().sum() for t in self._perturbed]
-        return torch.stack([q.to(parts[0].device) for q in parts]).sum().sqrt()
+        vecs: dict = {}
+        for t in self._perturbed:
+            w, _, group = _local_shard(t.data, t.data, self.spec(t))
+            q = (w.float() - self._buffers[id(t)].float()).square().sum().reshape(1)
+            vecs[group] = vecs[group] + q.to(vecs[group].device) if group in vecs else q
+        return _reduce_by_group(vecs)[0].sqrt()
 
     @torch.no_grad()
     def compute_eps(self, grads: Iterable[Tensor | None]) -> list[Tensor | None]:
@@ -645,7 +801,7 @@ class Perturbation:
             self._buffers = saved
         if out is None:
             raise ValueError("the gradient is not finite")
-        eps = {id(t): g * a for t, g, a in zip([t for t in params if id(t) in gmap], P.G, out[1])}
+        eps = {id(t): _like(t, g * a) for t, g, a in zip([t for t in params if id(t) in gmap], P.G, out[1])}
         return [eps.get(id(t)) for t in params]
 
     # -- state ---------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--max-tokens", type=_int_at_least("--max-tokens", 1), default=4096, help="tokens per batch")
     fs.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=None, help="sentences per batch")
     vi = sub.add_parser("vision", parents=[common], help="an asam-vision-train checkpoint on its data set")
-    vi.add_argument("checkpoint", help="checkpoint .pt written by asam-vision-train")
+    vi.add_argument("checkpoint", help="checkpoint .pt written by asam-vision-train (or its --fsdp checkpoint_*.dcp folder)")
     vi.add_argument("--split", choices=("train", "test"), default="test", help="default test")
     vi.add_argument("--data-dir", default=None, help="data folder (default: the one the run used)")
     vi.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=256)
@@ -181,7 +181,8 @@ def load_vision(args, device):
 
 def run(args) -> dict:
     """Load, measure, return the JSON-ready report (raises ValueError on bad input)."""
-    if not os.path.isfile(args.checkpoint):
+    sharded = args.kind == "vision" and os.path.isdir(args.checkpoint)  # asam-vision-train --fsdp (DCP folder)
+    if not (os.path.isfile(args.checkpoint) or sharded):
         raise ValueError(f"checkpoint: no file at {args.checkpoint}")
     if args.out is not None and os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a folder; give a file name")

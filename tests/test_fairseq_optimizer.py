@@ -80,7 +80,9 @@ def test_bad_flag_is_an_argparse_error_naming_the_flag(capsys, opt, flag, value,
         ("optimizer", "asam_p", 1.0, "--asam-p must be 2 or inf, got 1"),
         ("optimizer", "asam_normalization", "layer", "full_key: asam_normalization"),
         ("optimization", "use_bmuf", True, "does not support --use-bmuf"),
-        ("distributed_training", "ddp_backend", "fully_sharded", "does not support --ddp-backend fully_sharded"),
+        ("distributed_training", "ddp_backend", "fully_sharded",
+         "does not support --ddp-backend fully_sharded: fairseq's sharding is fairscale's FSDP"),
+        ("distributed_training", "ddp_backend", "slowmo", "does not support --ddp-backend slowmo"),
     ],
 )
 def test_bad_config_value_stops_the_build(section, key, value, message):

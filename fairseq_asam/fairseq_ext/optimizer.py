@@ -147,7 +147,19 @@ class FairseqSharpnessAdam(FairseqAdam):
         if getattr(cfg, "use_bmuf", False):
             raise ValueError(f"--optimizer {name} does not support --use-bmuf (its local steps have no second pass)")
         backend = str(getattr(cfg.ddp_backend, "value", cfg.ddp_backend))
-        if backend in ("fully_sharded", "slowmo"):
+        if backend == "fully_sharded":
+            # Tried with fairscale 0.4.13 (its last release) on torch 2.14.1: it builds and imports, but fairseq's
+            # wrapper gives it no compute device, so it needs CUDA; and it flattens each wrapped module's
+            # parameters into one 1-D shard, which loses the names (the bias rule) and the filter shapes of
+            # T_w, while the norm of eps must still be totalled over the shards. See docs/distributed.md.
+            raise ValueError(
+                f"--optimizer {name} does not support --ddp-backend fully_sharded: fairseq's sharding is "
+                "fairscale's FSDP (unmaintained; needs CUDA; flattens parameters into 1-D shards, losing the "
+                "parameter names and filter shapes ASAM's T_w needs). Use --ddp-backend pytorch_ddp, c10d, "
+                "legacy_ddp or no_c10d; to shard a model that does not fit one GPU, use PyTorch's own FSDP2 "
+                "(torch.distributed.fsdp.fully_shard), which fairseq_asam's ASAM/SAM support (docs/distributed.md)"
+            )
+        if backend == "slowmo":
             raise ValueError(
                 f"--optimizer {name} does not support --ddp-backend {backend}; use pytorch_ddp, c10d, "
                 "legacy_ddp or no_c10d"

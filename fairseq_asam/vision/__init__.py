@@ -2,7 +2,8 @@
 
 Torch and torchvision only (no fairseq). Modules: ``models`` (the paper's CIFAR networks),
 ``data`` (CIFAR pickles, ImageFolder, label noise), ``step`` (one SAM/ASAM update with m-sharpness,
-DDP and AMP, around ``fairseq_asam.core``), ``train`` (the ``asam-vision-train`` command),
+DDP and AMP, around ``fairseq_asam.core``), ``fsdp`` (``--fsdp``: fully_shard and sharded checkpoints),
+``train`` (the ``asam-vision-train`` command),
 ``report`` (summary tables and accuracy plots).
 
     python -m fairseq_asam.vision --help

@@ -21,6 +21,8 @@ itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.b
   (and CUDA) RNG state is saved before each micro-batch's first forward and restored before its second,
   so both passes of one update see the same draws (as fairseq_asam.fairseq_ext.task replays dropout);
   the state reached after the first pass is restored at the end. Models that draw nothing are unaffected.
+* FSDP2 (``fully_shard``): both passes reduce-scatter, so eps comes from the global batch's gradient; the
+  core totals the norm over the shards (one all-reduce), and every rank takes the same skip decision.
 * BatchNorm: the second forward pass normalizes with the batch's statistics, like the first, but does
   not fold them into the running statistics (they would describe weights w + eps that are never kept).
 * fp16: one GradScaler. The first-pass gradients stay scaled: eps is invariant to scaling the gradient
@@ -46,6 +48,7 @@ from torch import nn
 
 from .. import _compat
 from ..core import ASAM
+from .fsdp import is_fsdp
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
 
@@ -237,6 +240,11 @@ def train_step(
     if not isinstance(optimizer, ASAM):  # plain SGD: one pass
         return _one_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
 
+    if m_sharpness is not None and m_sharpness < n and is_fsdp(model):
+        raise ValueError(
+            "m-sharpness under FSDP: the first-pass gradient is reduce-scattered over all workers, so a "
+            "per-shard eps cannot be formed; use DDP for m-sharpness, or m_sharpness=None with FSDP"
+        )
     if m_sharpness is None or m_sharpness >= n:
         return _two_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
     return _two_pass_sharded(model, optimizer, criterion, x, y, m_sharpness, micro, scaler, ac)
@@ -267,7 +275,9 @@ def _two_pass(model, opt, criterion, pieces, scaler, ac) -> StepResult:
     opt.zero_grad()
     # eps from this worker's gradient only (per-worker m-sharpness), accumulated over its micro-batches
     states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
-    ok = _all_ranks_true(opt.perturbation.ascend(), logits.device)
+    ok = opt.perturbation.ascend()
+    if not is_fsdp(model):  # under FSDP the norm is global already: the same answer on every rank
+        ok = _all_ranks_true(ok, logits.device)
     if not ok:
         _skip(opt, scaler)
         return StepResult(loss, logits, True, None)

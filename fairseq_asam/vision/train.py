@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -41,6 +42,7 @@ from torch import nn
 from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
 from . import data as vdata
+from . import fsdp as vfsdp
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
 from .step import train_step
 
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from <run-dir>/checkpoint_last.pt, or from the given checkpoint")
     g.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop once this many epochs are done (the schedule still spans --epochs); resume later")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 (fully_shard per block), eps from the global batch's gradient, "
+                   "sharded checkpoints (<run-dir>/checkpoint_last.dcp); see docs/distributed.md")
     g.add_argument("--test-batch-size", type=int, default=256)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar per epoch")
     return p
@@ -170,6 +175,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         args.cutmix_alpha = 1.0
     if args.model is None:
         args.model = "resnet50" if imagenet else "resnet20"
+    args.fsdp = bool(getattr(args, "fsdp", False))  # a Namespace built by a caller may predate the flag
     if imagenet and args.model not in IMAGENET_MODELS:
         fail(f"--model {args.model} is a 32x32 CIFAR model; for imagenet use one of {sorted(IMAGENET_MODELS)}")
     if not imagenet and args.model not in CIFAR_MODELS:
@@ -217,6 +223,13 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
     for flag, value, ok, want in checks:
         if not ok:
             fail(f"{flag} must be {want}, got {value}")
+    if args.fsdp and args.m is not None:
+        fail("--fsdp computes eps from the global batch's gradient (FSDP reduce-scatters the first pass); "
+             "per-worker or per-shard eps (--m/--m-sharpness) needs each worker's whole gradient: use DDP "
+             "(no --fsdp) with --m-sharpness")
+    if args.fsdp and args.amp == "fp16":
+        fail("--fsdp with --amp fp16 is not supported (the GradScaler is not tested on sharded gradients); "
+             "use --amp bf16")
     try:  # the sharpness-aware hyper-parameters: the same checker as every other front end
         check_eta(args.eta, "--eta")
         if args.rho is not None:
@@ -409,6 +422,11 @@ def load_model_from_checkpoint(path: str, map_location="cpu"):
     The args dict has what :func:`fairseq_asam.vision.data.build_eval_dataset` needs (dataset, data_dir,
     seed, label_noise) and ``num_classes``.
     """
+    if os.path.isdir(path):  # a sharded (--fsdp) checkpoint: read without a process group
+        args = dict(vfsdp.read_meta(path)["args"])
+        model = build_model(args["model"], int(args["num_classes"]))
+        vfsdp.load_full_model_state(path, model)
+        return model.eval(), args
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -490,15 +508,21 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.fsdp:
+        vfsdp.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    last_name = vfsdp.CHECKPOINT if args.fsdp else "checkpoint_last.pt"
 
     _setup_logging(None, rank)
     ckpt_path = None
     if args.resume is not None:
-        ckpt_path = os.path.join(args.run_dir, "checkpoint_last.pt") if args.resume == "last" else args.resume
-        if not os.path.isfile(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-    elif os.path.exists(os.path.join(args.run_dir, "checkpoint_last.pt")):
-        fail(f"--run-dir {args.run_dir} already holds a run (checkpoint_last.pt); pass --resume or another --run-dir")
+        ckpt_path = os.path.join(args.run_dir, last_name) if args.resume == "last" else args.resume
+        if not (os.path.isdir if args.fsdp else os.path.isfile)(ckpt_path):
+            other = "checkpoint_last.pt" if args.fsdp else vfsdp.CHECKPOINT
+            hint = (f" ({other} is there: the run was {'not ' if args.fsdp else ''}trained with --fsdp)"
+                    if os.path.exists(os.path.join(args.run_dir, other)) else "")
+            fail(f"--resume: no {'sharded (--fsdp) ' if args.fsdp else ''}checkpoint at {ckpt_path}{hint}")
+    elif any(os.path.exists(os.path.join(args.run_dir, n)) for n in ("checkpoint_last.pt", vfsdp.CHECKPOINT)):
+        fail(f"--run-dir {args.run_dir} already holds a run (checkpoint_last); pass --resume or another --run-dir")
 
     # Data and model before the run directory exists: bad input leaves nothing behind.
     try:
@@ -519,6 +543,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     model = build_model(args.model, num_classes).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if args.fsdp:
+        model = vfsdp.shard(model)  # before the optimizer: the parameters become DTensors
     opt, base = _make_optimizer(model, args)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
@@ -531,15 +557,19 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     start_epoch, history = 0, []
     best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
     if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = (vfsdp.read_meta(ckpt_path) if args.fsdp
+                else torch.load(ckpt_path, map_location=device, weights_only=True))
         saved = ckpt["args"]
         diff = [k for k in _RESUME_FIXED if saved.get(k, _RESUME_DEFAULTS.get(k)) != args_dict.get(k)]
         if diff:
             fail("--resume: these arguments differ from the checkpoint's: "
                  + ", ".join(f"--{k.replace('_', '-')} {args_dict.get(k)} (checkpoint: "
                              f"{saved.get(k, _RESUME_DEFAULTS.get(k))})" for k in diff))
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if args.fsdp:  # any number of workers: DCP reshards
+            vfsdp.load_checkpoint(ckpt_path, model, opt, base)
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -562,7 +592,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
         logger.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not args.fsdp:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     local_bs = args.batch_size // world
@@ -577,6 +607,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     # Each rank evaluates every world-th test image; the sums are all-reduced (no padding, exact).
     test_part = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world))
     test_loader = torch.utils.data.DataLoader(test_part, batch_size=args.test_batch_size, shuffle=False, **loader_kw)
+    if args.fsdp:
+        test_loader = vfsdp.EvenBatches(test_loader, vfsdp.EvenBatches.count(len(test_ds), world, args.test_batch_size),
+                                        test_ds[0][0])
 
     cutmix = None
     if args.cutmix > 0:
@@ -647,7 +680,17 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
         logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | %.1fs%s",
                     epoch + 1, args.epochs, lr, rec["train_loss"], rec["train_acc"], rec["test_loss"], rec["test_acc"],
                     rec["test_top5"], rec["time_s"], f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
-        if rank == 0:
+        if args.fsdp:  # every rank writes its shards
+            meta = {"version": CHECKPOINT_VERSION, "scheduler": sched.state_dict(), "scaler": None,
+                    "epoch": epoch + 1, "history": history, "best": best, "args": args_dict}
+            vfsdp.save_checkpoint(os.path.join(args.run_dir, last_name), model, opt, base, meta)
+            if rank == 0:
+                if best["epoch"] == epoch + 1:
+                    best_dir = os.path.join(args.run_dir, "checkpoint_best.dcp")
+                    shutil.rmtree(best_dir, ignore_errors=True)
+                    shutil.copytree(os.path.join(args.run_dir, last_name), best_dir)
+                _write_metrics(args.run_dir, history)
+        elif rank == 0:
             path = os.path.join(args.run_dir, "checkpoint_last.pt")
             _save_checkpoint(path, model, opt, sched, scaler, epoch + 1, history, best, args_dict)
             if best["epoch"] == epoch + 1:
@@ -655,7 +698,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
                               lambda tmp, src=path: _copy(src, tmp))
             _write_metrics(args.run_dir, history)
 
-    if world > 1:
+    if world > 1 and not args.fsdp:  # (sharded weights differ by design)
         if not _ranks_agree(model, device):
             raise RuntimeError("the workers' weights differ after training: the DDP update is broken")
         logger.info("weights identical on all %d ranks", world)
