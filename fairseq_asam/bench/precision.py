@@ -129,7 +129,7 @@ def applied_fraction(named, grads, dtype, *, rho=0.2, eta=0.01, p=2, adaptive=Tr
     w0 = [q.detach().clone() for q in params]
     want = perturbation([w.double() for w in w0], [g.double() for g in grads], rho=rho, eta=eta, p=p, kinds=kinds)
     for q, g in zip(params, grads):
-        q.grad = g.to(dtype)
+        q.grad = g.to(dtype, copy=True)  # the ascent consumes .grad: never the caller's tensor
     if dtype == torch.float16:
         from ..fairseq_ext.task import fp16_grads_for_ascent
 
