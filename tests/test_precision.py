@@ -83,7 +83,7 @@ def test_applied_fraction_of_eps(iwslt):
     # The numbers docs/precision.md reports (ASAM, rho 0.2): fp32 weights (also AMP and bf16 autocast) carry
     # eps whole; in fp16 weights ||w_eps - w|| stays about ||eps|| (eps is concentrated on the few entries
     # with a large T, e.g. layer-norm weights) but over 99% of the entries do not move and the direction
-    # bends; bf16 weights lose about 7% of the norm and 10% of the direction. The restore is exact in every mode.
+    # bends; bf16 weights lose about 7% of the norm and 10% of the direction (ASAM). The restore is exact in every mode.
     named, grads, _ = iwslt
     r32, r16, rbf = (applied_fraction(named, grads, dt, rho=0.2) for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert r32["ratio"] == pytest.approx(1.0, abs=1e-4) and r32["cos"] > 1 - 1e-6
