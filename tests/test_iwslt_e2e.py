@@ -15,7 +15,8 @@ import tarfile
 import pytest
 from iwslt_helpers import write_archive
 
-from fairseq_asam.iwslt import demo, evaluate, summarize, train
+from fairseq_asam.iwslt import evaluate, summarize, train
+from scripts import demo
 
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
         "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
