@@ -150,7 +150,7 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
     return res
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The IWSLT'14 pipeline (prepare, train Adam/SAM/ASAM, BLEU, Table 5) "
                                  "on the embedded synthetic corpus. Unknown arguments go to fairseq-train.",
                                  allow_abbrev=False)

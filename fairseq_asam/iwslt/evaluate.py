@@ -131,8 +131,8 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "
     return result
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="evaluate-iwslt14.sh", allow_abbrev=False,
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="asam-iwslt-evaluate", allow_abbrev=False,
                                  description="fairseq-generate (beam 5, remove BPE) on valid and test, then "
                                  "tokenized BLEU and detokenized sacreBLEU, written to RUN_DIR/eval.json. "
                                  "Unknown arguments go to fairseq-generate.")
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint, subsets=subsets, beam=args.beam,
                      batch_size=args.batch_size, extra=extra)
     except (ValueError, RuntimeError) as e:
-        print(f"evaluate-iwslt14: error: {e}", file=sys.stderr)
+        print(f"asam-iwslt-evaluate: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -542,9 +542,9 @@ def _sentencepiece(joint: Path, model: Path, vocab: int, log: Log):
     return lambda lines: [" ".join(sp.encode(line, out_type=str)) for line in lines]
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="prepare-iwslt14.sh",
+        prog="asam-iwslt-prepare",
         description="Prepare IWSLT'14 DE-EN as fairseq's examples/translation/prepare-iwslt14.sh does, "
         "then binarize it with fairseq-preprocess.",
     )
@@ -568,7 +568,7 @@ def main(argv=None) -> int:
         prepare(args.tarball, dest=args.dest, work=args.work_dir, bpe=args.bpe, bpe_tokens=args.bpe_tokens,
                 workers=args.workers, url=args.url)
     except PrepareError as e:
-        print(f"prepare-iwslt14: error: {e}", file=sys.stderr)
+        print(f"asam-iwslt-prepare: error: {e}", file=sys.stderr)
         return 2
     return 0
 
