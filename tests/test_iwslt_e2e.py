@@ -223,3 +223,19 @@ def test_resumed_asam_run_equals_uninterrupted(pipeline):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert summarize.read_valid_log(run / "train.log")[-1] == summarize.read_valid_log(
         out / "runs" / "asam-seed1" / "train.log")[-1]
+
+
+@pytest.mark.slow
+def test_evaluation_streams_generate_progress_and_keeps_every_hypothesis(pipeline, tmp_path, capsys):
+    import shutil
+
+    src = pipeline["out"] / "runs" / "asam-seed1"
+    run = tmp_path / "asam-seed1"  # a copy: evaluate_run rewrites eval.json, which other tests read
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("checkpoint_last.pt", "checkpoint_*_*.pt"))
+    before = json.loads((src / "eval.json").read_text())
+    capsys.readouterr()
+    res = evaluate.evaluate_run(run, subsets=("test",), log=lambda m: None)
+    err = capsys.readouterr().err
+    assert "it/s" in err or "s/it" in err, err[-2000:]  # fairseq-generate's tqdm bar, passed on
+    assert res["test"]["bleu_tokenized"] == before["test"]["bleu_tokenized"]
+    assert res["test"]["sentences"] == before["test"]["sentences"] == 15

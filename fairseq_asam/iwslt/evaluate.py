@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["evaluate_run", "parse_generate", "score"]
@@ -82,11 +83,31 @@ def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: 
            "--batch-size", str(batch_size), "--remove-bpe", remove_bpe,
            # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
            # default multiple of 8: the test set would silently lose up to 7 sentences.
-           "--required-batch-size-multiple", "1", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    return r.stdout
+           "--required-batch-size-multiple", "1",
+           # Its tqdm bar goes to stderr, which is passed on below as it is written (the default
+           # "simple" format would log progress to stdout, mixed into the hypotheses); the user's
+           # own --log-format comes later in the list and wins.
+           "--log-format", "tqdm", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail = bytearray()
+
+    def pump():
+        # stderr chunk by chunk, not line by line: tqdm redraws its bar with \r, not \n.
+        for chunk in iter(lambda: proc.stderr.read1(1 << 12), b""):
+            sys.stderr.write(chunk.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+            tail.extend(chunk)
+            del tail[:-6000]
+
+    relay = threading.Thread(target=pump, daemon=True)
+    relay.start()
+    out = proc.stdout.read().decode("utf-8")  # the hypotheses, kept whole for parse_generate
+    rc = proc.wait()
+    relay.join()
+    if rc != 0:
+        err = tail.decode("utf-8", errors="replace")
+        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {rc}):\n{err[-3000:]}")
+    return out
 
 
 def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "checkpoint_best.pt",

@@ -35,6 +35,7 @@ from ..core import ASAM, SAM
 from . import data as vdata
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
 from .step import train_step
+from .tracking import EpochTrackers
 
 logger = logging.getLogger("fairseq_asam.vision")
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once this many epochs are done (the schedule still spans --epochs); resume later")
     g.add_argument("--test-batch-size", type=int, default=256)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar per epoch")
+    g.add_argument("--tensorboard-logdir", default=None, metavar="DIR",
+                   help="also log the per-epoch metrics (and images/s) to TensorBoard under DIR/<run name>")
+    g.add_argument("--wandb-project", default=None, metavar="NAME",
+                   help="also log the per-epoch metrics to Weights & Biases (WANDB_MODE=offline works offline)")
     return p
 
 
@@ -451,6 +456,14 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
                     n_noisy, len(train_ds), n_noisy / len(train_ds), args.label_noise)
     if ckpt_path is not None:
         logger.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+    trackers = EpochTrackers()
+    if rank == 0:
+        try:
+            trackers = EpochTrackers(tensorboard_logdir=args.tensorboard_logdir, wandb_project=args.wandb_project,
+                                     run_name=os.path.basename(os.path.normpath(args.run_dir)), run_dir=args.run_dir,
+                                     config=args_dict)
+        except ValueError as e:
+            fail(str(e))
 
     ddp_model = model
     if world > 1:
@@ -502,6 +515,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
                 s = sums.tolist()
                 bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}")
         bar.close()
+        train_s = time.time() - t0  # images/s counts the training passes only, not the evaluation
         sched.step()
         if world > 1:
             dist.all_reduce(sums)
@@ -518,14 +532,18 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
             "test_top5": test["top5"],
             "eps_norm": s[3] / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
             "skipped_steps": skipped,
+            "images_per_s": round(s[2] / max(train_s, 1e-9), 1),
             "time_s": round(time.time() - t0, 3),
         }
         history.append(rec)
         if test["top1"] > best["top1"]:
             best = {"top1": test["top1"], "top5": test["top5"], "epoch": epoch + 1}
-        logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | %.1fs%s",
+        logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | "
+                    "%.1f img/s | %.1fs%s",
                     epoch + 1, args.epochs, lr, rec["train_loss"], rec["train_acc"], rec["test_loss"], rec["test_acc"],
-                    rec["test_top5"], rec["time_s"], f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
+                    rec["test_top5"], rec["images_per_s"], rec["time_s"],
+                    f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
+        trackers.log_epoch(rec)
         if rank == 0:
             path = os.path.join(args.run_dir, "checkpoint_last.pt")
             _save_checkpoint(path, model, opt, sched, scaler, epoch + 1, history, best, args_dict)
@@ -534,6 +552,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
                               lambda tmp, src=path: _copy(src, tmp))
             _write_metrics(args.run_dir, history)
 
+    trackers.close()
     if world > 1:
         if not _ranks_agree(model, device):
             raise RuntimeError("the workers' weights differ after training: the DDP update is broken")
