@@ -210,7 +210,7 @@ def measure_sharpness(
     batches: Iterable,
     *,
     rho: float,
-    p=2,
+    p: float | str = 2,
     adaptive: bool = True,
     eta: float = 0.01,
     steps: int = 20,

@@ -115,3 +115,22 @@ def test_wheel_installs_and_works_without_the_repository(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "every requirement met" in r.stdout
     print(f"wheel build + fresh venv + checks: {time.time() - t0:.1f}s")
+
+
+def test_check_install_names_what_is_missing_or_out_of_range(monkeypatch):
+    from importlib import metadata
+
+    from scripts import check_install
+
+    declared = ["torch>=2.6", 'wandb>=0.16; extra == "tracking"', 'nosuchpkg>=1; extra == "dev"',
+                'other>=1; extra == "not-checked"']
+    installed = {"torch": "2.5.1", "wandb": "0.31.0", "other": "0.1"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(metadata, "requires", lambda dist: declared)
+    monkeypatch.setattr(metadata, "version", version)
+    assert check_install.unmet() == ["torch>=2.6 (installed: 2.5.1)", 'nosuchpkg>=1; extra == "dev" (not installed)']

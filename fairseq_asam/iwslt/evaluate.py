@@ -24,7 +24,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 __all__ = ["evaluate_run", "parse_generate", "score"]
@@ -84,30 +83,16 @@ def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: 
            # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
            # default multiple of 8: the test set would silently lose up to 7 sentences.
            "--required-batch-size-multiple", "1",
-           # Its tqdm bar goes to stderr, which is passed on below as it is written (the default
-           # "simple" format would log progress to stdout, mixed into the hypotheses); the user's
-           # own --log-format comes later in the list and wins.
-           "--log-format", "tqdm", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    tail = bytearray()
-
-    def pump():
-        # stderr chunk by chunk, not line by line: tqdm redraws its bar with \r, not \n.
-        for chunk in iter(lambda: proc.stderr.read1(1 << 12), b""):
-            sys.stderr.write(chunk.decode("utf-8", errors="replace"))
-            sys.stderr.flush()
-            tail.extend(chunk)
-            del tail[:-6000]
-
-    relay = threading.Thread(target=pump, daemon=True)
-    relay.start()
-    out = proc.stdout.read().decode("utf-8")  # the hypotheses, kept whole for parse_generate
-    rc = proc.wait()
-    relay.join()
-    if rc != 0:
-        err = tail.decode("utf-8", errors="replace")
-        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {rc}):\n{err[-3000:]}")
-    return out
+           # Progress every 10 batches when stderr is not a terminal (on a terminal fairseq draws a
+           # tqdm bar instead); the user's own --log-interval comes later in the list and wins.
+           "--log-interval", "10", *extra]
+    # stdout (the hypotheses) is captured for parse_generate; stderr is the user's, so fairseq-generate's
+    # progress bar and messages show while it translates (fairseq picks its tqdm bar only when stderr
+    # is a terminal, which a pipe would hide).
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {r.returncode}); its messages are above")
+    return r.stdout
 
 
 def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "checkpoint_best.pt",

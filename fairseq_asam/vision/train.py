@@ -11,6 +11,8 @@ batch 512, lr 0.2, weight decay 1e-4, 100 epochs for SAM/ASAM and 200 for SGD, r
 
 Each epoch writes <run-dir>/checkpoint_last.pt (and checkpoint_best.pt), metrics.csv and metrics.json;
 args.json holds the resolved arguments; ``--resume`` continues a stopped run to the same final weights.
+``--tensorboard-logdir`` / ``--wandb-project`` also send every per-epoch figure (images/s included) to
+TensorBoard / W&B (:mod:`fairseq_asam.vision.tracking`).
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ def _jsonable(args: argparse.Namespace) -> dict:
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 
-def load_model_from_checkpoint(path: str, map_location="cpu"):
+def load_model_from_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode with the checkpoint's weights, the run's resolved args as a dict).
 
     The args dict has what :func:`fairseq_asam.vision.data.build_eval_dataset` needs (dataset, data_dir,
