@@ -24,11 +24,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["evaluate_run", "parse_generate", "score"]
 
 _BLEU_LINE = re.compile(r"^Generate (\S+) with beam=(\d+): BLEU4 = ([0-9.]+),")
+_PROGRESS = re.compile(r"(\d+) / (\d+) wps=")  # fairseq's SimpleProgressBar: "<prefix>:  i / n wps=..."
 USER_DIR = str(Path(__file__).resolve().parent.parent)
 
 
@@ -83,16 +85,36 @@ def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: 
            # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
            # default multiple of 8: the test set would silently lose up to 7 sentences.
            "--required-batch-size-multiple", "1",
-           # Progress every 10 batches when stderr is not a terminal (on a terminal fairseq draws a
-           # tqdm bar instead); the user's own --log-interval comes later in the list and wins.
-           "--log-interval", "10", *extra]
-    # stdout (the hypotheses) is captured for parse_generate; stderr is the user's, so fairseq-generate's
-    # progress bar and messages show while it translates (fairseq picks its tqdm bar only when stderr
-    # is a terminal, which a pipe would hide).
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {r.returncode}); its messages are above")
-    return r.stdout
+           # One progress line per batch on stderr (fairseq's form when stderr is not a terminal, as
+           # here), turned into a progress bar below; a --log-interval in extra comes later and wins.
+           "--log-interval", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+
+    def follow_progress():
+        # stdout must be read whole (the hypotheses), so stderr is read on this thread: fairseq's
+        # "  i / n wps=..." lines move a tqdm bar; the rest (warnings, its config) is kept for errors.
+        from tqdm import tqdm
+
+        with tqdm(desc=f"  fairseq-generate {subset}", unit="batch", leave=False, file=sys.stderr,
+                  mininterval=0.5, dynamic_ncols=True) as bar:
+            for line in proc.stderr:
+                m = _PROGRESS.search(line)
+                if m:
+                    bar.total = int(m.group(2))
+                    bar.update(int(m.group(1)) - bar.n)
+                else:
+                    tail.append(line)
+                    del tail[:-200]
+
+    relay = threading.Thread(target=follow_progress, daemon=True)
+    relay.start()
+    out = proc.stdout.read()
+    rc = proc.wait()
+    relay.join()
+    if rc != 0:
+        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {rc}):\n{''.join(tail)[-3000:]}")
+    return out
 
 
 def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "checkpoint_best.pt",

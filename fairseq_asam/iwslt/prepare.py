@@ -155,12 +155,17 @@ def _tokenize_chunk(args) -> list[str]:
     return [_tokenize_one(lang, line) for line in chunk]
 
 
-def tokenize_lines(lines: list[str], lang: str, workers: int = 1, log: Log | None = None) -> list[str]:
-    """Moses tokenization as ``tokenizer.perl -threads N -l lang`` (line for line, order kept)."""
+def tokenize_lines(lines: list[str], lang: str, workers: int = 1, log: Log | None = None,
+                   progress: bool = True) -> list[str]:
+    """Moses tokenization as ``tokenizer.perl -threads N -l lang`` (line for line, order kept).
+
+    ``progress``: a bar over the lines (the training side, about 160k lines per language; the
+    dev/test files take a second and go without one).
+    """
     chunk = 5000
     chunks = [(lang, lines[i : i + chunk]) for i in range(0, len(lines), chunk)]
     out: list[str] = []
-    with _bar(len(lines), f"tokenize {lang}") as bar:
+    with _bar(len(lines), f"tokenize {lang}", disable=not progress) as bar:
         if workers > 1 and len(chunks) > 1:
             import multiprocessing as mp
 
@@ -447,7 +452,7 @@ def prepare(tarball: Path | None = None, *, dest: Path = Path("data-bin/iwslt14.
             for lang in (SRC, TGT):
                 src_file = orig / "de-en" / f"{name}.de-en.{lang}.xml"
                 segs = seg_lines(_read(src_file))
-                _write(t[seg_out[(name, lang)]], lowercase(tokenize_lines(segs, lang, 1)))
+                _write(t[seg_out[(name, lang)]], lowercase(tokenize_lines(segs, lang, 1, progress=False)))
                 per[lang] = len(segs)
             _check_lines(orig / "de-en" / f"{name}.de-en.*.xml", per[SRC], per[TGT], name)
             if per[SRC] == 0:
