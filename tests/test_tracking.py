@@ -122,6 +122,28 @@ def test_vision_wandb_offline_logs_the_same_records(cifar_dir, tmp_path, monkeyp
             assert row[key] == pytest.approx(h[key], rel=1e-9), key
 
 
+def test_fairseq_wandb_project_offline_gets_the_sharpness_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # run_fairseq's child process inherits the environment
+    data = fh.make_tiny_corpus(tmp_path / "corpus")
+    proc = fh.run_fairseq("train", fh.tiny_train_args(
+        data, tmp_path / "ckpt", "--task", "translation_sam", "--optimizer", "sam_adam", "--asam-rho", "0.05",
+        "--max-update", "3", "--no-save", "--wandb-project", "asam-test"))
+    logged = fh.train_logs(proc)
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # written when the process exits
+    by_step: dict[int, dict] = {}
+    for row in _wandb_history(run_file):
+        by_step.setdefault(row["_step"], {}).update(row)
+    for step, rec in zip((1, 2, 3), logged):
+        row = by_step[step]
+        for key in ("loss", "loss_eps", "sharpness"):
+            assert row[f"train_inner/{key}"] == pytest.approx(float(rec[key]), abs=1.5e-3), key
+        # SAM with p = 2: ||eps||_2 is rho, every update.
+        assert row["train_inner/eps_norm"] == pytest.approx(0.05, rel=1e-3)
+
+
 def test_missing_tracker_package_is_a_clear_error(cifar_dir, tmp_path, monkeypatch, capsys):
     import builtins
 
