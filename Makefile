@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-REQS := requirements/torch.txt requirements/build.txt requirements/fairseq.txt requirements/runtime.txt
+REQS := requirements/torch.txt requirements/build.txt requirements/fairseq.txt requirements/runtime.txt requirements/dev.txt
 DEPS := $(VENV)/.deps-installed
 STAMP := $(VENV)/.installed
 
@@ -14,21 +14,25 @@ install: $(STAMP)
 
 # The order matters: torch first (so nothing pulls another one), then the build tools fairseq's
 # extensions compile against, then fairseq without its dependencies and without build isolation
-# (isolation would download a fresh multi-GB torch to build against), then everything else.
+# (isolation would download a fresh multi-GB torch to build against), then the pinned versions of
+# everything else (requirements/runtime.txt: fairseq's real needs and the extras), then the test tools.
 $(DEPS): $(REQS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements/torch.txt
 	$(PIP) install --quiet -r requirements/build.txt
 	$(PIP) install --quiet --no-deps --no-build-isolation -r requirements/fairseq.txt
-	$(PIP) install --quiet -r requirements/runtime.txt -c requirements/torch.txt
+	$(PIP) install --quiet -r requirements/runtime.txt -c requirements/torch.txt -c requirements/build.txt
+	$(PIP) install --quiet -r requirements/dev.txt -c requirements/torch.txt
 	@touch $(DEPS)
 
-# The project itself, editable; redone only when setup.py changes.
-$(STAMP): $(DEPS) setup.py
+# The project itself, editable, without dependencies (they are all installed above, in the right order);
+# then a check that the pins meet every range pyproject.toml declares (core and all extras) and that
+# no torchaudio came in. Redone only when pyproject.toml or setup.py changes.
+$(STAMP): $(DEPS) pyproject.toml setup.py
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PY) scripts/check_install.py
 	@$(PY) -c "import torch, torchvision, fairseq, fairseq_asam; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| fairseq', fairseq.__version__)"
-	@! $(PIP) show torchaudio >/dev/null 2>&1 || { echo "torchaudio got installed; it must not be" >&2; exit 1; }
 	@touch $(STAMP)
 
 lint: install

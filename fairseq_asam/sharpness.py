@@ -195,7 +195,7 @@ def measure_sharpness(
     batches: Iterable,
     *,
     rho: float,
-    p=2,
+    p: float | str = 2,
     adaptive: bool = True,
     eta: float = 0.01,
     steps: int = 20,
@@ -213,8 +213,11 @@ def measure_sharpness(
             module's mode and the TF32 settings are restored afterwards, and so are the weights, bit for bit.
         loss_fn: ``loss_fn(model, batch)`` returns the mean loss on the batch, or ``(mean, weight)``
             to weight batches unevenly (e.g. by token count); L_S is the weighted mean over batches.
-        batches: the data, an iterable of whatever ``loss_fn`` takes; iterated once per evaluation
-            (a one-shot iterator is materialized into a list first).
+        batches: the data, an iterable of whatever ``loss_fn`` takes; iterated once per evaluation.
+            A re-iterable source (a list, a ``DataLoader``, any object whose ``__iter__`` starts a
+            fresh pass) is streamed: only the batch in use needs to be in memory, so a source that
+            loads each batch (and moves it to the device) as it is yielded bounds memory by one
+            batch. A one-shot iterator (a generator) is materialized into a list first.
         rho: radius of the region; p: 2 or ``float("inf")``.
         adaptive: Eq. 4 (True) or Eq. 2 (False; eta, normalization, normalize_bias are then unused).
         eta: the eta of T_w + eta I; 0 gives the exactly scale-invariant measure of Theorem 1.

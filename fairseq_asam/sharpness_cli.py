@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from argparse import Namespace
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -37,6 +39,45 @@ from .checks import argparse_type, check_eta, check_int, check_rho
 from .sharpness import measure_sharpness
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class StreamedBatches:
+    """A re-iterable data source: every pass loads the batches again and moves each to the device
+    just before it is used.
+
+    measure_sharpness iterates the data once per evaluation (1 + (restarts + 1) x (steps + 1) times);
+    holding the split on the device instead would cost its whole size (about 30 GB for ImageNet's
+    validation set). ``make_batches()`` starts a fresh pass over the host-side batches, ``to_device``
+    moves one batch, ``count(batch)`` returns what the report sums (sentences, tokens, examples) and
+    is recorded on the first pass only. ``progress`` (a tqdm bar, or None) advances by one per batch.
+    """
+
+    def __init__(self, make_batches: Callable[[], Iterable], length: int, to_device: Callable,
+                 count: Callable[[Any], dict[str, int]], max_batches: int | None = None):
+        self.make_batches, self.to_device, self.count = make_batches, to_device, count
+        self.length = length if max_batches is None else min(length, max_batches)
+        self.totals: dict[str, int] = {}
+        self.progress = None
+        self._counted = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator:
+        n = 0
+        totals: dict[str, int] = {}
+        for batch in self.make_batches():
+            if n >= self.length:
+                break
+            n += 1
+            if not self._counted:
+                for k, v in self.count(batch).items():
+                    totals[k] = totals.get(k, 0) + int(v)
+            yield self.to_device(batch)
+            if self.progress is not None:
+                self.progress.update(1)
+        if not self._counted and n == self.length:
+            self.totals, self._counted = totals, True
 
 
 def _int_at_least(flag, minimum):
@@ -63,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure on the first N batches of the split (default: all)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--out", default=None, help="write the JSON here as well")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar on stderr, one tick per batch evaluated (default: on)")
 
     ap = argparse.ArgumentParser(
         prog="asam-sharpness",
@@ -93,8 +136,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_fairseq(args, device):
-    """(model, loss_fn, batches, info) for a fairseq checkpoint, through fairseq's own loading code."""
+def load_fairseq(args: argparse.Namespace, device: torch.device):
+    """(model, loss_fn, batches, info) for a fairseq checkpoint, through fairseq's own loading code.
+
+    ``batches`` is a :class:`StreamedBatches`: the split is read again on every pass, never held whole.
+    """
     from fairseq import checkpoint_utils
     from fairseq import utils as fs_utils
 
@@ -108,7 +154,7 @@ def load_fairseq(args, device):
         dataset = task.dataset(args.split)
     except (KeyError, FileNotFoundError) as e:
         raise ValueError(f"--split {args.split}: no such split in {cfg.task.data} ({e})") from None
-    itr = task.get_batch_iterator(
+    epoch_itr = task.get_batch_iterator(
         dataset=dataset,
         max_tokens=args.max_tokens,
         max_sentences=args.batch_size,
@@ -116,12 +162,22 @@ def load_fairseq(args, device):
         ignore_invalid_inputs=True,
         seed=1,
         num_workers=0,
-    ).next_epoch_itr(shuffle=False)
-    batches = []
-    for sample in itr:
-        if args.max_batches is not None and len(batches) >= args.max_batches:
-            break
-        batches.append(fs_utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample)
+    )
+    # What fairseq's unshuffled, single-shard epoch iterator does with num_workers=0 (a DataLoader over
+    # the frozen batch sampler with the dataset's collater), once per pass instead of once: the same
+    # batches in the same order, and only one of them in memory at a time.
+    index_batches = epoch_itr.frozen_batches
+
+    def make_batches():
+        for idx in index_batches:
+            yield epoch_itr.collate_fn([dataset[i] for i in idx])
+
+    def to_device(sample):
+        return fs_utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
+
+    batches = StreamedBatches(make_batches, len(index_batches), to_device,
+                              lambda s: {"num_sentences": s["nsentences"], "num_tokens": s["ntokens"]},
+                              args.max_batches)
 
     def loss_fn(m, sample):
         # fairseq criteria return the loss summed over the batch and the count it is normalized by
@@ -136,15 +192,13 @@ def load_fairseq(args, device):
         data=cfg.task.data,
         split=args.split,
         num_batches=len(batches),
-        num_sentences=int(sum(s["nsentences"] for s in batches)),
-        num_tokens=int(sum(s["ntokens"] for s in batches)),
         loss_unit="criterion loss per target token",
     )
     return model, loss_fn, batches, info
 
 
-def load_vision(args, device):
-    """(model, loss_fn, batches, info) for an asam-vision-train checkpoint."""
+def load_vision(args: argparse.Namespace, device: torch.device):
+    """(model, loss_fn, batches, info) for an asam-vision-train checkpoint; ``batches`` streams as above."""
     import torch.nn.functional as F
 
     from .vision.data import build_eval_dataset
@@ -157,11 +211,9 @@ def load_vision(args, device):
     model = model.to(device)
     dataset = build_eval_dataset(run_args, args.split, data_dir=args.data_dir)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0)
-    batches = []
-    for x, y in loader:
-        if args.max_batches is not None and len(batches) >= args.max_batches:
-            break
-        batches.append((x.to(device), y.to(device)))
+    # Re-read every pass (test-time transforms are deterministic), one batch on the device at a time.
+    batches = StreamedBatches(lambda: iter(loader), len(loader), lambda b: (b[0].to(device), b[1].to(device)),
+                              lambda b: {"num_examples": len(b[1])}, args.max_batches)
 
     def loss_fn(m, batch):
         x, y = batch
@@ -173,13 +225,12 @@ def load_vision(args, device):
         data=args.data_dir or run_args.get("data_dir"),
         split=args.split,
         num_batches=len(batches),
-        num_examples=int(sum(len(b[1]) for b in batches)),
         loss_unit="cross-entropy per example",
     )
     return model, loss_fn, batches, info
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Load, measure, return the JSON-ready report (raises ValueError on bad input)."""
     sharded = args.kind == "vision" and os.path.isdir(args.checkpoint)  # asam-vision-train --fsdp (DCP folder)
     if not (os.path.isfile(args.checkpoint) or sharded):
@@ -191,20 +242,30 @@ def run(args) -> dict:
     device = _device(args.device)
     loader = load_fairseq if args.kind == "fairseq" else load_vision
     model, loss_fn, batches, info = loader(args, device)
-    if not batches:
+    if not len(batches):
         raise ValueError(f"--split {args.split} has no batches to measure on")
     start = time.time()
-    result = measure_sharpness(
-        model, loss_fn, batches,
-        rho=args.rho, p=math.inf if args.p == "inf" else 2, adaptive=args.adaptive, eta=args.eta,
-        steps=args.steps, restarts=args.restarts, seed=args.seed,
-        normalization=args.normalization, normalize_bias=args.normalize_bias,
-    )  # fmt: skip
+    from tqdm import tqdm
+
+    # One forward (and backward) pass over the batches per evaluation: the unperturbed loss, then
+    # steps + 1 points per start (fewer if an ascent stops at a flat point).
+    evaluations = 1 + (args.restarts + 1) * (args.steps + 1)
+    with tqdm(total=evaluations * len(batches), unit="batch", desc="asam-sharpness", disable=not args.progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        batches.progress = bar
+        result = measure_sharpness(
+            model, loss_fn, batches,
+            rho=args.rho, p=math.inf if args.p == "inf" else 2, adaptive=args.adaptive, eta=args.eta,
+            steps=args.steps, restarts=args.restarts, seed=args.seed,
+            normalization=args.normalization, normalize_bias=args.normalize_bias,
+        )  # fmt: skip
+        batches.progress = None
     report = dict(
         kind=args.kind,
         checkpoint=os.path.abspath(args.checkpoint),
         measure="adaptive sharpness (Eq. 4)" if args.adaptive else "sharpness (Eq. 2)",
         **info,
+        **batches.totals,
         seconds=round(time.time() - start, 3),
         device=str(device),
         **result.to_dict(),
@@ -227,7 +288,7 @@ def _write_json_atomic(path: str, obj) -> None:
         raise
 
 
-def cli_main(argv=None) -> int:
+def cli_main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:

@@ -15,9 +15,10 @@ import sys
 
 import torch
 
+# benchmarks/ is a package of the repository (not installed): the repository root goes on the path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fairseq_asam.bench import fairseq_update, kernel, vision_update  # noqa: E402
+from benchmarks import fairseq_update, kernel, vision_update  # noqa: E402
 
 SECTIONS = ["kernel", "fairseq", "vision"]
 
@@ -155,19 +156,25 @@ def main(argv=None):
         devices = ["cuda"]
 
     result = {"machine": machine(), "sections": {}}
-    lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
-             f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}", ""]
+    # Each table is printed (and flushed) as soon as its section is measured: a full run takes many
+    # minutes, and the first numbers should not wait for the last section.
+    print(f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
+          f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}\n", flush=True)
     for name in sections:
+        print(f"[bench] measuring section {name} ...", file=sys.stderr, flush=True)
         data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section}[name](args, devices)
         result["sections"][name] = data
-        lines += table + [""]
-    print("\n".join(lines))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
+        _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
+        print("\n".join(table) + "\n", flush=True)
+    print(f"wrote {args.out}")
+
+
+def _write_json(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def precision(report, device: str, dry: bool) -> None:
         report.add("precision", "items 1-2 on transformer_iwslt_de_en", None,
                    "dry run: tests/test_precision.py measures them on the CPU (about a minute)")
     else:
-        from fairseq_asam.bench.precision import format_tables, measure
+        from benchmarks.precision import format_tables, measure
 
         res = measure(device)
         print("\n".join(format_tables(res)))

@@ -1,7 +1,7 @@
 """Helpers for tests (and benchmarks) that run real fairseq on a tiny corpus.
 
-``make_tiny_corpus(tmpdir)`` writes a small synthetic German-English-shaped parallel corpus in fairseq's
-raw text format (one sentence per line, space-separated tokens) and binarizes it with the real
+``make_tiny_corpus(tmpdir)`` (from ``benchmarks/tiny_corpus.py``, which the benchmark shares) writes a
+small synthetic German-English-shaped parallel corpus and binarizes it with the real
 ``fairseq-preprocess``; it returns the ``data-bin`` directory that ``fairseq-train DATA`` takes.
 
 ``tiny_model_args()`` is a 1-layer, 16-dim transformer (the ``transformer`` arch with small sizes): a
@@ -12,70 +12,21 @@ between runs.
 
 Example (from the repository root)::
 
-    .venv/bin/python -c "import tests.fairseq_helpers as h, tempfile; print(h.make_tiny_corpus(tempfile.mkdtemp()))"
+    .venv/bin/python -m benchmarks.tiny_corpus runs/tiny
 """
 
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
+import fairseq_asam
+from benchmarks.tiny_corpus import make_tiny_corpus, make_tiny_lm_corpus, write_tiny_raw_corpus  # noqa: F401 (the tests import them from here)
+
 REPO = Path(__file__).resolve().parents[1]
-USER_DIR = str(REPO / "fairseq_asam")
-
-# The "translation" the corpus encodes: every source word has one target word, and the target
-# sentence is the source sentence mapped word by word and reversed. Learnable by a tiny
-# transformer in a few hundred updates, so BLEU and losses move in tests that train longer.
-_SRC_WORDS = [f"s{i}" for i in range(24)]
-_TGT_WORDS = [f"t{i}" for i in range(24)]
-
-
-def _sentence_pair(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(3, 9)
-    idx = [rng.randrange(len(_SRC_WORDS)) for _ in range(n)]
-    return " ".join(_SRC_WORDS[i] for i in idx), " ".join(_TGT_WORDS[i] for i in reversed(idx))
-
-
-def write_tiny_raw_corpus(raw_dir, *, n_train: int = 240, n_valid: int = 24, n_test: int = 16, seed: int = 1):
-    """Write train/valid/test.{de,en} into ``raw_dir``; returns the path prefix ``raw_dir/``."""
-    raw = Path(raw_dir)
-    raw.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        pairs = [_sentence_pair(rng) for _ in range(n)]
-        (raw / f"{split}.de").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
-        (raw / f"{split}.en").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
-    return raw
-
-
-def make_tiny_lm_corpus(tmpdir) -> str:
-    """The English side of the tiny corpus binarized for fairseq's language_modeling task; returns data-bin."""
-    tmp = Path(tmpdir)
-    raw = write_tiny_raw_corpus(tmp / "raw")
-    return _preprocess(tmp / "lm-data-bin", "--only-source",
-                       "--trainpref", str(raw / "train.en"), "--validpref", str(raw / "valid.en"))
-
-
-def make_tiny_corpus(tmpdir, **corpus_kwargs) -> str:
-    """Write the raw corpus under ``tmpdir/raw`` and binarize it into ``tmpdir/data-bin``; returns data-bin."""
-    tmp = Path(tmpdir)
-    raw = write_tiny_raw_corpus(tmp / "raw", **corpus_kwargs)
-    return _preprocess(
-        tmp / "data-bin", "--source-lang", "de", "--target-lang", "en",
-        "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--testpref", str(raw / "test"),
-    )  # fmt: skip
-
-
-def _preprocess(dest, *args: str) -> str:
-    """Run the real fairseq-preprocess into ``dest``; returns it."""
-    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *args, "--destdir", str(dest), "--workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"fairseq-preprocess failed:\n{proc.stderr[-4000:]}")
-    return str(dest)
+USER_DIR = str(Path(fairseq_asam.__file__).resolve().parent)
 
 
 def tiny_model_args() -> list[str]:
@@ -119,7 +70,7 @@ def tiny_train_args(data_bin, save_dir, *extra: str, validate: bool = False) -> 
 
 def _env() -> dict:
     env = dict(os.environ)
-    # The repository on the path (the package and tests.fairseq_helpers), one thread per process:
+    # The repository on the path (the package, benchmarks/), one thread per process:
     # the tests share two cores and thread oversubscription only makes every run slower.
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -1,12 +1,15 @@
 """The benchmark's pieces run and report consistent numbers (no timing assertions: shared machines)."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from fairseq_asam.bench.kernel import bench_kernel
+from benchmarks.kernel import _reference_ascent, _reference_restore, bench_kernel, reference_kinds
+from fairseq_asam import ASAM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +27,57 @@ def test_kernel_section_on_a_small_model():
     assert r["default_kernel"] == "loop"
 
 
+def test_reference_loop_uses_the_cores_bias_rule_and_matches_its_ascent():
+    # fairseq's MultiheadAttention has weights named bias_k / bias_v: "bias" in the name, not at its
+    # end, so they are weights (T = |w| + eta) for the core, and must be for the reference too.
+    torch.manual_seed(0)
+    shapes = {"attn.bias_k": (1, 1, 4), "attn.out.bias": (4,), "attn.out.weight": (4, 4)}
+    named = [(n, torch.nn.Parameter(torch.randn(*s, dtype=torch.float64))) for n, s in shapes.items()]
+    assert reference_kinds(named) == {"attn.bias_k": "element", "attn.out.bias": "none", "attn.out.weight": "element"}
+
+    grads = [torch.randn_like(p) for _, p in named]
+    w0 = [p.detach().clone() for _, p in named]
+    for (_, p), g in zip(named, grads):
+        p.grad = g.clone()
+    state: dict = {}
+    _reference_ascent(named, 0.3, 0.01, state, reference_kinds(named))
+    ref = [p.detach().clone() for _, p in named]
+    _reference_restore(named, state)
+
+    opt = ASAM(named, torch.optim.SGD([p for _, p in named], lr=0.1), rho=0.3, eta=0.01)
+    for (_, p), g in zip(named, grads):
+        p.grad = g.clone()
+    opt.ascent_step()
+    for (n, p), r, w in zip(named, ref, w0):
+        assert torch.allclose(p.detach(), r, rtol=0, atol=1e-12), n
+        assert not torch.equal(r, w), n  # every tensor moved, the bias by rho T^2 g / norm with T = 1
+    opt.restore()
+
+
 def test_benchmark_cli_rejects_bad_arguments():
     for args, msg in ((["--sections", "gpu"], "--sections: unknown"), (["--updates", "3"], "--updates must be >= 6")):
         p = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 2 and msg in p.stderr, p.stderr
+
+
+def test_benchmark_prints_each_table_as_soon_as_it_is_measured(tmp_path):
+    # vision (seconds with --quick) first, then fairseq (real fairseq-train processes, many seconds):
+    # the vision table must arrive while the fairseq section is still running.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--sections", "vision,fairseq",
+                             "--quick", "--device", "cpu", "--out", str(tmp_path / "b.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("| asam | cpu |"):
+                break
+        assert any("Whole update of the torchvision entry point" in x for x in seen), seen
+        assert proc.poll() is None, "the process ended before its table was read: nothing was streamed"
+        assert (tmp_path / "b.json").exists()  # the JSON is written after every section
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the benchmark and its fairseq-train child
+        proc.wait(timeout=60)

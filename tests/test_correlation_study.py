@@ -1,19 +1,12 @@
 """The correlation study (paper Table 1 / Figure 2): statistics against hand computations, --quick end to end."""
 
-import importlib.util
 import itertools
 import json
 import math
-import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("correlation_study", ROOT / "scripts" / "correlation_study.py")
-cs = importlib.util.module_from_spec(_spec)
-sys.modules["correlation_study"] = cs  # dataclasses look their module up there
-_spec.loader.exec_module(cs)
+from scripts import correlation_study as cs
 
 
 def tau_b(x, y):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import tarfile
 
-from fairseq_asam.iwslt import demo, prepare
-from fairseq_asam.iwslt.demo_corpus import DEMO_DIR, NOUNS, generate_pairs, write_corpus
+from fairseq_asam.iwslt import prepare
+from scripts import demo
+from scripts.demo_corpus import DEMO_DIR, NOUNS, generate_pairs, write_corpus
 
 
 def test_committed_corpus_is_what_the_generator_writes(tmp_path):

@@ -15,7 +15,8 @@ import tarfile
 import pytest
 from iwslt_helpers import write_archive
 
-from fairseq_asam.iwslt import demo, evaluate, summarize, train
+from fairseq_asam.iwslt import evaluate, summarize, train
+from scripts import demo
 
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
         "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
@@ -222,3 +223,23 @@ def test_resumed_asam_run_equals_uninterrupted(pipeline):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert summarize.read_valid_log(run / "train.log")[-1] == summarize.read_valid_log(
         out / "runs" / "asam-seed1" / "train.log")[-1]
+
+
+@pytest.mark.slow
+def test_evaluation_streams_generate_progress_and_keeps_every_hypothesis(pipeline, tmp_path, capsys):
+    import shutil
+
+    src = pipeline["out"] / "runs" / "asam-seed1"
+    run = tmp_path / "asam-seed1"  # a copy: evaluate_run rewrites eval.json, which other tests read
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("checkpoint_last.pt", "checkpoint_*_*.pt"))
+    before = json.loads((src / "eval.json").read_text())
+    capsys.readouterr()
+    res = evaluate.evaluate_run(run, subsets=("test",), batch_size=2, log=lambda m: None)
+    err = capsys.readouterr().err
+    # A progress bar fed by fairseq-generate's per-batch progress lines (8 batches of 2 of the 15
+    # sentences) while its stdout was captured whole: every hypothesis, and the BLEU line.
+    assert "fairseq-generate test" in err and "/8 [" in err, err[-2000:]
+    assert "INFO" not in err  # fairseq's own messages stay out of the way unless it fails
+    assert res["test"]["sentences"] == before["test"]["sentences"] == 15
+    assert (run / "generate-test.txt").read_text().count("\nH-") == 15
+    assert res["test"]["bleu_tokenized"] >= 0

@@ -45,7 +45,8 @@ def prepared(tmp_path_factory):
     r = run_script("--tarball", tgz, "--dest", root / "bin", "--work-dir", root / "work", "--bpe-tokens", BPE_TOKENS,
                    "--workers", 1)
     assert r.returncode == 0, r.stdout + r.stderr
-    return {"root": root, "tgz": tgz, "bin": root / "bin", "work": root / "work", "stdout": r.stdout}
+    return {"root": root, "tgz": tgz, "bin": root / "bin", "work": root / "work", "stdout": r.stdout,
+            "stderr": r.stderr}
 
 
 def run_main(capsys, *args):
@@ -283,3 +284,42 @@ def test_required_members_match_fairseqs_recipe():
     assert prep.ARCHIVE_URL in text
     assert re.findall(r"\$tmp/(IWSLT14\.TEDX?\.\w+)\.de-en\.\$l", text) == list(TEST_SETS)
     assert "NR%23 == 0" in text and "-ratio 1.5" in text and "1 175" in text and "BPE_TOKENS=10000" in text
+
+
+def test_long_steps_show_progress(prepared):
+    # tqdm bars on stderr: tokenization, BPE learning (subword-nmt's own bar over the merges) and
+    # application; fairseq-preprocess's log lines are passed on to stdout while it binarizes.
+    err, out = prepared["stderr"], prepared["stdout"]
+    assert "tokenize de" in err and "tokenize en" in err
+    assert f"/{BPE_TOKENS} " in err  # learn_bpe: i/200 merges
+    for split in ("train", "valid", "test"):
+        assert f"apply subword-nmt to {split}.de" in err
+    assert "fairseq-preprocess: [de] Dictionary:" in out and "fairseq-preprocess: [en] " in out
+
+
+def test_download_shows_bytes_and_keeps_them(tmp_path, capsys):
+    import functools
+    import http.server
+    import threading
+
+    payload = bytes(range(256)) * 2000  # 512,000 bytes
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "de-en.tgz").write_bytes(payload)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path / "srv"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/de-en.tgz"
+        logged = []
+        dest = prep.download(url, tmp_path / "work" / "de-en.tgz", logged.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert dest.read_bytes() == payload
+    err = capsys.readouterr().err
+    assert "download" in err and "/500k" in err and "B/s" in err, err  # bytes of the total, in KiB
+    assert logged == [f"download: {url} -> {dest}"]

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from fairseq_asam.bench.kernel import transformer_iwslt_model
-from fairseq_asam.bench.precision import (
+from benchmarks.kernel import transformer_iwslt_model
+from benchmarks.precision import (
     applied_fraction,
     eps_cosine_fp16_vs_fp32,
     fairseq_fp16_grads,

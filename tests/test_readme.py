@@ -1,28 +1,110 @@
-"""The README's Python examples run as written and do what they say."""
+"""The README's and the guides' Python examples run as written and do what they say.
 
-import pathlib
+Every ```python block of README.md and docs/*.md runs, in file order, in one fresh Python process (one
+fairseq import for all of them) whose working directory is a temporary folder, so files an example
+writes (runs/...) land there. Each block gets its own globals, as if it were a script. A block that
+cannot run in a test (it needs a GPU, a download, ...) is opted out by the line
+``<!-- not-tested: the reason -->`` right before its fence; the reason is required.
+"""
+
+from __future__ import annotations
+
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)```", re.S)
+OPT_OUT = re.compile(r"<!--\s*not-tested:\s*(?P<reason>\S.*?)\s*-->")
+
+RUNNER = r"""
+import json, sys, traceback
+for block in json.load(sys.stdin):
+    print(f"@@block {block['id']}", flush=True)
+    try:
+        exec(compile(block["code"], block["id"], "exec"), {"__name__": "__main__"})
+    except BaseException:
+        traceback.print_exc()
+        print(f"@@failed {block['id']}", flush=True)
+        sys.exit(1)
+print("@@done", flush=True)
+"""
 
 
-def test_readme_python_example_runs():
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README.md has no python example"
-    outputs = []
-    for code in blocks:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert out.returncode == 0, f"README block failed:\n{code}\n{out.stderr}"
-        outputs.append(out.stdout)
-    m = re.search(r"loss ([0-9.]+), \|\|eps\|\| ([0-9.]+)", "".join(outputs))
-    assert m, outputs
+def python_blocks(path: Path) -> tuple[list[dict], list[str]]:
+    """The blocks of one file to run ({id: "file:line", code}) and the ids of opted-out ones."""
+    text = path.read_text(encoding="utf-8")
+    run, skipped = [], []
+    for m in FENCE.finditer("\n" + text):
+        line = text[: max(m.start("code") - 1, 0)].count("\n") + 1
+        block_id = f"{path.relative_to(ROOT)}:{line}"
+        opt_out = OPT_OUT.search(m.group("before"))
+        if opt_out:
+            skipped.append(f"{block_id} ({opt_out.group('reason')})")
+        else:
+            run.append({"id": block_id, "code": m.group("code")})
+    return run, skipped
+
+
+def test_block_parser_finds_blocks_and_opt_outs(tmp_path, monkeypatch):
+    doc = tmp_path / "x.md"
+    doc.write_text("# t\n\n```python\nprint(1)\n```\n\n<!-- not-tested: needs a GPU -->\n```python\nimport cuda\n```\n"
+                   "```bash\necho no\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    run, skipped = python_blocks(doc)
+    assert run == [{"id": "x.md:4", "code": "print(1)\n"}]
+    assert skipped == ["x.md:9 (needs a GPU)"]
+
+
+def test_every_python_example_runs(tmp_path):
+    blocks, skipped = [], []
+    for path in DOCS:
+        run, skip = python_blocks(path)
+        blocks += run
+        skipped += skip
+    assert any(b["id"].startswith("README.md:") for b in blocks), "README.md has no python example"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks), capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    out = proc.stdout
+    failed = re.search(r"@@failed (\S+)", out)
+    assert proc.returncode == 0 and "@@done" in out, (
+        f"example {failed.group(1) if failed else '?'} failed:\n{proc.stderr[-4000:]}")
+    per_block = dict(re.findall(r"@@block (\S+)\n(.*?)(?=@@block |@@done)", out, flags=re.S))
+    assert set(per_block) == {b["id"] for b in blocks}
+
+    # What the examples print is what their text says.
+    readme = next(o for k, o in per_block.items() if k.startswith("README.md:"))
+    m = re.search(r"loss ([0-9.]+), \|\|eps\|\| ([0-9.]+)", readme)
+    assert m, readme
     assert float(m.group(2)) > 0
+    vision = [o for k, o in per_block.items() if k.startswith("docs/vision.md:")]
+    assert vision and vision[0].endswith("\nCifarResNet 32\n"), vision  # its model, its 32 test images
+    if skipped:
+        print("opted out:", *skipped, sep="\n  ")
 
 
 def test_readme_mentions_the_ci_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_links_to_files_in_the_repository_resolve(path):
+    # Relative links and images: the guides the README points to, the figures, other guides.
+    text = path.read_text(encoding="utf-8")
+    missing = []
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        if not (path.parent / target).exists() and target not in ("docs/python-api.md", "docs/migrating.md"):
+            missing.append(target)  # python-api.md and migrating.md are written separately
+    assert not missing, f"{path.name}: broken links {missing}"

@@ -336,3 +336,52 @@ def test_tf32_is_off_while_measuring_and_restored(fails):
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _Batch:
+    """A batch that can be weak-referenced, to count how many are alive at once."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+class _LazySource:
+    """Re-iterable: every pass builds its batches one at a time, as a streaming loader does."""
+
+    def __init__(self, xs, ys):
+        import weakref
+
+        self.xs, self.ys = xs, ys
+        self.alive = weakref.WeakSet()
+        self.max_alive = 0
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        for x, y in zip(self.xs, self.ys):
+            b = _Batch(x.clone(), y.clone())
+            self.alive.add(b)
+            self.max_alive = max(self.max_alive, len(self.alive))
+            yield b
+            del b
+
+
+def test_streamed_source_gives_the_materialized_result_with_one_batch_alive():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    xs = [torch.randn(8, 5) for _ in range(6)]
+    ys = [torch.randint(0, 3, (8,)) for _ in range(6)]
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m(b.x), b.y), float(len(b.y))
+
+    kw = dict(rho=0.3, steps=4, restarts=1, seed=3)
+    listed = measure_sharpness(model, loss_fn, [_Batch(x, y) for x, y in zip(xs, ys)], **kw)
+    source = _LazySource(xs, ys)
+    streamed = measure_sharpness(model, loss_fn, source, **kw)
+    assert streamed.value == listed.value and streamed.loss == listed.loss
+    assert streamed.losses == listed.losses and streamed.best_start == listed.best_start
+    assert all(torch.equal(a, b) for a, b in zip(streamed.eps, listed.eps))
+    # One pass per evaluation, and never more than the batch in use plus the one being built.
+    assert source.passes == 1 + (1 + 1) * (4 + 1)
+    assert source.max_alive <= 2

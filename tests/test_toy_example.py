@@ -1,18 +1,11 @@
 """The toy example (paper Section 5.1 / Figure 3): the paper's claims, checked on real SAM/ASAM runs."""
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("toy_example", ROOT / "scripts" / "toy_example.py")
-toy = importlib.util.module_from_spec(_spec)
-sys.modules["toy_example"] = toy  # dataclasses look their module up there
-_spec.loader.exec_module(toy)
+from scripts import toy_example as toy
 
 
 def dist(a, b):

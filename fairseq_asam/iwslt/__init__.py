@@ -1,7 +1,9 @@
-"""IWSLT'14 DE-EN (paper Section 5.3, Table 5): preparation, training, BLEU evaluation, summaries, demo corpus.
+"""IWSLT'14 DE-EN (paper Section 5.3, Table 5): preparation, training, BLEU evaluation, summaries.
 
-    bash data-prep/prepare-iwslt14.sh --tarball de-en.tgz
-    bash scripts/train-iwslt14.sh asam 1
-    bash scripts/evaluate-iwslt14.sh runs/iwslt14/asam-seed1
-    python scripts/summarize.py runs/iwslt14
+Installed as console scripts (the shell scripts of the repository are thin wrappers over the same code)::
+
+    asam-iwslt-prepare --tarball de-en.tgz          # bash data-prep/prepare-iwslt14.sh
+    asam-iwslt-train asam 1                          # bash scripts/train-iwslt14.sh
+    asam-iwslt-evaluate runs/iwslt14/asam-seed1      # bash scripts/evaluate-iwslt14.sh
+    asam-iwslt-summarize runs/iwslt14                # python scripts/summarize.py
 """

@@ -24,11 +24,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["evaluate_run", "parse_generate", "score"]
 
 _BLEU_LINE = re.compile(r"^Generate (\S+) with beam=(\d+): BLEU4 = ([0-9.]+),")
+_PROGRESS = re.compile(r"(\d+) / (\d+) wps=")  # fairseq's SimpleProgressBar: "<prefix>:  i / n wps=..."
 USER_DIR = str(Path(__file__).resolve().parent.parent)
 
 
@@ -82,11 +84,37 @@ def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: 
            "--batch-size", str(batch_size), "--remove-bpe", remove_bpe,
            # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
            # default multiple of 8: the test set would silently lose up to 7 sentences.
-           "--required-batch-size-multiple", "1", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    return r.stdout
+           "--required-batch-size-multiple", "1",
+           # One progress line per batch on stderr (fairseq's form when stderr is not a terminal, as
+           # here), turned into a progress bar below; a --log-interval in extra comes later and wins.
+           "--log-interval", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+
+    def follow_progress():
+        # stdout must be read whole (the hypotheses), so stderr is read on this thread: fairseq's
+        # "  i / n wps=..." lines move a tqdm bar; the rest (warnings, its config) is kept for errors.
+        from tqdm import tqdm
+
+        with tqdm(desc=f"  fairseq-generate {subset}", unit="batch", leave=False, file=sys.stderr,
+                  mininterval=0.5, dynamic_ncols=True) as bar:
+            for line in proc.stderr:
+                m = _PROGRESS.search(line)
+                if m:
+                    bar.total = int(m.group(2))
+                    bar.update(int(m.group(1)) - bar.n)
+                else:
+                    tail.append(line)
+                    del tail[:-200]
+
+    relay = threading.Thread(target=follow_progress, daemon=True)
+    relay.start()
+    out = proc.stdout.read()
+    rc = proc.wait()
+    relay.join()
+    if rc != 0:
+        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {rc}):\n{''.join(tail)[-3000:]}")
+    return out
 
 
 def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "checkpoint_best.pt",
@@ -131,8 +159,8 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "
     return result
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="evaluate-iwslt14.sh", allow_abbrev=False,
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="asam-iwslt-evaluate", allow_abbrev=False,
                                  description="fairseq-generate (beam 5, remove BPE) on valid and test, then "
                                  "tokenized BLEU and detokenized sacreBLEU, written to RUN_DIR/eval.json. "
                                  "Unknown arguments go to fairseq-generate.")
@@ -156,7 +184,7 @@ def main(argv=None) -> int:
         evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint, subsets=subsets, beam=args.beam,
                      batch_size=args.batch_size, extra=extra)
     except (ValueError, RuntimeError) as e:
-        print(f"evaluate-iwslt14: error: {e}", file=sys.stderr)
+        print(f"asam-iwslt-evaluate: error: {e}", file=sys.stderr)
         return 2
     return 0
 

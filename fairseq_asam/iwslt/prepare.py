@@ -82,6 +82,14 @@ def _print(msg: str) -> None:
     print(f"[prepare-iwslt14] {msg}", flush=True)
 
 
+def _bar(total: int | None, desc: str, unit: str = "line", **kw):
+    """A tqdm bar on stderr for one long step (the log lines stay on stdout); gone when the step ends."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"  {desc}", unit=unit, leave=False, mininterval=0.5, file=sys.stderr,
+                dynamic_ncols=True, **kw)
+
+
 # ------------------------------------------------------------------------------------------------
 # Text steps (pure functions over lines, tested one by one)
 # ------------------------------------------------------------------------------------------------
@@ -147,22 +155,31 @@ def _tokenize_chunk(args) -> list[str]:
     return [_tokenize_one(lang, line) for line in chunk]
 
 
-def tokenize_lines(lines: list[str], lang: str, workers: int = 1, log: Log | None = None) -> list[str]:
-    """Moses tokenization as ``tokenizer.perl -threads N -l lang`` (line for line, order kept)."""
+def tokenize_lines(lines: list[str], lang: str, workers: int = 1, log: Log | None = None,
+                   progress: bool = True) -> list[str]:
+    """Moses tokenization as ``tokenizer.perl -threads N -l lang`` (line for line, order kept).
+
+    ``progress``: a bar over the lines (the training side, about 160k lines per language; the
+    dev/test files take a second and go without one).
+    """
     chunk = 5000
     chunks = [(lang, lines[i : i + chunk]) for i in range(0, len(lines), chunk)]
     out: list[str] = []
-    if workers > 1 and len(chunks) > 1:
-        import multiprocessing as mp
+    with _bar(len(lines), f"tokenize {lang}", disable=not progress) as bar:
+        if workers > 1 and len(chunks) > 1:
+            import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers) as pool:
-            for part in pool.imap(_tokenize_chunk, chunks):
+            with mp.get_context("fork").Pool(workers) as pool:
+                for part in pool.imap(_tokenize_chunk, chunks):
+                    out += part
+                    bar.update(len(part))
+                    if log and len(out) % (chunk * 10) == 0:
+                        log(f"  tokenized {len(out)}/{len(lines)} {lang} lines")
+        else:
+            for c in chunks:
+                part = _tokenize_chunk(c)
                 out += part
-                if log and len(out) % (chunk * 10) == 0:
-                    log(f"  tokenized {len(out)}/{len(lines)} {lang} lines")
-    else:
-        for c in chunks:
-            out += _tokenize_chunk(c)
+                bar.update(len(part))
     return out
 
 
@@ -333,7 +350,15 @@ def download(url: str, dest: Path, log: Log, timeout: float = 60.0) -> Path:
     log(f"download: {url} -> {dest}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as fh:
-            shutil.copyfileobj(r, fh, 1 << 20)
+            size = r.headers.get("Content-Length")
+            with _bar(int(size) if size and size.isdigit() else None, "download", unit="B", unit_scale=True,
+                      unit_divisor=1024) as bar:
+                for block in iter(lambda: r.read(1 << 16), b""):
+                    fh.write(block)
+                    bar.update(len(block))
+        got = tmp.stat().st_size
+        if size and size.isdigit() and got != int(size):
+            raise OSError(f"the connection closed after {got} of {size} bytes")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as e:
         tmp.unlink(missing_ok=True)
@@ -427,7 +452,7 @@ def prepare(tarball: Path | None = None, *, dest: Path = Path("data-bin/iwslt14.
             for lang in (SRC, TGT):
                 src_file = orig / "de-en" / f"{name}.de-en.{lang}.xml"
                 segs = seg_lines(_read(src_file))
-                _write(t[seg_out[(name, lang)]], lowercase(tokenize_lines(segs, lang, 1)))
+                _write(t[seg_out[(name, lang)]], lowercase(tokenize_lines(segs, lang, 1, progress=False)))
                 per[lang] = len(segs)
             _check_lines(orig / "de-en" / f"{name}.de-en.*.xml", per[SRC], per[TGT], name)
             if per[SRC] == 0:
@@ -470,7 +495,9 @@ def prepare(tarball: Path | None = None, *, dest: Path = Path("data-bin/iwslt14.
         finally:
             joint.unlink(missing_ok=True)
         for (s, lang), out in bpe_out.items():
-            _write(t[out], encode(_read(split_out[(s, lang)])))
+            lines = _read(split_out[(s, lang)])
+            with _bar(len(lines), f"apply {bpe} to {s}.{lang}") as bar:
+                _write(t[out], encode(lines, bar))
         return {"_summary": f"{bpe} with {bpe_tokens} {'merges' if bpe == 'subword-nmt' else 'pieces'} applied to 6 files"}
 
     steps.run("bpe", _key("bpe", sha, bpe, bpe_tokens), [bpe_model, *bpe_out.values()], learn_apply)
@@ -485,10 +512,22 @@ def prepare(tarball: Path | None = None, *, dest: Path = Path("data-bin/iwslt14.
         cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", SRC, "--target-lang", TGT,
                "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"), "--testpref", str(tok / "test"),
                "--destdir", str(out), "--workers", str(workers)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        (out / "preprocess-output.log").write_text(r.stdout + r.stderr)
-        if r.returncode != 0:
-            raise PrepareError(f"fairseq-preprocess failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+        # Its log lines (dictionaries built, sentences and unknown words per split) are passed on as they
+        # come, so a long binarization shows where it is; they are also kept in preprocess-output.log.
+        text = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
+            for line in proc.stdout:
+                text.append(line)
+                # "INFO:fairseq_cli.preprocess:msg" or "... | INFO | fairseq_cli.preprocess | msg";
+                # the Namespace dump of every option is left to the log file.
+                m = re.search(r"fairseq_cli\.preprocess(?::| \| )(.*)", line)
+                if m and not m.group(1).startswith("Namespace("):
+                    log(f"  fairseq-preprocess: {m.group(1).strip()}")
+            rc = proc.wait()
+        (out / "preprocess-output.log").write_text("".join(text))
+        if rc != 0:
+            raise PrepareError(f"fairseq-preprocess failed (exit {rc}):\n{''.join(text)[-3000:]}")
         shutil.copy(bpe_model, out / bpe_model.name)
         dicts = {lang: sum(1 for _ in open(out / f"dict.{lang}.txt", encoding="utf-8")) for lang in (SRC, TGT)}
         info["dict_sizes"] = dicts
@@ -520,12 +559,21 @@ def _subword_nmt(joint: Path, codes: Path, merges: int, log: Log):
     from subword_nmt.apply_bpe import BPE
     from subword_nmt.learn_bpe import learn_bpe
 
+    # learn_bpe draws its own tqdm bar over the merges on stderr.
     log(f"  learn_bpe -s {merges} on {sum(1 for _ in open(joint, encoding='utf-8'))} lines")
     with open(joint, encoding="utf-8") as fin, open(codes, "w", encoding="utf-8") as fout:
         learn_bpe(fin, fout, merges)
     with open(codes, encoding="utf-8") as fh:
         enc = BPE(fh)
-    return lambda lines: [enc.process_line(line) for line in lines]
+
+    def encode(lines, bar):
+        out = []
+        for line in lines:
+            out.append(enc.process_line(line))
+            bar.update(1)
+        return out
+
+    return encode
 
 
 def _sentencepiece(joint: Path, model: Path, vocab: int, log: Log):
@@ -539,12 +587,20 @@ def _sentencepiece(joint: Path, model: Path, vocab: int, log: Log):
     Path(prefix + ".vocab").unlink(missing_ok=True)
     os.replace(prefix + ".model", model)
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    return lambda lines: [" ".join(sp.encode(line, out_type=str)) for line in lines]
+
+    def encode(lines, bar):
+        out = []
+        for line in lines:
+            out.append(" ".join(sp.encode(line, out_type=str)))
+            bar.update(1)
+        return out
+
+    return encode
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="prepare-iwslt14.sh",
+        prog="asam-iwslt-prepare",
         description="Prepare IWSLT'14 DE-EN as fairseq's examples/translation/prepare-iwslt14.sh does, "
         "then binarize it with fairseq-preprocess.",
     )
@@ -568,7 +624,7 @@ def main(argv=None) -> int:
         prepare(args.tarball, dest=args.dest, work=args.work_dir, bpe=args.bpe, bpe_tokens=args.bpe_tokens,
                 workers=args.workers, url=args.url)
     except PrepareError as e:
-        print(f"prepare-iwslt14: error: {e}", file=sys.stderr)
+        print(f"asam-iwslt-prepare: error: {e}", file=sys.stderr)
         return 2
     return 0
 

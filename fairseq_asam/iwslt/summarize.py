@@ -203,8 +203,9 @@ def grid_table(runs: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", best
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Table 5 (markdown + CSV) and validation curves from IWSLT'14 runs.")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="asam-iwslt-summarize",
+                                 description="Table 5 (markdown + CSV) and validation curves from IWSLT'14 runs.")
     ap.add_argument("roots", nargs="+", type=Path, help="folders holding run directories (searched recursively)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the first root)")
     ap.add_argument("--no-plot", action="store_true", help="skip curves.png")
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
             print(res["markdown"])
             print(f"wrote {out / 'table5.md'}, {out / 'table5.csv'}" + ("" if args.no_plot else f", {out / 'curves.png'}"))
     except ValueError as e:
-        print(f"summarize: error: {e}", file=sys.stderr)
+        print(f"asam-iwslt-summarize: error: {e}", file=sys.stderr)
         return 2
     return 0
 

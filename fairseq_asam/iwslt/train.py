@@ -124,12 +124,12 @@ def _env_int(name: str, default):
     try:
         return int(v)
     except ValueError:
-        raise SystemExit(f"train-iwslt14: error: {name} must be an integer, got {v!r}") from None
+        raise SystemExit(f"asam-iwslt-train: error: {name} must be an integer, got {v!r}") from None
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="train-iwslt14.sh", allow_abbrev=False,
+        prog="asam-iwslt-train", allow_abbrev=False,
         description="Train Adam / Adam+SAM / Adam+ASAM on IWSLT'14 DE-EN with the paper's settings. "
         "Unknown arguments are passed to fairseq-train after the defaults (so they override them).",
     )

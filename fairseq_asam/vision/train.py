@@ -18,6 +18,8 @@ micro-batches (the same update in 1/N of the activation memory; see :mod:`fairse
 
 Each epoch writes <run-dir>/checkpoint_last.pt (and checkpoint_best.pt), metrics.csv and metrics.json;
 args.json holds the resolved arguments; ``--resume`` continues a stopped run to the same final weights.
+``--tensorboard-logdir`` / ``--wandb-project`` also send every per-epoch figure (images/s included) to
+TensorBoard / W&B (:mod:`fairseq_asam.vision.tracking`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from . import data as vdata
 from . import fsdp as vfsdp
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
 from .step import train_step
+from .tracking import EpochTrackers
 
 logger = logging.getLogger("fairseq_asam.vision")
 
@@ -151,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "sharded checkpoints (<run-dir>/checkpoint_last.dcp); see docs/distributed.md")
     g.add_argument("--test-batch-size", type=int, default=256)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar per epoch")
+    g.add_argument("--tensorboard-logdir", default=None, metavar="DIR",
+                   help="also log the per-epoch metrics (and images/s) to TensorBoard under DIR/<run name>")
+    g.add_argument("--wandb-project", default=None, metavar="NAME",
+                   help="also log the per-epoch metrics to Weights & Biases (WANDB_MODE=offline works offline)")
     return p
 
 
@@ -416,7 +423,7 @@ def _jsonable(args: argparse.Namespace) -> dict:
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 
-def load_model_from_checkpoint(path: str, map_location="cpu"):
+def load_model_from_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode with the checkpoint's weights, the run's resolved args as a dict).
 
     The args dict has what :func:`fairseq_asam.vision.data.build_eval_dataset` needs (dataset, data_dir,
@@ -590,6 +597,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
                     n_noisy, len(train_ds), n_noisy / len(train_ds), args.label_noise)
     if ckpt_path is not None:
         logger.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+    trackers = EpochTrackers()
+    if rank == 0:
+        try:
+            trackers = EpochTrackers(tensorboard_logdir=args.tensorboard_logdir, wandb_project=args.wandb_project,
+                                     run_name=os.path.basename(os.path.normpath(args.run_dir)), run_dir=args.run_dir,
+                                     config=args_dict)
+        except ValueError as e:
+            fail(str(e))
 
     ddp_model = model
     if world > 1 and not args.fsdp:
@@ -655,6 +670,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
                 s = sums.tolist()  # a sync, only when a progress bar shows it
                 bar.set_postfix(loss=f"{s[0] / seen:.3f}", acc=f"{100 * s[1] / seen:.1f}")
         bar.close()
+        train_s = time.time() - t0  # images/s counts the training passes only, not the evaluation
         sched.step()
         totals = torch.cat([sums, sums.new_tensor([float(seen)])])  # loss*n, correct, eps_norm sum, n
         if world > 1:
@@ -672,14 +688,18 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
             "test_top5": test["top5"],
             "eps_norm": eps_sum / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
             "skipped_steps": skipped,
+            "images_per_s": round(s[2] / max(train_s, 1e-9), 1),
             "time_s": round(time.time() - t0, 3),
         }
         history.append(rec)
         if test["top1"] > best["top1"]:
             best = {"top1": test["top1"], "top5": test["top5"], "epoch": epoch + 1}
-        logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | %.1fs%s",
+        logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | "
+                    "%.1f img/s | %.1fs%s",
                     epoch + 1, args.epochs, lr, rec["train_loss"], rec["train_acc"], rec["test_loss"], rec["test_acc"],
-                    rec["test_top5"], rec["time_s"], f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
+                    rec["test_top5"], rec["images_per_s"], rec["time_s"],
+                    f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
+        trackers.log_epoch(rec)
         if args.fsdp:  # every rank writes its shards
             meta = {"version": CHECKPOINT_VERSION, "scheduler": sched.state_dict(), "scaler": None,
                     "epoch": epoch + 1, "history": history, "best": best, "args": args_dict}
@@ -698,6 +718,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
                               lambda tmp, src=path: _copy(src, tmp))
             _write_metrics(args.run_dir, history)
 
+    trackers.close()
     if world > 1 and not args.fsdp:  # (sharded weights differ by design)
         if not _ranks_agree(model, device):
             raise RuntimeError("the workers' weights differ after training: the DDP update is broken")

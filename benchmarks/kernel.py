@@ -6,7 +6,8 @@ Contenders, run alternately on the same parameters and gradients, each timed man
 - ``foreach``: the core's ``torch._foreach_*`` kernel (``foreach=True``);
 - ``reference``: the per-parameter loop of the published reference code, written here from its
   description (T, T*g and its norm per parameter; eps = rho T^2 g / norm stored per parameter, a fresh
-  tensor every step; restore by subtracting eps), for context;
+  tensor every step; restore by subtracting eps), for context; which tensors are biases (T = 1) comes
+  from the core's ``resolve_params``, so both sides normalize the same tensors;
 - ``adam``: one step of fairseq's Adam on the same parameters (the cost the target is stated in).
 
     python scripts/benchmark.py --sections kernel
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from ..core import ASAM
+from fairseq_asam.core import ASAM, resolve_params
 
 
 def transformer_iwslt_model(src_vocab: int = 8848, tgt_vocab: int = 6632):
@@ -54,19 +55,29 @@ def transformer_iwslt_params(src_vocab: int = 8848, tgt_vocab: int = 6632):
 
 
 def wrn28_10_params():
-    from ..vision.models import build_model
+    from fairseq_asam.vision.models import build_model
 
     return list(build_model("wrn28_10", 10).named_parameters())
 
 
-def _reference_ascent(named, rho, eta, state):
+def reference_kinds(named) -> dict[str, str]:
+    """Which parameters the reference loop normalizes: the core's own rule, not a re-derived one.
+
+    ``"none"`` (T = 1: biases, without bias normalization) or ``"element"`` (T = |w| + eta), from
+    ``fairseq_asam.core.resolve_params`` with the paper's element-wise settings.
+    """
+    specs = resolve_params(named, adaptive=True, normalization="element", normalize_bias=False)
+    return {spec.name: spec.kind for _, spec in specs}
+
+
+def _reference_ascent(named, rho, eta, state, kinds):
     # The per-parameter loop of the reference implementations: allocates T, T*g and eps every step.
     wgrads = []
     for n, p in named:
         if p.grad is None:
             continue
         t_w = state.setdefault(n, {})
-        if "bias" in n:
+        if kinds[n] == "none":
             t = torch.ones_like(p)
         else:
             t = torch.abs(p) + eta
@@ -107,6 +118,7 @@ def bench_kernel(named, *, device="cpu", repeats: int = 10, rho: float = 0.2, et
         "foreach": ASAM(pairs, adam, rho=rho, eta=eta, foreach=True),
     }
     ref_state: dict = {}
+    kinds = reference_kinds(pairs)
 
     def set_grads():
         for p, g in zip(params, grads):
@@ -120,7 +132,7 @@ def bench_kernel(named, *, device="cpu", repeats: int = 10, rho: float = 0.2, et
         if name == "adam":
             adam.step()
         elif name == "reference":
-            _reference_ascent(pairs, rho, eta, ref_state)
+            _reference_ascent(pairs, rho, eta, ref_state, kinds)
             _reference_restore(pairs, ref_state)
         else:
             opts[name].ascent_step()

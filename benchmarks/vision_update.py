@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from ..core import ASAM, SAM
+from fairseq_asam.core import ASAM, SAM
 
 
 def bench_vision(*, model_name: str = "resnet20", batch: int = 128, repeats: int = 6, device: str = "cpu") -> dict:
-    from ..vision.models import build_model
-    from ..vision.step import train_step
+    from fairseq_asam.vision.models import build_model
+    from fairseq_asam.vision.step import train_step
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)

@@ -20,7 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import fairseq_asam
+
+from .tiny_corpus import make_tiny_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+# --user-dir: wherever the package is imported from (an editable clone or an installed wheel).
+USER_DIR = str(Path(fairseq_asam.__file__).resolve().parent)
 
 # Runs inside each fairseq-train process: times Trainer.train_step and records peak memory.
 _DRIVER = r"""
@@ -84,9 +90,6 @@ TINY = [
 
 
 def make_corpus(tmp: Path) -> str:
-    sys.path.insert(0, str(REPO))
-    from tests.fairseq_helpers import make_tiny_corpus
-
     return make_tiny_corpus(tmp / "corpus", n_train=600, n_valid=8, n_test=8)
 
 
@@ -107,7 +110,7 @@ def run_once(data_bin: str, method: str, arch: list[str], *, updates: int, devic
              max_tokens: int, phase_times: bool = False, threads: int | None = None) -> dict:
     out = tmp / f"rec-{method}-{os.getpid()}-{len(list(tmp.iterdir()))}.json"
     args = [
-        data_bin, "--user-dir", str(REPO / "fairseq_asam"), "--task", "translation_sam", *arch,
+        data_bin, "--user-dir", USER_DIR, "--task", "translation_sam", *arch,
         *METHODS[method], "--adam-betas", "(0.9, 0.98)", "--lr", "5e-4", "--weight-decay", "1e-4",
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--dropout", "0.3",
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",

@@ -1,6 +1,6 @@
 """``make demo``: the whole IWSLT'14 pipeline of paper Section 5.3 on the embedded synthetic corpus, on CPU.
 
-No download, no GPU. The synthetic German-English corpus in ``fairseq_asam/data/demo-de-en`` (made by
+No download, no GPU. The synthetic German-English corpus in ``data-prep/demo-de-en`` (made by
 ``demo_corpus.py`` from a small grammar and lexicon; not natural text) is packed into an archive with
 the layout of the real ``de-en.tgz`` and goes through the same code as the real data:
 
@@ -13,7 +13,7 @@ the layout of the real ``de-en.tgz`` and goes through the same code as the real 
 Everything lands in ``demo-out/``; a second ``make demo`` reuses finished steps and runs::
 
     make demo
-    .venv/bin/python -m fairseq_asam.iwslt.demo --max-update 60    # quicker, lower BLEU
+    bash scripts/demo.sh --max-update 60    # quicker, lower BLEU
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import evaluate, prepare, summarize, train
-from .demo_corpus import DEMO_DIR
+from fairseq_asam.iwslt import evaluate, prepare, summarize, train
+from scripts.demo_corpus import DEMO_DIR
 
 __all__ = ["DEMO_TRAIN_ARGS", "pack_archive", "run_demo"]
 
@@ -150,7 +150,7 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
     return res
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The IWSLT'14 pipeline (prepare, train Adam/SAM/ASAM, BLEU, Table 5) "
                                  "on the embedded synthetic corpus. Unknown arguments go to fairseq-train.",
                                  allow_abbrev=False)

@@ -10,8 +10,8 @@ per-token gradient (one forward/backward of label-smoothed cross-entropy on a ra
    w + eps in each precision mode's weights (fp32, fp16, bf16; AMP and bf16 autocast keep fp32 weights),
    with the core's own ascent (``ASAM.ascent_step``) and restore (issue 15, item 2).
 
-    python -m fairseq_asam.bench.precision            # prints both tables (about a minute on one CPU core)
-    python -m fairseq_asam.bench.precision --device cuda
+    python -m benchmarks.precision            # prints both tables (about a minute on one CPU core)
+    python -m benchmarks.precision --device cuda
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from ..core import ASAM, SAM, perturbation, resolve_params
-from .kernel import transformer_iwslt_model
+from fairseq_asam.core import ASAM, SAM, perturbation, resolve_params
+from benchmarks.kernel import transformer_iwslt_model
 
 __all__ = [
     "applied_fraction",
@@ -131,7 +131,7 @@ def applied_fraction(named, grads, dtype, *, rho=0.2, eta=0.01, p=2, adaptive=Tr
     for q, g in zip(params, grads):
         q.grad = g.to(dtype, copy=True)  # the ascent consumes .grad: never the caller's tensor
     if dtype == torch.float16:
-        from ..fairseq_ext.task import fp16_grads_for_ascent
+        from fairseq_asam.fairseq_ext.task import fp16_grads_for_ascent
 
         fp16_grads_for_ascent([q.grad for q in params], p)
     base = torch.optim.SGD(params, lr=0.0)
@@ -165,7 +165,7 @@ MODES = [
 
 def measure(device: str = "cpu", *, sentences: int = 8, length: int = 16, seed: int = 0) -> dict:
     """Both measurements on transformer_iwslt_de_en; returns a dict of the numbers."""
-    from ..fairseq_ext.task import fp16_grads_for_ascent
+    from fairseq_asam.fairseq_ext.task import fp16_grads_for_ascent
 
     torch.manual_seed(seed)
     model = transformer_iwslt_model().to(device)
