@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from fairseq_asam.core import ASAM, SAM, perturbation, resolve_params
 from benchmarks.kernel import transformer_iwslt_model
+from fairseq_asam.core import ASAM, SAM, perturbation, resolve_params
 
 __all__ = [
     "applied_fraction",
