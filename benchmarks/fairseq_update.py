@@ -95,11 +95,9 @@ def make_corpus(tmp: Path) -> str:
 
 def _env(threads: int | None) -> dict:
     env = dict(os.environ)
-    # A fixed glibc mmap threshold for every contender: with glibc's default dynamic threshold, large
-    # tensors freed and reallocated every pass (the grads) end up on the heap, and peak RSS measures
-    # heap fragmentation (measured here: +1.6x parameter bytes for asam_adam over adam by default,
-    # +1.01x with the fixed threshold; the tensors themselves differ by the one copy of w).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    # glibc's default allocator settings, as users run: no MALLOC_* variable of our own, and none inherited.
+    for k in [k for k in env if k.startswith("MALLOC_")]:
+        del env[k]
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

@@ -688,7 +688,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
             "test_top5": test["top5"],
             "eps_norm": eps_sum / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
             "skipped_steps": skipped,
-            "images_per_s": round(s[2] / max(train_s, 1e-9), 1),
+            "images_per_s": round(count / max(train_s, 1e-9), 1),
             "time_s": round(time.time() - t0, 3),
         }
         history.append(rec)
