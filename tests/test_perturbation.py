@@ -390,3 +390,30 @@ def test_ascend_can_keep_the_gradient_memory_for_the_second_pass(foreach):
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_release_freed_host_memory_returns_heap_pages_to_the_os():
+    """What the fairseq task does after the ascent on the CPU: freed gradient-sized blocks that glibc kept on
+    the heap (its dynamic mmap threshold rose) stop counting in RSS once released."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fairseq_asam import _compat
+def rss():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS:')][0].split()[1]) // 1024
+for size in (1 << 22, 1 << 21, 1 << 20):                # freed mmapped blocks raise glibc's mmap threshold
+    big = torch.ones(size); del big
+grads = [torch.ones(1 << 16) for _ in range(400)]        # 100 MiB of 256 KiB "gradients", now on the heap
+pin = torch.ones(1 << 16)                                # allocated after them: it keeps the heap's top
+before = rss(); del grads
+kept = rss()
+assert _compat.release_freed_host_memory()
+print(before, kept, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, kept, after = map(int, out.stdout.split())
+    assert before - kept < 20  # freeing alone gives (almost) nothing back
+    assert kept - after > 80  # the release does
