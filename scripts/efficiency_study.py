@@ -11,6 +11,7 @@ The code is studies/efficiency.py; this is its command line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -27,17 +28,29 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1 (default 5)")
     ap.add_argument("--quick", action="store_true", help="2 seeds, 6 methods, 1 epoch, noisy only: checks the machinery")
     ap.add_argument("--no-heldout", action="store_true", help="skip the held-out check of the recommended setting")
+    ap.add_argument("--tasks", default=",".join(E.TASKS), help=f"comma-separated subset of {list(E.TASKS)}")
+    ap.add_argument("--runs-from", nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="summarize the runs of earlier invocations (e.g. one per task, run side by side) "
+                    "instead of training them again")
     a = ap.parse_args(argv)
     if a.seeds < 2:
         ap.error(f"--seeds must be >= 2 (a paired std needs two), got {a.seeds}")
+    tasks = [t for t in a.tasks.split(",") if t]
+    if not tasks or any(t not in E.TASKS for t in tasks):
+        ap.error(f"--tasks must be a comma-separated subset of {list(E.TASKS)}, got {a.tasks!r}")
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    if a.quick:
-        methods = [m for m in E.METHODS if m.name in E.QUICK_METHODS]
-        runs = E.run_study(noises=(0.4,), seeds=range(2), methods=methods, epochs=1)
+    methods = [m for m in E.METHODS if m.name in E.QUICK_METHODS] if a.quick else E.METHODS
+    if a.runs_from:
+        runs = []
+        for path in a.runs_from:
+            with open(path) as f:
+                runs += json.load(f)["runs"]
+        tasks = sorted({r["task"] for r in runs})
+    elif a.quick:
+        runs = E.run_study(tasks=tasks, noises=(0.4,), seeds=range(2), methods=methods, epochs=1)
     else:
-        methods = E.METHODS
-        runs = E.run_study(seeds=range(a.seeds), methods=methods)
+        runs = E.run_study(tasks=tasks, seeds=range(a.seeds), methods=methods)
     summary = E.summarize(runs)
     rec = E.recommend(summary)
     result = {"runs": runs, "summary": summary, "recommendation": rec,
@@ -47,7 +60,7 @@ def main(argv=None) -> int:
     if rec and not a.no_heldout:
         # A variant the study did not see: 20% noise and seeds 100.. (quick: 1 epoch, 2 seeds).
         chosen = [m for m in methods if m.name in ("sgd", "asam", rec["method"])]
-        held = E.run_study(noises=(0.2,), seeds=range(100, 102 if a.quick else 100 + a.seeds), methods=chosen,
+        held = E.run_study(tasks=tasks, noises=(0.2,), seeds=range(100, 102 if a.quick else 100 + a.seeds), methods=chosen,
                            epochs=1 if a.quick else None)
         hsum = E.summarize(held)
         result["heldout"] = {"runs": held, "summary": hsum}

@@ -110,8 +110,8 @@ class Task:
 
 
 TASKS = {
-    "digits-mlp": Task("digits-mlp", epochs=40, lr=0.05, rho=0.5),
-    "digits-cnn": Task("digits-cnn", epochs=15, lr=0.05, rho=0.5),
+    "digits-mlp": Task("digits-mlp", epochs=30, lr=0.05, rho=0.5),
+    "digits-cnn": Task("digits-cnn", epochs=10, lr=0.05, rho=0.5),
 }
 
 _DATA_CACHE: dict = {}
