@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fairseq_asam.bench import fairseq_update, kernel, vision_update  # noqa: E402
+from fairseq_asam.bench import efficient_update, fairseq_update, kernel, vision_update  # noqa: E402
 
-SECTIONS = ["kernel", "fairseq", "vision"]
+SECTIONS = ["kernel", "fairseq", "vision", "efficient"]
 
 
 def machine() -> dict:
@@ -126,6 +126,32 @@ def vision_section(args, devices):
     ]
 
 
+def efficient_section(args, devices):
+    """The cheaper schedules' whole-update cost beside the base and the full update (fairseq and vision)."""
+    out, frows, vrows = {}, [], []
+    for dev in devices:
+        f = efficient_update.bench_fairseq(rounds=args.rounds, device=dev, quick=args.quick)
+        v = efficient_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
+                                          rounds=1 if args.quick else 3, timed=10, device=dev)
+        out[dev] = {"fairseq": f, "vision": v}
+        for m, s in f["seconds_per_update"].items():
+            frows.append(f"| {m} | {dev} | {s * 1e3:.0f} | {f['ratio_to_adam'][m]:.2f}x | {f['ratio_to_asam_adam'][m]:.2f}x |")
+        for m, s in v["seconds_per_update"].items():
+            vrows.append(f"| {m} | {dev} | {s * 1e3:.0f} | {v['ratio_to_sgd'][m]:.2f}x | {v['ratio_to_asam'][m]:.2f}x |")
+    v = next(iter(out.values()))["vision"]
+    return out, [
+        "### Cheaper updates: whole-update cost (mean over 10 consecutive updates, side by side)",
+        "",
+        "| fairseq optimizer | device | ms / update | ratio to adam | ratio to asam_adam |",
+        "|---|---|---|---|---|",
+        *frows,
+        "",
+        f"| vision minimizer ({v['model']}, batch {v['batch']}) | device | ms / update | ratio to sgd | ratio to asam |",
+        "|---|---|---|---|---|",
+        *vrows,
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -158,7 +184,8 @@ def main(argv=None):
     lines = [f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
              f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}", ""]
     for name in sections:
-        data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section}[name](args, devices)
+        data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section,
+                        "efficient": efficient_section}[name](args, devices)
         result["sections"][name] = data
         lines += table + [""]
     print("\n".join(lines))

@@ -29,3 +29,13 @@ def test_benchmark_cli_rejects_bad_arguments():
         p = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 2 and msg in p.stderr, p.stderr
+
+
+def test_efficient_vision_section_on_a_small_model():
+    from fairseq_asam.bench.efficient_update import EFFICIENT, bench_vision
+
+    r = bench_vision(model_name="resnet8", batch=4, rounds=1, timed=10)
+    assert set(r["seconds_per_update"]) == {"sgd", "asam", *EFFICIENT}
+    for k, v in r["ratio_to_sgd"].items():
+        assert v > 0 and abs(v - r["seconds_per_update"][k] / r["seconds_per_update"]["sgd"]) < 1e-12
+    assert r["ratio_to_asam"]["asam"] == 1.0
