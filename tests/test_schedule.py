@@ -347,3 +347,25 @@ def test_make_schedule_builds_each_policy():
     assert make_schedule(adaptive_c=1.0).c == 1.0
     assert make_schedule(one_pass="previous").direction == "previous"
     assert isinstance(make_schedule(one_pass="none"), Full)
+
+
+def _indented_block_after(text: str, marker: str) -> str:
+    lines = text.split(marker, 1)[1].split("\n")[2:]
+    block = []
+    for line in lines:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip() + "\n"
+
+
+def test_module_docstring_example_runs_as_written():
+    import subprocess
+    import sys
+
+    import fairseq_asam.schedule as S
+
+    code = _indented_block_after(S.__doc__, "(runs as is)::")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2 of 10 updates ran the second pass"
