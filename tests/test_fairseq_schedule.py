@@ -83,7 +83,9 @@ RESUME_CASES = {
     "look": ["--asam-every", "2", "--asam-reuse-alpha", "0.7"],
     "one-pass-previous": ["--asam-one-pass", "previous"],
     "one-pass-momentum": ["--asam-one-pass", "momentum"],
-    "adaptive-fp16": ["--asam-adaptive-c", "0", "--fp16", "--fp16-no-flatten-grads"],
+    # fp32 only: fairseq saves an --fp16 model in fp16 and rebuilds the fp32 master weights from it on
+    # resume, so no --fp16 run resumes bit for bit, with or without a schedule.
+    "adaptive": ["--asam-adaptive-c", "0"],
     "late": ["--asam-start", "0.5"],
 }
 
@@ -126,7 +128,6 @@ def test_resume_equals_uninterrupted(tiny_data_bin, tmp_path, case):
     if case == "look":
         assert flags_logged == [1, 0, 1, 0, 1, 0]
         assert [float(r["second_pass_frac"]) for r in logs] == pytest.approx([1, 0.5, 2 / 3, 0.5, 0.6, 0.5], abs=1e-3)
-        assert "loss_eps" in logs[0] and "loss_eps" not in logs[1]  # only the updates with a second pass
     elif case.startswith("one-pass"):
         assert flags_logged == [0] * 6
     assert qa["second_passes"] == sum(flags_logged)

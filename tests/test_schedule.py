@@ -181,8 +181,8 @@ def _batches(n=7):
     return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
 
 
-def _train(schedule, *, minimizer="asam", via="step", batches=None):
-    model = _net()
+def _train(schedule, *, minimizer="asam", via="step", batches=None, net=None):
+    model = (net or _net)()
     base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     if minimizer == "sgd":
         opt = base
@@ -369,3 +369,20 @@ def test_module_docstring_example_runs_as_written():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2 of 10 updates ran the second pass"
+
+
+@pytest.mark.parametrize("name", ["every3", "look3", "late", "adaptive", "one_pass-previous", "one_pass-momentum"])
+def test_vision_step_runs_the_same_rule_as_the_optimizer(name):
+    # The vision entry point's update (its own helper, per-worker first pass) against ASAM.step(closure).
+    # No BatchNorm: the vision step freezes running statistics in the second pass, step() does not.
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    make = {"every3": lambda: EveryK(3), "look3": lambda: LookASAM(3, 0.7), "late": lambda: LatePhase(0.4, 7),
+            "adaptive": lambda: AdaptiveTrigger(0.0), "one_pass-previous": lambda: OnePass("previous"),
+            "one_pass-momentum": lambda: OnePass("momentum")}[name]
+    a, oa = _train(make(), via="vision", net=mlp)
+    b, ob = _train(make(), via="step", net=mlp)
+    assert _same(a, b)
+    assert oa.schedule.second_passes == ob.schedule.second_passes
