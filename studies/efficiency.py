@@ -340,7 +340,7 @@ def plot(summary: dict, path: str) -> None:
     summary = {k: v for k, v in summary.items() if v["asam_gain"] > 0}  # no gain, no fraction of it
     names = [m for m in next(iter(summary.values()))["methods"] if m != "sgd"]
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    families = {}
+    families, bottom = {}, {}
     for name in names:
         kept = [v["methods"][name]["gain_kept"] if name != "asam" else 1.0 for v in summary.values()]
         cost = statistics.fmean(v["methods"][name]["passes"] for v in summary.values())
@@ -350,12 +350,14 @@ def plot(summary: dict, path: str) -> None:
         label = fam if fam not in ax.get_legend_handles_labels()[1] else None
         if mean < -1.4:  # off the axis: a marker at the bottom edge with its value
             ax.plot(cost, -1.4, "v", color=color, label=label)
-            ax.annotate(f"{name} ({100 * mean:.0f}%)", (cost, -1.4), textcoords="offset points", xytext=(4, 4 + 8 * (len(ax.texts) % 3)),
-                        fontsize=7)
+            bottom[name] = (cost, mean)
             continue
         ax.errorbar(cost, mean, yerr=[[mean - min(kept)], [max(kept) - mean]], fmt="o", color=color, capsize=3,
                     label=label)
         ax.annotate(name, (cost, mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if bottom:
+        ax.text(1.62, -1.38, "below the axis (mean kept):\n" + "\n".join(
+            f"{n}: {100 * m:.0f}% at {c:.2f}x" for n, (c, m) in bottom.items()), fontsize=7, va="bottom")
     ax.axvline(TARGET_COST, color="grey", ls="--", lw=1)
     ax.axhline(TARGET_KEPT, color="grey", ls="--", lw=1)
     ax.axhline(0.0, color="black", lw=0.5)
