@@ -273,6 +273,8 @@ def recommend(summary: dict, methods=None) -> dict:
     names = methods or [m for m in next(iter(summary.values()))["methods"] if m not in ("sgd", "asam")]
     # Variants where full ASAM does not beat SGD have no gain to keep; they are reported, not ranked.
     ranked = {k: v for k, v in summary.items() if v["asam_gain"] > 0}
+    if not ranked:
+        return {}  # full ASAM beats SGD nowhere: there is no gain to keep
     best = None
     for m in names:
         kept = [v["methods"][m]["gain_kept"] for v in ranked.values()]

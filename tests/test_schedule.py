@@ -386,3 +386,16 @@ def test_vision_step_runs_the_same_rule_as_the_optimizer(name):
     b, ob = _train(make(), via="step", net=mlp)
     assert _same(a, b)
     assert oa.schedule.second_passes == ob.schedule.second_passes
+
+
+def test_docs_efficiency_python_example_runs():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "efficiency.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 of 20 updates ran the second pass (0.20)"
