@@ -163,3 +163,21 @@ def test_inconsistent_flags_are_clear_errors(tiny_data_bin, tmp_path, flags, mes
     p = run_fairseq("train", tiny_train_args(tiny_data_bin, tmp_path / "bad", *SAM, *flags), check=False)
     assert p.returncode != 0
     assert message in p.stderr
+
+
+def test_ddp_two_cpu_processes_match_update_freq_2_and_resume(tiny_data_bin, tmp_path):
+    # Look-ASAM on 2 gloo processes (stopped after 4 updates, resumed to 6) equals one process with
+    # --update-freq 2: the schedule reads the all-reduced gradient, so both ranks decide and store alike.
+    from test_fairseq_cli import _assert_same_state, _ddp_train
+
+    common = [*SAM, "--clip-norm", "0.5", "--dropout", "0", "--asam-every", "2", "--asam-reuse-alpha", "0.7"]
+    run_fairseq("train", tiny_train_args(tiny_data_bin, tmp_path / "uf2", *common, "--update-freq", "2",
+                                         "--max-update", "6"))
+    _ddp_train(tiny_data_bin, tmp_path / "ddp", *common, "--max-update", "4")
+    _ddp_train(tiny_data_bin, tmp_path / "ddp", *common, "--max-update", "6")
+    a, b = _load(tmp_path / "uf2" / "checkpoint_last.pt"), _load(tmp_path / "ddp" / "checkpoint_last.pt")
+    _assert_same_state(a, b, exact=False)
+    qa, qb = a["last_optimizer_state"]["asam_schedule"], b["last_optimizer_state"]["asam_schedule"]
+    assert (qa["updates"], qa["second_passes"]) == (qb["updates"], qb["second_passes"]) == (6, 3)
+    for x, y in zip(qa["direction"], qb["direction"]):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
