@@ -105,11 +105,12 @@ def _env(threads: int | None) -> dict:
 
 
 def run_once(data_bin: str, method: str, arch: list[str], *, updates: int, device: str, tmp: Path,
-             max_tokens: int, phase_times: bool = False, threads: int | None = None) -> dict:
+             max_tokens: int, phase_times: bool = False, threads: int | None = None,
+             method_flags: list[str] | None = None) -> dict:
     out = tmp / f"rec-{method}-{os.getpid()}-{len(list(tmp.iterdir()))}.json"
     args = [
         data_bin, "--user-dir", USER_DIR, "--task", "translation_sam", *arch,
-        *METHODS[method], "--adam-betas", "(0.9, 0.98)", "--lr", "5e-4", "--weight-decay", "1e-4",
+        *(METHODS[method] if method_flags is None else method_flags), "--adam-betas", "(0.9, 0.98)", "--lr", "5e-4", "--weight-decay", "1e-4",
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--dropout", "0.3",
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
         "--max-tokens", str(max_tokens), "--max-update", str(updates), "--seed", "1",

@@ -21,7 +21,11 @@ __all__ = [
     "argparse_type",
     "check_bool",
     "check_eta",
+    "check_every",
+    "check_finite",
+    "check_fraction",
     "check_int",
+    "check_nonnegative",
     "check_normalization",
     "check_number",
     "check_p",
@@ -112,6 +116,35 @@ def check_int(value: Any, flag: str, minimum: int | None = None, maximum: int | 
     if maximum is not None and value > maximum:
         raise ValueError(f"{flag} must be <= {maximum}, got {value}")
     return value
+
+
+def check_every(value: Any, flag: str = "every=") -> int:
+    """k of a schedule that runs the second pass every k-th update: an integer >= 1."""
+    return check_int(value, flag, minimum=1)
+
+
+def check_finite(value: Any, flag: str) -> float:
+    """Any finite real number (e.g. the c of the adaptive trigger, which may be negative)."""
+    v = check_number(value, flag)
+    if not math.isfinite(v):
+        raise ValueError(f"{flag} must be a finite number, got {_fmt(v)}")
+    return v
+
+
+def check_nonnegative(value: Any, flag: str) -> float:
+    """A finite number >= 0 (e.g. Look-ASAM's alpha)."""
+    v = check_finite(value, flag)
+    if v < 0:
+        raise ValueError(f"{flag} must be >= 0, got {_fmt(value)}")
+    return v
+
+
+def check_fraction(value: Any, flag: str) -> float:
+    """A fraction of training in [0, 1]."""
+    v = check_number(value, flag)
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"{flag} must be in [0, 1], got {_fmt(value)}")
+    return v
 
 
 def check_sharpness_hyperparameters(

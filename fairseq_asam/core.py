@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import _compat
 from .checks import check_bool, check_eta, check_normalization, check_p, check_rho
+from .schedule import Full, Schedule
 
 __all__ = [
     "ASAM", "SAM", "ParamSpec", "Perturbation", "check_hyperparameters", "filter_operator",
@@ -774,6 +775,36 @@ class Perturbation:
         self._perturbed = params
         return True
 
+    @torch.no_grad()
+    def ascend_along(self, directions: Iterable[Tensor | None]) -> bool:
+        """w -> w + eps in place with eps computed from ``directions`` (one per parameter, in ``param_groups``
+        order; None: that tensor is not perturbed) in place of the gradient; ``.grad`` is not touched.
+
+        The one-pass policies of :mod:`fairseq_asam.schedule` perturb w this way before the update's only
+        forward/backward. Returns False (weights untouched) when the directions are not finite.
+        """
+        if self._perturbed:
+            raise RuntimeError("ascend_along() called while the weights are still perturbed (restore() first)")
+        params = [t for g in self.param_groups for t in g["params"]]
+        directions = list(directions)
+        if len(directions) != len(params):
+            raise ValueError(f"ascend_along() needs one direction per parameter ({len(params)}), got {len(directions)}")
+        # A private copy: the kernels use the gradient slot as scratch.
+        gmap = {id(t): d.detach().to(device=t.device, dtype=t.dtype).clone()
+                for t, d in zip(params, directions) if d is not None}
+        if not gmap:
+            return False
+        P, p = self._plan(gmap)
+        P.W = [w.data for w in P.W]
+        out = _ascent(P, p=p, foreach=self._use_foreach(P.W))
+        if out is None:
+            self.last_grad_finite, self.last_eps_norm = False, None
+            return False
+        self.last_grad_finite = True
+        self.last_eps_norm = out[0]
+        self._perturbed = [t for t in params if id(t) in gmap]
+        return True
+
     @property
     def perturbed(self) -> bool:
         """True between :meth:`ascend` and :meth:`restore`."""
@@ -919,6 +950,11 @@ class ASAM(torch.optim.Optimizer):
         normalization: ``"element"`` or ``"filter"`` (paper Eq. 5).
         normalize_bias: also normalize biases (T = |b| + eta); the paper's default is off (T = 1).
         foreach: ``None`` picks the way torch.optim does; ``True``/``False`` force a kernel.
+        schedule: which updates run the second pass (:mod:`fairseq_asam.schedule`: ``EveryK(5)``,
+            ``LookASAM(5, 0.7)``, ``LatePhase(0.5, total)``, ``AdaptiveTrigger(1.0)``, ``OnePass()``);
+            default :class:`~fairseq_asam.schedule.Full`, the paper's update every time. A loop that
+            honours it calls :meth:`begin_step`, backward, :meth:`scheduled_ascent` (True: run the second
+            forward/backward) and :meth:`descent_step`; :meth:`step` with a closure does so.
     """
 
     _adaptive = True
@@ -934,13 +970,17 @@ class ASAM(torch.optim.Optimizer):
         normalize_bias: bool = False,
         *,
         foreach: bool | None = None,
+        schedule: Schedule | None = None,
         **base_kwargs,
     ):
         self._init(params, base_optimizer, rho=rho, eta=eta, p=p, normalization=normalization,
-                   normalize_bias=normalize_bias, adaptive=self._adaptive, foreach=foreach, base_kwargs=base_kwargs)
+                   normalize_bias=normalize_bias, adaptive=self._adaptive, foreach=foreach, base_kwargs=base_kwargs,
+                   schedule=schedule)
 
     def _init(self, params, base_optimizer, *, rho, eta, p, normalization, normalize_bias, adaptive, foreach,
-              base_kwargs):
+              base_kwargs, schedule=None):
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule= must be a fairseq_asam.schedule.Schedule (EveryK(5), ...), got {schedule!r}")
         params = list(params) if not isinstance(params, Tensor) else params
         pert = Perturbation(params, rho=rho, eta=eta, p=p, normalization=normalization,
                             normalize_bias=normalize_bias, adaptive=adaptive, foreach=foreach)
@@ -984,6 +1024,8 @@ class ASAM(torch.optim.Optimizer):
         super().__init__([t for g in pert.param_groups for t in g["params"]], defaults)
         self.base_optimizer = base_optimizer
         self.perturbation = pert  # set after torch's __init__, whose add_param_group calls must not reach the base
+        self.schedule = schedule if schedule is not None else Full()
+        self._second_pass: bool | None = None  # this update's decision, between the ascent and the descent
         self._share()
 
     def _share(self) -> None:
@@ -1030,6 +1072,7 @@ class ASAM(torch.optim.Optimizer):
         are None afterwards; ``zero_grad`` is accepted for code written for davda54/sam. Returns False
         (weights untouched) when the gradient is not finite, so the caller can skip the update.
         """
+        self._second_pass = True
         return self.perturbation.ascend()
 
     first_step = ascent_step  # the name used by the davda54/sam wrapper
@@ -1038,9 +1081,40 @@ class ASAM(torch.optim.Optimizer):
         """Put back the weights of the last ascent bit for bit, in place."""
         self.perturbation.restore()
 
+    def _grads(self) -> list:
+        return [t.grad for g in self.param_groups for t in g["params"]]
+
+    def begin_step(self) -> bool:
+        """Before the update's first forward. One-pass schedules move w to w + eps here (returns True,
+        and the update's only forward/backward runs there); every other schedule does nothing."""
+        self._second_pass = None
+        if not self.schedule.one_pass:
+            return False
+        return self.schedule.before_forward(self.perturbation, self.base_optimizer)
+
+    def scheduled_ascent(self) -> bool:
+        """After the first backward: the schedule decides from g whether this update runs the second pass.
+
+        True: w is at w + eps now (as after :meth:`ascent_step`); run forward/backward again, then
+        :meth:`descent_step`. False: call :meth:`descent_step` now; the base optimizer steps with g (or
+        the schedule's rule applied to it). With the default schedule it always does the ascent.
+        """
+        if self.schedule.one_pass:
+            self._second_pass = False  # the gradient just taken (at w + eps) is the update's gradient
+            return False
+        if not self.schedule.wants_second_pass(self._grads()):
+            self._second_pass = False
+            return False
+        self._second_pass = True
+        return self.perturbation.ascend()  # False: non-finite g, weights untouched, grads dropped
+
     def descent_step(self, zero_grad: bool = True):
-        """Restore w exactly, then run the base optimizer's step with the gradients taken at w + eps."""
+        """Restore w exactly, then run the base optimizer's step with the gradients taken at w + eps
+        (or, on an update the schedule runs without the second pass, with g and the schedule's rule)."""
         self.perturbation.restore()
+        # Without scheduled_ascent() (a loop calling ascent_step()/descent_step()) the update is a full one.
+        self.schedule.before_descent(self._grads(), True if self._second_pass is None else self._second_pass)
+        self._second_pass = None
         out = self.base_optimizer.step()
         # torch's LR schedulers warn unless the optimizer's step() ran; descent_step() is that step.
         _compat.mark_optimizer_stepped(self)
@@ -1058,13 +1132,16 @@ class ASAM(torch.optim.Optimizer):
                 "backward and returns the loss, e.g. step(lambda: (opt.zero_grad(), loss_fn(model(x), y).backward())...); "
                 "or call ascent_step() and descent_step() around your own second forward/backward."
             )
+        self.begin_step()
         with torch.enable_grad():
             loss = closure()
-        if not self.ascent_step():
+        if self.scheduled_ascent():
+            with torch.enable_grad():
+                closure()
+        elif self._second_pass:
             self.zero_grad()  # non-finite gradient: skip the update, weights untouched
+            self._second_pass = None
             return loss
-        with torch.enable_grad():
-            closure()
         self.descent_step()
         return loss
 
@@ -1096,7 +1173,7 @@ class ASAM(torch.optim.Optimizer):
         """The base optimizer's state dict (rho/eta/p are in its param_groups) and the normalization rule."""
         pert = self.perturbation.state_dict()
         pert.pop("param_groups")
-        return {"base": self.base_optimizer.state_dict(), "asam": pert}
+        return {"base": self.base_optimizer.state_dict(), "asam": pert, "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores the base optimizer's state and the hyper-parameters (as torch.optim restores lr).
@@ -1129,6 +1206,8 @@ class ASAM(torch.optim.Optimizer):
             self.perturbation._check_group(trial, i)
         # A copy: torch's optimizers keep the loaded tensors themselves, so loading the live state of
         # another optimizer would make the two share (and double-update) their moments.
+        if "schedule" in state_dict:
+            self.schedule.load_state_dict(copy.deepcopy(state_dict["schedule"]))
         self.base_optimizer.load_state_dict(copy.deepcopy(base_state))
         # torch's load_state_dict replaces the base's param_groups list: share the new one.
         self._share()
@@ -1148,8 +1227,9 @@ class ASAM(torch.optim.Optimizer):
         if not self.perturbation.adaptive:
             return f"{name}(rho={self.rho}, p={p}, base={type(self.base_optimizer).__name__})"
         extra = "" if name == "ASAM" else "adaptive=True, "
+        sched = "" if isinstance(self.schedule, Full) else f", schedule={self.schedule!r}"
         return (f"{name}({extra}rho={self.rho}, p={p}, eta={self.eta}, normalization={self.normalization!r}, "
-                f"normalize_bias={self.normalize_bias}, base={type(self.base_optimizer).__name__})")
+                f"normalize_bias={self.normalize_bias}, base={type(self.base_optimizer).__name__}{sched})")
 
 
 class SAM(ASAM):
@@ -1178,6 +1258,7 @@ class SAM(ASAM):
         normalization: str = "element",
         normalize_bias: bool | None = None,
         foreach: bool | None = None,
+        schedule: Schedule | None = None,
         **base_kwargs,
     ):
         check_bool(adaptive, "adaptive=")
@@ -1185,4 +1266,4 @@ class SAM(ASAM):
             raise ValueError("eta=, normalization= and normalize_bias= apply to SAM(adaptive=True) or ASAM only")
         self._init(params, base_optimizer, rho=rho, eta=0.0 if eta is None else eta, p=p,
                    normalization=normalization, normalize_bias=True if normalize_bias is None else normalize_bias,
-                   adaptive=adaptive, foreach=foreach, base_kwargs=base_kwargs)
+                   adaptive=adaptive, foreach=foreach, base_kwargs=base_kwargs, schedule=schedule)

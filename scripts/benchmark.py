@@ -18,9 +18,9 @@ import torch
 # benchmarks/ is a package of the repository (not installed): the repository root goes on the path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks import fairseq_update, kernel, vision_update  # noqa: E402
+from benchmarks import efficient_update, fairseq_update, kernel, vision_update  # noqa: E402
 
-SECTIONS = ["kernel", "fairseq", "vision"]
+SECTIONS = ["kernel", "fairseq", "vision", "efficient"]
 
 
 def machine() -> dict:
@@ -127,6 +127,32 @@ def vision_section(args, devices):
     ]
 
 
+def efficient_section(args, devices):
+    """The cheaper schedules' whole-update cost beside the base and the full update (fairseq and vision)."""
+    out, frows, vrows = {}, [], []
+    for dev in devices:
+        f = efficient_update.bench_fairseq(rounds=args.rounds, device=dev, quick=args.quick)
+        v = efficient_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
+                                          rounds=1 if args.quick else 3, timed=10, device=dev)
+        out[dev] = {"fairseq": f, "vision": v}
+        for m, s in f["seconds_per_update"].items():
+            frows.append(f"| {m} | {dev} | {s * 1e3:.0f} | {f['ratio_to_adam'][m]:.2f}x | {f['ratio_to_asam_adam'][m]:.2f}x |")
+        for m, s in v["seconds_per_update"].items():
+            vrows.append(f"| {m} | {dev} | {s * 1e3:.0f} | {v['ratio_to_sgd'][m]:.2f}x | {v['ratio_to_asam'][m]:.2f}x |")
+    v = next(iter(out.values()))["vision"]
+    return out, [
+        "### Cheaper updates: whole-update cost (mean over 10 consecutive updates, side by side)",
+        "",
+        "| fairseq optimizer | device | ms / update | ratio to adam | ratio to asam_adam |",
+        "|---|---|---|---|---|",
+        *frows,
+        "",
+        f"| vision minimizer ({v['model']}, batch {v['batch']}) | device | ms / update | ratio to sgd | ratio to asam |",
+        "|---|---|---|---|---|",
+        *vrows,
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -162,7 +188,8 @@ def main(argv=None):
           f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}\n", flush=True)
     for name in sections:
         print(f"[bench] measuring section {name} ...", file=sys.stderr, flush=True)
-        data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section}[name](args, devices)
+        data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section,
+                        "efficient": efficient_section}[name](args, devices)
         result["sections"][name] = data
         _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
         print("\n".join(table) + "\n", flush=True)

@@ -81,3 +81,13 @@ def test_benchmark_prints_each_table_as_soon_as_it_is_measured(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the benchmark and its fairseq-train child
         proc.wait(timeout=60)
+
+
+def test_efficient_vision_section_on_a_small_model():
+    from benchmarks.efficient_update import EFFICIENT, bench_vision
+
+    r = bench_vision(model_name="resnet8", batch=4, rounds=1, timed=10)
+    assert set(r["seconds_per_update"]) == {"sgd", "asam", *EFFICIENT}
+    for k, v in r["ratio_to_sgd"].items():
+        assert v > 0 and abs(v - r["seconds_per_update"][k] / r["seconds_per_update"]["sgd"]) < 1e-12
+    assert r["ratio_to_asam"]["asam"] == 1.0

@@ -55,6 +55,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .. import _compat
+from . import scheduled
 from .optimizer import find_sharpness_optimizer
 
 __all__ = [
@@ -128,6 +129,7 @@ class SharpnessAwareTask:
             # and only the micro-batches from here on make up its gradient.
             self._sam_pending = []
             self._sam_t_start = self._clock(model)
+            scheduled.begin_update(find_sharpness_optimizer(optimizer), optimizer, model)  # one-pass: w + eps
         mb = _MicroBatch(sample, ignore_grad, kwargs, _get_rng_state())
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
@@ -154,11 +156,14 @@ class SharpnessAwareTask:
         t0 = self._clock(model)
         if self._sam_t_start is not None:
             times["first"] = t0 - self._sam_t_start
+        second_pass = scheduled.decide(sam, optimizer, model)  # the schedule (docs/efficiency.md); default: yes
         if isinstance(optimizer, AMPOptimizer) and not _all_finite(model.parameters()):
             # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
             # scaler skips the step and lowers its scale. No ascent, no second pass.
             with sam.descent():
                 return super().optimizer_step(optimizer, model, update_num)
+        if not second_pass:
+            return self.sam_plain_step(sam, optimizer, model, update_num)
         perturber = self.sam_ascent(sam, optimizer, model)
         t1 = self._clock(model)
         try:
@@ -173,6 +178,15 @@ class SharpnessAwareTask:
                      reduce_clip=self._sam_t_base - t2, base_step=t3 - self._sam_t_base)
         self.sam_phase_times = times
         self._sam_log(perturber, sample_size, loss_w, loss_eps, times)
+        scheduled.log(sam)
+
+    def sam_plain_step(self, sam, optimizer, model, update_num):
+        """An update the schedule runs without the second pass: fairseq's optimizer step with g (reduced,
+        normalised and clipped by the Trainer), after the schedule's gradient rule."""
+        scheduled.before_descent(sam, optimizer, model, False)
+        with sam.descent():
+            super().optimizer_step(optimizer, model, update_num)
+        scheduled.log(sam)
 
     def sam_ascent(self, sam, optimizer, model):
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
@@ -298,6 +312,7 @@ class SharpnessAwareTask:
         grad_norm = optimizer.clip_grad_norm(sam.clip_norm)  # fp16: raises OverflowError on overflow
         if not isinstance(optimizer, AMPOptimizer) and not torch.isfinite(grad_norm).all():
             raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
+        scheduled.before_descent(sam, optimizer, model, True)
         self._sam_t_base = self._clock(model)
         with sam.descent():
             super().optimizer_step(optimizer, model, update_num)

@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import _compat
 from ..core import ASAM
+from ..schedule import Full
 from .fsdp import is_fsdp
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
@@ -245,6 +246,13 @@ def train_step(
             "m-sharpness under FSDP: the first-pass gradient is reduce-scattered over all workers, so a "
             "per-shard eps cannot be formed; use DDP for m-sharpness, or m_sharpness=None with FSDP"
         )
+    if not isinstance(optimizer.schedule, Full):
+        if m_sharpness is not None and m_sharpness < n:
+            raise ValueError("m-sharpness (--m) runs with the full update only; drop --m or the cheaper schedule")
+        if accum_steps > 1 or is_fsdp(model):
+            raise ValueError("the cheaper schedules run without gradient accumulation (--accum-steps) and FSDP "
+                             "(--fsdp); drop one or the other")
+        return _scheduled_step(model, optimizer, criterion, x, y, scaler, ac)
     if m_sharpness is None or m_sharpness >= n:
         return _two_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
     return _two_pass_sharded(model, optimizer, criterion, x, y, m_sharpness, micro, scaler, ac)
@@ -326,3 +334,48 @@ def _two_pass_sharded(model, opt, criterion, x, y, m, micro, scaler, ac) -> Step
     _base_step(opt.base_optimizer, scaler)
     opt.zero_grad()
     return StepResult(loss_mean, logits_cat, False, eps_norm)
+
+
+def _scheduled_step(model, opt, criterion, x, y, scaler, ac) -> StepResult:
+    """One update under a cheaper schedule (:mod:`fairseq_asam.schedule`): the schedule decides from the
+    first pass's gradient whether the second pass runs; otherwise the base optimizer steps with g.
+
+    The first pass runs under ``no_sync`` as in the full update; when no second pass follows, its
+    gradient is averaged across workers here (one flat all-reduce, what DDP would have done), and the
+    schedule's statistics are averaged too so every worker takes the same decision.
+    """
+    sched, pert = opt.schedule, opt.perturbation
+    params = [t for g in opt.param_groups for t in g["params"]]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    reduce = _all_reduce_mean if distributed else None
+    opt.zero_grad()
+    sched.before_forward(pert, opt.base_optimizer)  # one-pass: w -> w + eps before the only pass
+    with _no_sync(model), ac():
+        logits = model(x)
+        loss = criterion(logits, y)
+    with _no_sync(model):
+        _backward(loss, scaler)
+    eps_norm = None
+    if sched.one_pass:
+        eps_norm = pert.last_eps_norm if pert.perturbed else None
+        pert.restore()
+        second = False
+    else:
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        second = sched.wants_second_pass([t.grad for t in params], scale=scale, reduce=reduce)
+    if second:
+        if not _all_ranks_true(pert.ascend(), x.device):
+            _skip(opt, scaler)
+            return StepResult(loss.detach(), logits.detach(), True, None)
+        eps_norm = pert.last_eps_norm
+        with frozen_bn_stats(model), ac():
+            loss2 = criterion(model(x), y)
+        _backward(loss2, scaler)  # DDP averages these grads across workers
+        pert.restore()
+    else:
+        with torch.no_grad():
+            _all_reduce_mean([t.grad for t in params if t.grad is not None])
+    sched.before_descent([t.grad for t in params], second, reduce=reduce)
+    _base_step(opt.base_optimizer, scaler)
+    opt.zero_grad()
+    return StepResult(loss.detach(), logits.detach(), False, eps_norm)

@@ -41,8 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import checks as _checks
 from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
+from ..schedule import Full, OnePass, make_schedule
 from . import data as vdata
 from . import fsdp as vfsdp
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
@@ -75,9 +77,14 @@ PRESETS = {
 # Arguments that must not change when a run is resumed (they change the trajectory or the model).
 _RESUME_FIXED = ("dataset", "model", "minimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                  "label_smoothing", "rho", "eta", "p", "normalization", "normalize_bias", "m", "label_noise",
-                 "seed", "amp", "accum_steps", "autoaugment", "cutmix", "cutmix_alpha")
+                 "seed", "amp", "accum_steps", "autoaugment", "cutmix", "cutmix_alpha",
+                 "every", "reuse_alpha", "start", "adaptive_c", "one_pass")
+# The cheaper-update flags and their defaults (checkpoints written before they existed have none).
+_SCHEDULE_DEFAULTS = {"every": 1, "reuse_alpha": None, "start": None, "adaptive_c": None, "one_pass": "none"}
+_SCHEDULE_FLAGS = {"every": "--every", "reuse_alpha": "--reuse-alpha", "start": "--start",
+                   "adaptive_c": "--adaptive-c", "one_pass": "--one-pass"}
 # What a checkpoint written before these arguments existed ran with (so it still resumes).
-_RESUME_DEFAULTS = {"accum_steps": 1, "autoaugment": False, "cutmix": 0.0, "cutmix_alpha": 1.0}
+_RESUME_DEFAULTS = {"accum_steps": 1, "autoaugment": False, "cutmix": 0.0, "cutmix_alpha": 1.0, **_SCHEDULE_DEFAULTS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--m", "--m-sharpness", dest="m", type=int, default=None,
                    help="m-sharpness: a separate perturbation per shard of m examples of each worker's batch "
                    "(default: the whole worker batch; ImageNet 128)")
+
+    g = p.add_argument_group("cheaper updates (SAM/ASAM; at most one; docs/efficiency.md compares them)")
+    g.add_argument("--every", type=_checks.argparse_type(_checks.check_every, "--every", convert=int), default=1,
+                   metavar="K", help="the two-pass update on every K-th update only, plain SGD between (1: every update)")
+    g.add_argument("--reuse-alpha", type=_checks.argparse_type(_checks.check_nonnegative, "--reuse-alpha"),
+                   default=None, metavar="ALPHA",
+                   help="Look-ASAM (LookSAM's reuse, Liu et al. 2022) with --every K >= 2: between the two-pass "
+                   "updates descend with g + ALPHA ||g|| d, d the last second pass's gradient part orthogonal to g")
+    g.add_argument("--start", type=_checks.argparse_type(_checks.check_fraction, "--start"), default=None,
+                   metavar="FRACTION", help="late phase: plain SGD for this fraction of the run's updates, "
+                   "the two-pass update after it")
+    g.add_argument("--adaptive-c", type=_checks.argparse_type(_checks.check_finite, "--adaptive-c"), default=None,
+                   metavar="C", help="adaptive trigger (AE-SAM, Jiang et al. 2023): the two-pass update when "
+                   "||g||^2 >= its running mean + C running std")
+    g.add_argument("--one-pass", choices=("none", *OnePass.DIRECTIONS), default="none",
+                   help="one forward/backward per update, w perturbed before it along T_w applied to SGD's "
+                   "momentum (MSAM, Becker et al. 2024) or to the previous update's gradient")
 
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="default: runs/vision/<dataset>-<model>-<minimizer>-s<seed>")
@@ -241,6 +265,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         check_eta(args.eta, "--eta")
         if args.rho is not None:
             check_rho(args.rho, "--rho")
+        _check_schedule_args(args)
     except ValueError as e:
         fail(str(e))
     return args
@@ -257,6 +282,23 @@ def _apply_preset(args: argparse.Namespace, preset: dict) -> None:
             continue  # m-sharpness is a SAM/ASAM setting
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def _schedule_of(args, total_updates=None):
+    kw = {k: getattr(args, k, d) for k, d in _SCHEDULE_DEFAULTS.items()}
+    return make_schedule(**kw, total_updates=total_updates, flags=_SCHEDULE_FLAGS)
+
+
+def _check_schedule_args(args) -> None:
+    chosen = not isinstance(_schedule_of(args, total_updates=1), Full)
+    if chosen and args.minimizer == "sgd":
+        raise ValueError("--every, --reuse-alpha, --start, --adaptive-c and --one-pass apply to --minimizer sam/asam")
+    if chosen and (getattr(args, "accum_steps", 1) > 1 or getattr(args, "fsdp", False)):
+        raise ValueError("--every, --reuse-alpha, --start, --adaptive-c and --one-pass run without --accum-steps "
+                         "and --fsdp; drop one or the other")
+    if chosen and args.m is not None:
+        raise ValueError("--m (m-sharpness; ImageNet's default is 128) runs with the full update only; "
+                         "drop the cheaper-update flag or --m")
 
 
 # ---- distributed ------------------------------------------------------------------------------------
@@ -385,9 +427,9 @@ def _make_optimizer(model: nn.Module, args):
     p = math.inf if args.p == "inf" else 2
     if args.minimizer == "asam":
         opt = ASAM(model.named_parameters(), base, rho=args.rho, eta=args.eta, p=p,
-                   normalization=args.normalization, normalize_bias=args.normalize_bias)
+                   normalization=args.normalization, normalize_bias=args.normalize_bias, schedule=_schedule_of(args))
     elif args.minimizer == "sam":
-        opt = SAM(model.named_parameters(), base, rho=args.rho, p=p)
+        opt = SAM(model.named_parameters(), base, rho=args.rho, p=p, schedule=_schedule_of(args))
     else:
         opt = base
     return opt, base
@@ -619,6 +661,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
                      persistent_workers=False, worker_init_fn=vdata.seed_worker)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=local_bs, sampler=sampler, generator=gen, **loader_kw)
+    if isinstance(opt, ASAM):
+        opt.schedule.set_total_updates(len(train_loader) * args.epochs)  # the late phase's switch point
     # Each rank evaluates every world-th test image; the sums are all-reduced (no padding, exact).
     test_part = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world))
     test_loader = torch.utils.data.DataLoader(test_part, batch_size=args.test_batch_size, shuffle=False, **loader_kw)
@@ -648,6 +692,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
         # count is known on the host and stays there (making a device tensor of it each step synchronised).
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         steps = skipped = seen = 0
+        sched_at_start = _schedule_counts(opt)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and rank == 0),
                    leave=False, dynamic_ncols=True)
         for x, y in bar:
@@ -689,6 +734,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
             "eps_norm": eps_sum / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
             "skipped_steps": skipped,
             "images_per_s": round(count / max(train_s, 1e-9), 1),
+            "second_pass_frac": _second_pass_fraction(opt, sched_at_start),
             "time_s": round(time.time() - t0, 3),
         }
         history.append(rec)
@@ -740,6 +786,20 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
                 best["top1"], f" top-5 {best['top5']:.2f}%" if top5 else "", best["epoch"],
                 summary["final_test_acc"] or 0.0, f" top-5 {summary['final_test_top5']:.2f}%" if top5 else "")
     return summary
+
+
+def _schedule_counts(opt):
+    return (opt.schedule.updates, opt.schedule.second_passes) if isinstance(opt, ASAM) else (0, 0)
+
+
+def _second_pass_fraction(opt, start) -> float:
+    """The fraction of this epoch's updates that ran the second pass (1 for the full update, 0 for SGD)."""
+    if not isinstance(opt, ASAM):
+        return 0.0
+    if isinstance(opt.schedule, Full):
+        return 1.0  # the full update's path does not consult the schedule
+    u, s = _schedule_counts(opt)
+    return (s - start[1]) / max(u - start[0], 1)
 
 
 def _copy(src, dst):

@@ -1,0 +1,101 @@
+"""Benchmark section "efficient": the whole-update cost of the cheaper schedules (:mod:`fairseq_asam.schedule`)
+next to the base optimizer and the full update, in fairseq-train (adam / sam_adam / asam_adam) and in the
+vision entry point's update (sgd / asam).
+
+A periodic schedule's cost is an average over its cycle, so each contender's cost is the *mean* time of
+``timed`` consecutive updates (a multiple of 10: every 5 runs exactly 2 of each 10), not a median. The
+contenders run alternately, round after round, in one process per fairseq run, so a slow spell of a
+shared machine hits all of them; ratios measured side by side are the numbers to read.
+
+    python scripts/benchmark.py --sections efficient
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import fairseq_update
+from fairseq_asam.core import ASAM
+from fairseq_asam.schedule import EveryK, LookASAM, OnePass
+
+# name -> (fairseq-train flags on top of asam_adam's, the vision schedule)
+EFFICIENT = {
+    "every5": (["--asam-every", "5"], lambda: EveryK(5)),
+    "look5-a0.7": (["--asam-every", "5", "--asam-reuse-alpha", "0.7"], lambda: LookASAM(5, 0.7)),
+    "onepass-prev": (["--asam-one-pass", "previous"], lambda: OnePass("previous")),
+    "onepass-mom": (["--asam-one-pass", "momentum"], lambda: OnePass("momentum")),
+}
+
+
+def bench_fairseq(*, rounds: int = 1, timed: int = 10, warmup: int = 4, device: str = "cpu", quick: bool = False,
+                  threads: int | None = None) -> dict:
+    """Mean seconds per whole fairseq update (Trainer.train_step) and the ratio to adam, per contender."""
+    arch = fairseq_update.TINY if quick else fairseq_update.MEDIUM
+    max_tokens = 400 if quick else 1200
+    methods = {m: list(fairseq_update.METHODS[m]) for m in ("adam", "sam_adam", "asam_adam")}
+    for name, (flags, _) in EFFICIENT.items():
+        methods[f"asam_adam {name}"] = [*fairseq_update.METHODS["asam_adam"], *flags]
+    per: dict[str, list[float]] = {m: [] for m in methods}
+    names = list(methods)
+    with tempfile.TemporaryDirectory(prefix="asam-bench-eff-") as d:
+        tmp = Path(d)
+        data_bin = fairseq_update.make_corpus(tmp)
+        for r in range(rounds):
+            for m in names[r % len(names):] + names[: r % len(names)]:
+                rec = fairseq_update.run_once(data_bin, m, arch, updates=warmup + timed, device=device, tmp=tmp,
+                                              max_tokens=max_tokens, threads=threads, method_flags=methods[m])
+                times = rec["update_seconds"][warmup:]
+                if len(times) < timed:
+                    raise RuntimeError(f"{m}: only {len(rec['update_seconds'])} updates ran")
+                per[m].append(statistics.fmean(times))
+    sec = {m: statistics.median(v) for m, v in per.items()}
+    return {"device": device, "timed_updates": timed, "seconds_per_update": sec,
+            "ratio_to_adam": {m: s / sec["adam"] for m, s in sec.items()},
+            "ratio_to_asam_adam": {m: s / sec["asam_adam"] for m, s in sec.items()}}
+
+
+def bench_vision(*, model_name: str = "resnet20", batch: int = 128, rounds: int = 3, timed: int = 10,
+                 device: str = "cpu") -> dict:
+    """Mean seconds per update of the vision entry point's train_step (sgd, asam and the schedules)."""
+    from fairseq_asam.vision.models import build_model
+    from fairseq_asam.vision.step import train_step
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    setups = {}
+    for name in ["sgd", "asam", *EFFICIENT]:
+        torch.manual_seed(0)
+        model = build_model(model_name, 10).to(device).train()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if name == "sgd":
+            opt = base
+        else:
+            sched = None if name == "asam" else EFFICIENT[name][1]()
+            opt = ASAM(model.named_parameters(), base, rho=0.5, schedule=sched)
+        setups[name] = (model, opt)
+    names = list(setups)
+    per: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, opt = setups[name]
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(timed):
+                train_step(model, opt, crit, x, y)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if r > 0:
+                per[name].append((time.perf_counter() - t0) / timed)
+    sec = {k: statistics.median(v) for k, v in per.items()}
+    return {"model": model_name, "batch": batch, "device": device, "timed_updates": timed,
+            "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()),
+            "seconds_per_update": sec, "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},
+            "ratio_to_asam": {k: v / sec["asam"] for k, v in sec.items()}}
