@@ -219,8 +219,10 @@ def release_freed_host_memory() -> bool:
     Not a setting: the allocator keeps its defaults. The fairseq task calls it on the CPU right after the
     ascent dropped the first-pass gradients, before the second pass allocates its activations and
     gradients. Without it glibc's dynamic mmap threshold leaves those freed gradients on the heap, and the
-    second pass grows the heap around them: peak RSS +1.23x the parameter bytes over adam on
-    transformer_iwslt_de_en with the kept-w buffer, +0.20x with the trim (docs/performance.md).
+    second pass grows the heap around them: asam_adam's peak RSS is +1.23x the parameter bytes over
+    adam's on the transformer of ``make bench`` without a release, +1.01x with one every 4th update
+    (the whole update 1.94x adam's), +0.58x with one every update (2.09x: each release is paid again as
+    page faults in the second pass). See docs/performance.md.
     """
     global _libc
     if _libc is None:
