@@ -253,6 +253,12 @@ def test_perturbs_forward_weights_and_restores_exactly(tiny_data_bin, tmp_path, 
                 assert torch.equal(a, b)
         assert math.isfinite(float(agg["eps_norm"].avg)) and float(agg["eps_norm"].avg) > 0
         assert math.isfinite(float(agg["loss_eps"].avg))
+        if want_dtype in (torch.float16, torch.bfloat16):  # the norm that survived the weights' rounding
+            applied = math.sqrt(sum(float((rec["w_eps"][n].double() - rec["w"][n].double()).square().sum())
+                                    for n in rec["w"]))
+            assert float(agg["eps_norm_applied"].avg) == pytest.approx(applied, rel=1e-4)
+        else:
+            assert "eps_norm_applied" not in agg
 
 
 def _train(trainer, batches):

@@ -200,6 +200,12 @@ class SharpnessAwareTask:
         # the fairseq optimizer's zero_grad() before the second pass clears its own state.
         if not perturber.ascend():
             raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
+        self._sam_applied = None
+        if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+            # In fp16/bf16 weights much of a small eps rounds away (docs/precision.md): log the norm that
+            # was applied next to the intended one (one extra pass, in half-precision runs only).
+            self._sam_applied = perturber.applied_eps_norm()
+            _warn_if_rounded_away(self._sam_applied, perturber.last_eps_norm)
         if not next(model.parameters()).is_cuda:
             # The first-pass gradients were just freed: give their pages back before the second pass
             # allocates (the peak-RSS cost of the two-pass update on the CPU, see the function). Every
@@ -328,6 +334,8 @@ class SharpnessAwareTask:
     def _sam_log(self, perturber, sample_size, loss_w, loss_eps, times) -> None:
         if perturber.last_eps_norm is not None:
             metrics.log_scalar("eps_norm", perturber.last_eps_norm, weight=1, priority=20, round=4)
+        if getattr(self, "_sam_applied", None) is not None:
+            metrics.log_scalar("eps_norm_applied", self._sam_applied, weight=1, priority=20, round=4)
         if float(sample_size) > 0 and loss_eps is not None:
             metrics.log_scalar("loss_eps", loss_eps / sample_size / _LOG2, sample_size, priority=20, round=3)
             metrics.log_scalar(
@@ -351,6 +359,24 @@ class SecondPassOutOfMemory(OverflowError):
 def _is_oom(e: BaseException) -> bool:
     # fairseq's own test for an out-of-memory error (Trainer.train_step), plus torch's class for it
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+
+
+_warned_rounding = False
+
+
+def _warn_if_rounded_away(applied, intended, below: float = 0.5) -> None:
+    """Warn once when the weights' precision kept less than ``below`` of the intended ||eps||."""
+    global _warned_rounding
+    if _warned_rounding or applied is None or intended is None:
+        return
+    a, i = float(applied), float(intended)  # a host sync, in half-precision runs only
+    if i > 0 and a < below * i:
+        _warned_rounding = True
+        logger.warning(
+            "the perturbation applied to the half-precision weights has norm %.3g, %.0f%% of the intended %.3g: "
+            "most of eps rounds away in fp16/bf16 weights; use --amp (fp32 weights) with SAM/ASAM "
+            "(docs/precision.md)", a, 100 * a / i, i,
+        )
 
 
 def _loss_of(loss, logging_output):
