@@ -163,16 +163,17 @@ def _weighted(loss, k: int, n: int):
     return loss if k == n else loss * (k / n)
 
 
-def _first_pass(model, criterion, pieces, scaler, ac):
-    """Forward/backward at w over the micro-batches, under no_sync (eps is this worker's own).
+def _first_pass(model, criterion, pieces, scaler, ac, *, sync_last: bool = False):
+    """Forward/backward at w over the micro-batches, under no_sync (eps is this worker's own); with
+    ``sync_last`` the last micro-batch's backward all-reduces (a plain one-pass update under DDP).
 
     Returns (the random state before each forward, the mean loss over all examples, the logits).
     """
     n = sum(len(ys) for _, ys in pieces)
     states, losses, logits = [], [], []
-    for xs, ys in pieces:
+    for i, (xs, ys) in enumerate(pieces):
         states.append(_rng_state(xs.device))
-        with _no_sync(model):
+        with contextlib.nullcontext() if sync_last and i == len(pieces) - 1 else _no_sync(model):
             with ac():
                 out = model(xs)
                 loss = criterion(out, ys)
@@ -260,23 +261,11 @@ def train_step(
 
 def _one_pass(model, optimizer, criterion, pieces, scaler, ac) -> StepResult:
     optimizer.zero_grad()
-    n = sum(len(ys) for _, ys in pieces)
-    losses, logits = [], []
-    for i, (xs, ys) in enumerate(pieces):
-        # Under DDP only the last micro-batch's backward all-reduces the accumulated gradient.
-        with contextlib.nullcontext() if i == len(pieces) - 1 else _no_sync(model):
-            with ac():
-                out = model(xs)
-                loss = criterion(out, ys)
-            _backward(_weighted(loss, len(ys), n), scaler)
-        losses.append(loss.detach())
-        logits.append(out.detach())
+    # Under DDP only the last micro-batch's backward all-reduces the accumulated gradient.
+    _, loss, logits = _first_pass(model, criterion, pieces, scaler, ac, sync_last=True)
     _base_step(optimizer, scaler)
     optimizer.zero_grad()
-    if len(pieces) == 1:
-        return StepResult(losses[0], logits[0], False, None)
-    loss = sum(ls * len(ys) for ls, (_, ys) in zip(losses, pieces)) / n
-    return StepResult(loss, torch.cat(logits), False, None)
+    return StepResult(loss, logits, False, None)
 
 
 def _two_pass(model, opt, criterion, pieces, scaler, ac) -> StepResult:
