@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _compat
-from .checks import check_bool, check_eta, check_normalization, check_p, check_rho
+from .checks import check_bool, check_eta, check_p, check_rho, check_sharpness_hyperparameters
 from .schedule import Full, Schedule
 
 __all__ = [
@@ -54,12 +54,7 @@ def check_hyperparameters(rho, eta, p, normalization="element", *, flags: dict[s
     ``flags`` maps "rho"/"eta"/"p"/"normalization" to the names the caller's users write (default
     ``rho=`` ...); see :mod:`fairseq_asam.checks`.
     """
-    f = {"rho": "rho=", "eta": "eta=", "p": "p=", "normalization": "normalization="}
-    f.update(flags or {})
-    check_rho(rho, f["rho"])
-    check_eta(eta, f["eta"])
-    check_normalization(normalization, f["normalization"])
-    return check_p(p, f["p"])
+    return check_sharpness_hyperparameters(rho, eta, p, normalization, flags=flags)[2]
 
 
 @dataclass(frozen=True)
@@ -608,25 +603,35 @@ class Perturbation:
         self.last_eps_norm: Tensor | None = None
         self.last_grad_finite = True
         for opts, specs in _resolve_groups(params, **self._rule()):
-            self._add(opts, specs)
+            self._append(self._group_of(opts, specs, len(self.param_groups)), specs)
 
     def _rule(self) -> dict:
         return dict(adaptive=self.adaptive, normalization=self.normalization, normalize_bias=self.normalize_bias)
 
-    def _add(self, opts: dict, specs) -> dict:
+    def _append(self, group: dict, specs) -> None:
         known = {id(t) for g in self.param_groups for t in g["params"]}
         dup = [s.name for t, s in specs if id(t) in known]
         if dup:
             raise ValueError(f"some parameters appear in more than one group: {', '.join(dup[:3])}")
-        group = {k: v for k, v in opts.items() if k != "is_bias"}
-        for k in _HYPER:
-            group.setdefault(k, self.defaults[k])
-        self._check_group(group, len(self.param_groups))
-        group["params"] = [t for t, _ in specs]
         for t, s in specs:
             self._specs[id(t)] = s
         self.param_groups.append(group)
+
+    def _group_of(self, opts: dict, specs, index: int) -> dict:
+        """A param group of tensors with rho/eta/p (the defaults where not given), checked."""
+        group = {k: v for k, v in opts.items() if k != "is_bias"}
+        for k in _HYPER:
+            group.setdefault(k, self.defaults[k])
+        self._check_group(group, index)
+        group["params"] = [t for t, _ in specs]
         return group
+
+    def _resolve_new_group(self, param_group: dict, index: int):
+        """(the group for an optimizer, its (tensor, ParamSpec) pairs) from what add_param_group() was given."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(param_group).__name__}")
+        ((opts, specs),) = _resolve_groups([param_group], start=index, **self._rule())
+        return self._group_of(opts, specs, index), specs
 
     def _check_group(self, group: dict, i: int) -> None:
         where = f"param_groups[{i}]"
@@ -636,16 +641,7 @@ class Perturbation:
 
     def add_param_group(self, group: dict) -> None:
         """Add a group (tensors or (name, tensor) pairs, optional rho/eta/p/is_bias); it is perturbed too."""
-        if not isinstance(group, dict):
-            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(group).__name__}")
-        ((opts, specs),) = _resolve_groups([group], start=len(self.param_groups), **self._rule())
-        self._add(opts, specs)
-
-    def register(self, params) -> None:
-        """Tell the object the names (hence the bias rule) of tensors added to shared groups elsewhere."""
-        for _, specs in _resolve_groups(params, **self._rule()):
-            for t, s in specs:
-                self._specs[id(t)] = s
+        self._append(*self._resolve_new_group(group, len(self.param_groups)))
 
     # -- what it computes ------------------------------------------------------------------------
 
@@ -1149,16 +1145,9 @@ class ASAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer and to the perturbation (tensors or (name, tensor) pairs)."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(param_group).__name__}")
         if not hasattr(self, "perturbation"):  # torch.optim.Optimizer.__init__ adds the initial groups
             return super().add_param_group(param_group)
-        ((opts, specs),) = _resolve_groups([param_group], start=len(self.param_groups), **self.perturbation._rule())
-        group = {k: v for k, v in opts.items() if k != "is_bias"}
-        for k in _HYPER:
-            group.setdefault(k, self.perturbation.defaults[k])
-        self.perturbation._check_group(group, len(self.param_groups))
-        group["params"] = [t for t, _ in specs]
+        group, specs = self.perturbation._resolve_new_group(param_group, len(self.param_groups))
         self.base_optimizer.add_param_group(group)
         for t, s in specs:
             self.perturbation._specs[id(t)] = s
