@@ -14,7 +14,7 @@ from importlib import metadata
 
 from packaging.requirements import Requirement
 
-EXTRAS = ("fairseq", "iwslt", "vision", "plots", "studies", "tracking", "dev")
+EXTRAS = ("fairseq", "iwslt", "vision", "plots", "studies", "tracking", "hf", "dev")
 
 
 def unmet(dist: str = "fairseq-asam", extras=EXTRAS) -> list[str]:
