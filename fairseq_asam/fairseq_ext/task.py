@@ -131,7 +131,8 @@ class SharpnessAwareTask:
             # and only the micro-batches from here on make up its gradient.
             self._sam_pending = []
             self._sam_t_start = self._clock(model)
-            scheduled.begin_update(find_sharpness_optimizer(optimizer), optimizer, model)  # one-pass: w + eps
+            # A perturbation left by a skipped update is undone; a one-pass policy moves w to w + eps.
+            scheduled.driver(find_sharpness_optimizer(optimizer), optimizer, model).begin()
         mb = _MicroBatch(sample, ignore_grad, kwargs, _get_rng_state())
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
@@ -158,7 +159,8 @@ class SharpnessAwareTask:
         t0 = self._clock(model)
         if self._sam_t_start is not None:
             times["first"] = t0 - self._sam_t_start
-        second_pass = scheduled.decide(sam, optimizer, model)  # the schedule (docs/efficiency.md); default: yes
+        drv = scheduled.driver(sam, optimizer, model)
+        second_pass = drv.wants_second_pass(scale=scheduled.grad_scale(optimizer))  # the policy; default: yes
         if isinstance(optimizer, AMPOptimizer) and not _all_finite(model.parameters()):
             # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
             # scaler skips the step and lowers its scale. No ascent, no second pass.
@@ -172,7 +174,7 @@ class SharpnessAwareTask:
             sums = self._sam_second_pass_handled(pending, sam, optimizer, model, update_num)
         finally:
             t_restore = self._clock(model)
-            perturber.restore()  # w copied back in place, bit for bit, also if the second pass raised
+            drv.restore()  # w copied back in place, bit for bit, also if the second pass raised
         t2 = self._clock(model)
         sample_size, loss_w, loss_eps = self.sam_descent(sam, optimizer, model, update_num, sums)
         t3 = self._clock(model)
@@ -185,20 +187,21 @@ class SharpnessAwareTask:
     def sam_plain_step(self, sam, optimizer, model, update_num):
         """An update the schedule runs without the second pass: fairseq's optimizer step with g (reduced,
         normalised and clipped by the Trainer), after the schedule's gradient rule."""
-        scheduled.before_descent(sam, optimizer, model, False)
+        scheduled.driver(sam, optimizer, model).end()
         with sam.descent():
             super().optimizer_step(optimizer, model, update_num)
         scheduled.log(sam)
 
     def sam_ascent(self, sam, optimizer, model):
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
-        perturber = sam.perturber(model)
+        drv = scheduled.driver(sam, optimizer, model)
+        perturber = drv.perturbation
         # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
         fp16_grads_for_ascent([p.grad for p in model.parameters()], sam.p)
         # The ascent consumes the model's grads (drops them, so the second forward's activations can use
         # their memory: keeping them zeroed raised asam_adam's peak RSS by about one more parameter size);
         # the fairseq optimizer's zero_grad() before the second pass clears its own state.
-        if not perturber.ascend():
+        if not drv.ascend():
             raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
         self._sam_applied = None
         if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
@@ -323,7 +326,7 @@ class SharpnessAwareTask:
         grad_norm = optimizer.clip_grad_norm(sam.clip_norm)  # fp16: raises OverflowError on overflow
         if not isinstance(optimizer, AMPOptimizer) and not torch.isfinite(grad_norm).all():
             raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
-        scheduled.before_descent(sam, optimizer, model, True)
+        scheduled.driver(sam, optimizer, model).end()
         self._sam_t_base = self._clock(model)
         with sam.descent():
             super().optimizer_step(optimizer, model, update_num)

@@ -41,10 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import checks as _checks
+from .. import schedule as _schedule
 from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
-from ..schedule import Full, OnePass, make_schedule
 from . import data as vdata
 from . import fsdp as vfsdp
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
@@ -78,11 +77,10 @@ PRESETS = {
 _RESUME_FIXED = ("dataset", "model", "minimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                  "label_smoothing", "rho", "eta", "p", "normalization", "normalize_bias", "m", "label_noise",
                  "seed", "amp", "accum_steps", "autoaugment", "cutmix", "cutmix_alpha",
-                 "every", "reuse_alpha", "start", "adaptive_c", "one_pass")
-# The cheaper-update flags and their defaults (checkpoints written before they existed have none).
-_SCHEDULE_DEFAULTS = {"every": 1, "reuse_alpha": None, "start": None, "adaptive_c": None, "one_pass": "none"}
-_SCHEDULE_FLAGS = {"every": "--every", "reuse_alpha": "--reuse-alpha", "start": "--start",
-                   "adaptive_c": "--adaptive-c", "one_pass": "--one-pass"}
+                 *_schedule.options())
+# The cheaper-update options and their "off" values (checkpoints written before they existed have none).
+_SCHEDULE_DEFAULTS = {name: o.off for name, o in _schedule.options().items()}
+_SCHEDULE_FLAGS = _schedule.flags("--")
 # What a checkpoint written before these arguments existed ran with (so it still resumes).
 _RESUME_DEFAULTS = {"accum_steps": 1, "autoaugment": False, "cutmix": 0.0, "cutmix_alpha": 1.0, **_SCHEDULE_DEFAULTS}
 
@@ -145,21 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the whole worker batch; ImageNet 128)")
 
     g = p.add_argument_group("cheaper updates (SAM/ASAM; at most one; docs/efficiency.md compares them)")
-    g.add_argument("--every", type=_checks.argparse_type(_checks.check_every, "--every", convert=int), default=1,
-                   metavar="K", help="the two-pass update on every K-th update only, plain SGD between (1: every update)")
-    g.add_argument("--reuse-alpha", type=_checks.argparse_type(_checks.check_nonnegative, "--reuse-alpha"),
-                   default=None, metavar="ALPHA",
-                   help="Look-ASAM (LookSAM's reuse, Liu et al. 2022) with --every K >= 2: between the two-pass "
-                   "updates descend with g + ALPHA ||g|| d, d the last second pass's gradient part orthogonal to g")
-    g.add_argument("--start", type=_checks.argparse_type(_checks.check_fraction, "--start"), default=None,
-                   metavar="FRACTION", help="late phase: plain SGD for this fraction of the run's updates, "
-                   "the two-pass update after it")
-    g.add_argument("--adaptive-c", type=_checks.argparse_type(_checks.check_finite, "--adaptive-c"), default=None,
-                   metavar="C", help="adaptive trigger (AE-SAM, Jiang et al. 2023): the two-pass update when "
-                   "||g||^2 >= its running mean + C running std")
-    g.add_argument("--one-pass", choices=("none", *OnePass.DIRECTIONS), default="none",
-                   help="one forward/backward per update, w perturbed before it along T_w applied to SGD's "
-                   "momentum (MSAM, Becker et al. 2024) or to the previous update's gradient")
+    _schedule.add_arguments(g)  # --every, --reuse-alpha, --start, --adaptive-c, --one-pass: one per option
 
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="default: runs/vision/<dataset>-<model>-<minimizer>-s<seed>")
@@ -286,19 +270,15 @@ def _apply_preset(args: argparse.Namespace, preset: dict) -> None:
 
 def _schedule_of(args, total_updates=None):
     kw = {k: getattr(args, k, d) for k, d in _SCHEDULE_DEFAULTS.items()}
-    return make_schedule(**kw, total_updates=total_updates, flags=_SCHEDULE_FLAGS)
+    return _schedule.make_schedule(**kw, total_updates=total_updates, flags=_SCHEDULE_FLAGS)
 
 
 def _check_schedule_args(args) -> None:
-    chosen = not isinstance(_schedule_of(args, total_updates=1), Full)
-    if chosen and args.minimizer == "sgd":
-        raise ValueError("--every, --reuse-alpha, --start, --adaptive-c and --one-pass apply to --minimizer sam/asam")
-    if chosen and (getattr(args, "accum_steps", 1) > 1 or getattr(args, "fsdp", False)):
-        raise ValueError("--every, --reuse-alpha, --start, --adaptive-c and --one-pass run without --accum-steps "
-                         "and --fsdp; drop one or the other")
-    if chosen and args.m is not None:
-        raise ValueError("--m (m-sharpness; ImageNet's default is 128) runs with the full update only; "
-                         "drop the cheaper-update flag or --m")
+    policy = _schedule_of(args, total_updates=1)
+    if policy.key is not None and args.minimizer == "sgd":
+        raise ValueError(f"{', '.join(_SCHEDULE_FLAGS.values())} apply to --minimizer sam/asam")
+    policy.check_mode(sharded="--fsdp" if getattr(args, "fsdp", False) else None,
+                      per_shard_eps="--m" if args.m is not None else None)
 
 
 # ---- distributed ------------------------------------------------------------------------------------
@@ -793,11 +773,9 @@ def _schedule_counts(opt):
 
 
 def _second_pass_fraction(opt, start) -> float:
-    """The fraction of this epoch's updates that ran the second pass (1 for the full update, 0 for SGD)."""
+    """The fraction of this epoch's updates that ran the second pass (0 for SGD)."""
     if not isinstance(opt, ASAM):
         return 0.0
-    if isinstance(opt.schedule, Full):
-        return 1.0  # the full update's path does not consult the schedule
     u, s = _schedule_counts(opt)
     return (s - start[1]) / max(u - start[0], 1)
 
