@@ -103,6 +103,7 @@ class _SharpnessAdamConfig(_ScheduleConfig):
     # a first-pass overflow.
     amp_batch_retries: int = II("common.amp_batch_retries")
     use_bmuf: bool = II("optimization.use_bmuf")
+    task_name: Any = II("task._name")  # refused at startup unless the task runs the two-pass update
     ddp_backend: Any = II("distributed_training.ddp_backend")
 
 
@@ -181,6 +182,7 @@ class FairseqSharpnessAdam(FairseqAdam):
             )
         if getattr(cfg, "tpu", False):
             raise ValueError(f"--optimizer {name} does not support --tpu")
+        _check_task(cfg, name)
         self.schedule = _schedule_from(cfg)
         super().__init__(cfg, params)
         self.clip_norm = float(cfg.clip_norm)
@@ -280,6 +282,27 @@ def _schedule_from(cfg) -> Schedule:
     if policy.needs_total_updates:
         raise ValueError(f"{SCHEDULE_FLAGS[policy.key]} needs the run's length: set --max-update")
     return policy
+
+
+def _check_task(cfg, name: str) -> None:
+    """Stop at startup (fairseq builds the optimizer before training) when the task would call Adam's step
+    directly: a one-line message and exit status 1, instead of an error inside the first update."""
+    try:
+        task = cfg.task_name
+    except Exception:  # a config built without the task's section (a test, another entry point)
+        return
+    task = getattr(task, "value", task)
+    from fairseq.tasks import TASK_REGISTRY
+
+    from .task import SharpnessAwareTask  # task.py imports this module
+
+    cls = TASK_REGISTRY.get(task) if isinstance(task, str) else None
+    if cls is not None and not issubclass(cls, SharpnessAwareTask):
+        raise SystemExit(
+            f"fairseq-train: error: --optimizer {name} needs the two-pass sharpness-aware train step, which "
+            f"--task {task} does not run: use --task translation_sam (or a task wrapped with "
+            "fairseq_asam.fairseq_ext.make_sharpness_aware)"
+        )
 
 
 def find_sharpness_optimizer(optimizer):
