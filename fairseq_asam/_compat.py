@@ -27,6 +27,7 @@ from dataclasses import dataclass
 __all__ = [
     "REACHES",
     "batchnorm_base",
+    "calling_trainer",
     "check_all",
     "config_name",
     "fp16_multiply_factor",
@@ -206,6 +207,25 @@ def mark_optimizer_stepped(optimizer) -> None:
     optimizer._opt_called = True
 
 
+def calling_trainer():
+    """The fairseq ``Trainer`` whose method is building the optimizer (its ``_build_optimizer`` is on the call
+    stack), or None. fairseq hands the optimizer its config only; the Trainer holds the task, which decides
+    whether the sharpness-aware optimizer can run. Read from the caller frames' ``self`` (no private
+    attribute of fairseq), looked for within a few frames only."""
+    if "fairseq.trainer" not in sys.modules:
+        return None
+    trainer_cls = sys.modules["fairseq.trainer"].Trainer
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, trainer_cls):
+            return obj
+        frame = frame.f_back
+    return None
+
+
 def batchnorm_base() -> type:
     return REACHES["batchnorm"].resolve()
 
@@ -240,8 +260,6 @@ def option_string_actions(parser) -> dict:
 def config_name(node) -> str:
     """The registered name of a fairseq dataclass config node (fairseq stores it as ``_name``)."""
     return str(getattr(node, "_name", "") or getattr(node, "arch", "") or "")
-
-
 
 
 _libc = None

@@ -556,20 +556,25 @@ class OnePass(Schedule):
             raise ValueError(f"direction= must be one of {', '.join(self.DIRECTIONS)}, got {direction!r}")
         self.direction = direction
         self.previous: list[Tensor | None] | None = None
+        self._fresh = False  # previous holds the last update's gradient (not yet used up as scratch)
         self._begun = False
 
     @torch.no_grad()
     def begin(self, perturbation, directions=None) -> bool:
         self._begun = True
         if self.direction == "previous":
-            directions = self.previous
+            # The stored gradient is the kernels' scratch (no copy per update): it is used up here, refilled
+            # in before_descent, and an update begun again before that (a retried batch) runs unperturbed.
+            directions, self._fresh = (self.previous if self._fresh else None), False
+            scratch = True
         else:
             if directions is None:
                 raise ValueError("OnePass('momentum') needs the base optimizer's momentum (directions=)")
             directions = directions() if callable(directions) else directions
+            scratch = False  # the base optimizer's own state
         if directions is None or all(d is None for d in directions):
             return False  # the first update: no direction yet, a plain step
-        return perturbation.ascend_along(directions)
+        return perturbation.ascend_along(directions, scratch=scratch)
 
     def _decide(self, grads, scale, reduce) -> bool:
         if not self._begun:
@@ -586,9 +591,9 @@ class OnePass(Schedule):
     def _descend(self, grads, second_pass, reduce) -> None:
         if self.direction != "previous":
             return
-        sq = _sq_norm(_locals(grads))
-        if not math.isfinite(sq):
-            return  # a skipped (non-finite) update: keep the last good direction
+        # No finiteness test here (a host sync and a pass over g per update): a non-finite g, whose step the
+        # base optimizer or its GradScaler skips, makes the next update's ascent find it and run unperturbed.
+        self._fresh = True
         if self.previous is None or len(self.previous) != len(grads):
             self.previous = [None if g is None else g.detach().clone() for g in grads]
         else:
@@ -608,7 +613,7 @@ class OnePass(Schedule):
 
     def state_dict(self):
         s = super().state_dict()
-        s["previous"] = None if self.previous is None else [
+        s["previous"] = None if self.previous is None or not self._fresh else [
             None if t is None else t.detach().clone() for t in self.previous]
         return s
 
@@ -616,6 +621,7 @@ class OnePass(Schedule):
         super().load_state_dict(state)
         p = state.get("previous")
         self.previous = None if p is None else [None if t is None else t.detach().clone() for t in p]
+        self._fresh = self.previous is not None
 
 
 def _check_choice(value, flag: str, choices) -> str:

@@ -276,12 +276,14 @@ class Perturbation:
         return True
 
     @torch.no_grad()
-    def ascend_along(self, directions: Iterable[Tensor | None]) -> bool:
+    def ascend_along(self, directions: Iterable[Tensor | None], *, scratch: bool = False) -> bool:
         """w -> w + eps in place with eps computed from ``directions`` (one per parameter, in ``param_groups``
         order; None: that tensor is not perturbed) in place of the gradient; ``.grad`` is not touched.
 
         The one-pass policies of :mod:`fairseq_asam.schedule` perturb w this way before the update's only
         forward/backward. Returns False (weights untouched) when the directions are not finite.
+        ``scratch=True`` lets the kernels overwrite the direction tensors (their values are gone afterwards;
+        saves a copy of the parameters' size per update); the default works on a copy.
         """
         if self._perturbed:
             raise RuntimeError("ascend_along() called while the weights are still perturbed (restore() first)")
@@ -289,8 +291,9 @@ class Perturbation:
         directions = list(directions)
         if len(directions) != len(params):
             raise ValueError(f"ascend_along() needs one direction per parameter ({len(params)}), got {len(directions)}")
-        # A private copy: the kernels use the gradient slot as scratch.
-        gmap = {id(t): d.detach().to(device=t.device, dtype=t.dtype).clone()
+        # The kernels use the gradient slot as scratch: a private copy unless the caller gave its tensors up.
+        gmap = {id(t): (d.detach() if scratch and d.dtype == t.dtype and d.device == t.device
+                        else d.detach().to(device=t.device, dtype=t.dtype).clone())
                 for t, d in zip(params, directions) if d is not None}
         if not gmap:
             return False

@@ -103,7 +103,6 @@ class _SharpnessAdamConfig(_ScheduleConfig):
     # a first-pass overflow.
     amp_batch_retries: int = II("common.amp_batch_retries")
     use_bmuf: bool = II("optimization.use_bmuf")
-    task_name: Any = II("task._name")  # refused at startup unless the task runs the two-pass update
     ddp_backend: Any = II("distributed_training.ddp_backend")
 
 
@@ -182,7 +181,7 @@ class FairseqSharpnessAdam(FairseqAdam):
             )
         if getattr(cfg, "tpu", False):
             raise ValueError(f"--optimizer {name} does not support --tpu")
-        _check_task(cfg, name)
+        _check_task(name)
         self.schedule = _schedule_from(cfg)
         super().__init__(cfg, params)
         self.clip_norm = float(cfg.clip_norm)
@@ -284,23 +283,28 @@ def _schedule_from(cfg) -> Schedule:
     return policy
 
 
-def _check_task(cfg, name: str) -> None:
-    """Stop at startup (fairseq builds the optimizer before training) when the task would call Adam's step
-    directly: a one-line message and exit status 1, instead of an error inside the first update."""
-    try:
-        task = cfg.task_name
-    except Exception:  # a config built without the task's section (a test, another entry point)
-        return
-    task = getattr(task, "value", task)
-    from fairseq.tasks import TASK_REGISTRY
+def _check_task(name: str) -> None:
+    """Stop when fairseq's Trainer builds this optimizer for a task that would call Adam's step directly.
 
+    fairseq-train builds the optimizer before training (to log the learning rate), so this is a one-line
+    message and exit status 1 at startup, not an error inside the first update. The task is the Trainer's
+    own (a wrapped, unregistered task passes); an optimizer built outside a Trainer is not checked here
+    (its step() refuses to run outside the two-pass update instead).
+    """
+    trainer = _compat.calling_trainer()
+    if trainer is None:
+        return
     from .task import SharpnessAwareTask  # task.py imports this module
 
-    cls = TASK_REGISTRY.get(task) if isinstance(task, str) else None
-    if cls is not None and not issubclass(cls, SharpnessAwareTask):
+    task = getattr(trainer, "task", None)
+    if task is not None and not isinstance(task, SharpnessAwareTask):
+        try:
+            task_name = _compat.config_name(trainer.cfg.task)
+        except Exception:  # a config without a registered name: say the class
+            task_name = type(task).__name__
         raise SystemExit(
             f"fairseq-train: error: --optimizer {name} needs the two-pass sharpness-aware train step, which "
-            f"--task {task} does not run: use --task translation_sam (or a task wrapped with "
+            f"--task {task_name} does not run: use --task translation_sam (or a task wrapped with "
             "fairseq_asam.fairseq_ext.make_sharpness_aware)"
         )
 
