@@ -99,3 +99,43 @@ def bench_vision(*, model_name: str = "resnet20", batch: int = 128, rounds: int 
             "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()),
             "seconds_per_update": sec, "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},
             "ratio_to_asam": {k: v / sec["asam"] for k, v in sec.items()}}
+
+
+def bench_small(*, batch: int = 128, rounds: int = 5, timed: int = 20, threads: int = 1) -> dict:
+    """Mean seconds per ``opt.step(closure)`` update of an MLP 784-256-256-10 (270k parameters), where the
+    perturbation's fixed per-update work (Python, small kernels) weighs most against SGD's update."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 784)
+    y = torch.randint(0, 10, (batch,))
+    crit = torch.nn.CrossEntropyLoss()
+    setups = {}
+    for name in ["sgd", "asam", *EFFICIENT]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                    torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        opt = base if name == "sgd" else ASAM(model.named_parameters(), base, rho=0.5,
+                                              schedule=None if name == "asam" else EFFICIENT[name][1]())
+        setups[name] = (model, opt)
+    names = list(setups)
+    per: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, opt = setups[name]
+
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = crit(model(x), y)
+                loss.backward()
+                return loss
+
+            t0 = time.perf_counter()
+            for _ in range(timed):
+                opt.step(closure)
+            if r > 0:
+                per[name].append((time.perf_counter() - t0) / timed)
+    sec = {k: statistics.median(v) for k, v in per.items()}
+    return {"model": "mlp-784-256-256-10", "batch": batch, "threads": threads, "timed_updates": timed,
+            "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()), "seconds_per_update": sec,
+            "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()}}
