@@ -55,6 +55,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .. import _compat
+from ..replay import random_state, set_random_state
 from . import scheduled
 from .optimizer import find_sharpness_optimizer
 
@@ -67,19 +68,6 @@ logger = logging.getLogger(__name__)
 
 _LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
 _TRIM_EVERY = 4  # every 4th ascent: peak RSS +1.01x parameter bytes at 1.94x adam (every one: +0.58x at 2.09x)
-
-
-def _get_rng_state():
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _grads_cleared(model) -> bool:
@@ -133,7 +121,7 @@ class SharpnessAwareTask:
             self._sam_t_start = self._clock(model)
             # A perturbation left by a skipped update is undone; a one-pass policy moves w to w + eps.
             scheduled.driver(find_sharpness_optimizer(optimizer), optimizer, model).begin()
-        mb = _MicroBatch(sample, ignore_grad, kwargs, _get_rng_state())
+        mb = _MicroBatch(sample, ignore_grad, kwargs, random_state())
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
         )
@@ -232,13 +220,13 @@ class SharpnessAwareTask:
         if isinstance(optimizer, AMPOptimizer):
             _amp_allow_second_unscale(optimizer)
         world = distributed_utils.get_data_parallel_world_size()
-        rng_after_first = _get_rng_state()
+        rng_after_first = random_state()
         loss_eps = loss_w = None
         sample_size = 0
         self._sam_replaying = True
         try:
             for i, mb in enumerate(pending):
-                _set_rng_state(mb.rng)
+                set_random_state(mb.rng)
                 sync = (
                     model.no_sync()
                     if world > 1 and hasattr(model, "no_sync") and i < len(pending) - 1
@@ -255,7 +243,7 @@ class SharpnessAwareTask:
                 del loss
         finally:
             self._sam_replaying = False
-            _set_rng_state(rng_after_first)
+            set_random_state(rng_after_first)
         if pending[-1].ignore_grad:
             sample_size *= 0  # as the Trainer does when the last micro-batch is a dummy batch
         return sample_size, loss_w, loss_eps

@@ -52,6 +52,7 @@ from torch import nn
 
 from .. import _compat
 from ..core import ASAM
+from ..replay import random_state, set_random_state
 from .fsdp import is_fsdp
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
@@ -144,21 +145,6 @@ def _skip(opt, scaler):
         opt.zero_grad()
 
 
-def _rng_state(device: torch.device) -> dict:
-    """The state of the generators a forward pass draws from: CPU and, for a CUDA batch, that device's."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = (device, torch.cuda.get_rng_state(device))
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        device, cuda_state = state["cuda"]
-        torch.cuda.set_rng_state(cuda_state, device)
-
-
 def _micro_batches(x, y, size: int) -> list:
     return list(zip(x.split(size), y.split(size)))
 
@@ -178,7 +164,7 @@ def _first_pass(model, criterion, pieces, scaler, ac, *, sync_last: bool = False
     n = sum(len(ys) for _, ys in pieces)
     states, losses, logits = [], [], []
     for i, (xs, ys) in enumerate(pieces):
-        states.append(_rng_state(xs.device))
+        states.append(random_state(xs.device))
         with contextlib.nullcontext() if sync_last and i == len(pieces) - 1 else _no_sync(model):
             with ac():
                 out = model(xs)
@@ -199,10 +185,10 @@ def _second_pass(model, criterion, pieces, states, scaler, ac, *, sync_last: boo
     others (and all of them when False) run under no_sync. BatchNorm statistics are left alone.
     """
     n = sum(len(ys) for _, ys in pieces)
-    after_first = _rng_state(pieces[0][0].device)
+    after_first = random_state(pieces[0][0].device)
     try:
         for i, ((xs, ys), state) in enumerate(zip(pieces, states)):
-            _set_rng_state(state)  # ShakeDrop/dropout: the draws of this micro-batch's first pass
+            set_random_state(state)  # ShakeDrop/dropout: the draws of this micro-batch's first pass
             sync = sync_last and i == len(pieces) - 1
             with contextlib.nullcontext() if sync else _no_sync(model):
                 with frozen_bn_stats(model), ac():
@@ -210,7 +196,7 @@ def _second_pass(model, criterion, pieces, states, scaler, ac, *, sync_last: boo
                 _backward(_weighted(loss2, len(ys), n), scaler)
     finally:
         # Training continues from where one pass would have left the generators (next batch's draws).
-        _set_rng_state(after_first)
+        set_random_state(after_first)
 
 
 def _check_accum_steps(accum_steps) -> None:
