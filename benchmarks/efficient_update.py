@@ -59,6 +59,39 @@ def bench_fairseq(*, rounds: int = 1, timed: int = 10, warmup: int = 4, device: 
             "ratio_to_asam_adam": {m: s / sec["asam_adam"] for m, s in sec.items()}}
 
 
+def _optimizers(build_model, lr: float, weight_decay: float = 0.0) -> dict:
+    """{contender: (model, optimizer)}: sgd, full asam and each cheaper schedule, same initial weights."""
+    setups = {}
+    for name in ["sgd", "asam", *EFFICIENT]:
+        torch.manual_seed(0)
+        model = build_model()
+        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt = base if name == "sgd" else ASAM(model.named_parameters(), base, rho=0.5,
+                                              schedule=None if name == "asam" else EFFICIENT[name][1]())
+        setups[name] = (model, opt)
+    return setups
+
+
+def _alternate(setups: dict, update, *, rounds: int, timed: int, device: str = "cpu") -> dict:
+    """Median over rounds of the mean seconds per ``update(model, opt)``; contenders take turns, round 0
+    warms up, and each round starts with another contender (a slow spell of the machine hits all)."""
+    names = list(setups)
+    per: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds + 1):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, opt = setups[name]
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(timed):
+                update(model, opt)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if r > 0:
+                per[name].append((time.perf_counter() - t0) / timed)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
 def bench_vision(*, model_name: str = "resnet20", batch: int = 128, rounds: int = 3, timed: int = 10,
                  device: str = "cpu") -> dict:
     """Mean seconds per update of the vision entry point's train_step (sgd, asam and the schedules)."""
@@ -69,33 +102,37 @@ def bench_vision(*, model_name: str = "resnet20", batch: int = 128, rounds: int 
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    setups = {}
-    for name in ["sgd", "asam", *EFFICIENT]:
-        torch.manual_seed(0)
-        model = build_model(model_name, 10).to(device).train()
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        if name == "sgd":
-            opt = base
-        else:
-            sched = None if name == "asam" else EFFICIENT[name][1]()
-            opt = ASAM(model.named_parameters(), base, rho=0.5, schedule=sched)
-        setups[name] = (model, opt)
-    names = list(setups)
-    per: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            model, opt = setups[name]
-            if device != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(timed):
-                train_step(model, opt, crit, x, y)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            if r > 0:
-                per[name].append((time.perf_counter() - t0) / timed)
-    sec = {k: statistics.median(v) for k, v in per.items()}
+    setups = _optimizers(lambda: build_model(model_name, 10).to(device).train(), 0.1, 5e-4)
+    sec = _alternate(setups, lambda model, opt: train_step(model, opt, crit, x, y), rounds=rounds, timed=timed,
+                     device=device)
     return {"model": model_name, "batch": batch, "device": device, "timed_updates": timed,
             "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()),
             "seconds_per_update": sec, "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},
             "ratio_to_asam": {k: v / sec["asam"] for k, v in sec.items()}}
+
+
+def bench_small(*, batch: int = 128, rounds: int = 5, timed: int = 20, threads: int = 1) -> dict:
+    """Mean seconds per ``opt.step(closure)`` update of an MLP 784-256-256-10 (270k parameters), where the
+    perturbation's fixed per-update work (Python, small kernels) weighs most against SGD's update."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 784)
+    y = torch.randint(0, 10, (batch,))
+    crit = torch.nn.CrossEntropyLoss()
+    setups = _optimizers(lambda: torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(),
+                                                     torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                                     torch.nn.Linear(256, 10)), 0.01)
+
+    def update(model, opt):
+        def closure():
+            opt.zero_grad()
+            loss = crit(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    sec = _alternate(setups, update, rounds=rounds, timed=timed)
+    return {"model": "mlp-784-256-256-10", "batch": batch, "threads": threads, "timed_updates": timed,
+            "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()), "seconds_per_update": sec,
+            "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()}}

@@ -8,39 +8,16 @@ user dir itself), or when the program imports fairseq later. ``import fairseq_as
 registers them explicitly.
 """
 
-import contextlib as _contextlib
 import importlib.abc as _abc
 import importlib.util as _util
-import logging as _logging
 import sys as _sys
 import warnings as _warnings
 
+from ._compat import quiet_fairseq_import as _quiet_fairseq_import
 from .core import ASAM, SAM, Perturbation
 
 __all__ = ["ASAM", "SAM", "Perturbation"]
 __version__ = "0.2.0"
-
-
-@_contextlib.contextmanager
-def _quiet_fairseq_import():
-    """Import fairseq without letting it reconfigure the program's logging.
-
-    One of fairseq's modules (tasks/text_to_speech.py) calls ``logging.basicConfig(level=DEBUG)`` at
-    import, which would flood the program's output with every library's debug messages; a handler on
-    the root logger makes basicConfig() a no-op, and the root logger is put back as it was.
-    """
-    root = _logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    root.addHandler(_logging.NullHandler())
-    try:
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("ignore", FutureWarning)  # fairseq's torch.jit.script deprecation notes
-            yield
-    finally:
-        root.setLevel(level)
-        for h in root.handlers[:]:
-            if h not in handlers:
-                root.removeHandler(h)
 
 
 class _RegisterWithFairseq(_abc.MetaPathFinder):

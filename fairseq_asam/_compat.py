@@ -1,16 +1,22 @@
-"""Every reach into a private attribute of torch, fairseq or numpy, in one place.
+"""Every reach into a private attribute of torch, fairseq, numpy or argparse, in one place.
 
 Each reach names why it is needed and the versions it was checked against; when the attribute is
 missing it raises a ``RuntimeError`` that says so, instead of an ``AttributeError`` deep in a training
-step, and a version newer than the checked range logs a warning once. ``tests/test_compat.py`` checks
-every reach against the installed versions, so an upgrade that removes one fails there first.
-fairseq is imported only by the reaches that need it.
+step, and a version newer than the checked range logs a warning once. ``tests/test_perturbation.py``
+(``test_every_private_reach_resolves``) checks every reach against the installed versions, so an upgrade
+that removes one fails there first. fairseq is imported only by the reaches that need it.
+
+Not fenced here: ``torch._foreach_*`` kernels (abs, add, addcmul, copy, mul, norm, sign, zero), called
+directly by :mod:`fairseq_asam.core.kernels`, :mod:`fairseq_asam.core.perturb` and the fairseq task's
+fp16 rescale, as ``torch.optim`` itself calls them; every one of them is in :data:`REACHES`, so the
+same test fails first if an upgrade removes one.
 
     python -c "from fairseq_asam import _compat; print(_compat.check_all())"
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 __all__ = [
     "REACHES",
     "batchnorm_base",
+    "calling_trainer",
     "check_all",
     "config_name",
     "fp16_multiply_factor",
@@ -28,12 +35,35 @@ __all__ = [
     "mark_optimizer_stepped",
     "numpy_reconstruct",
     "option_string_actions",
+    "quiet_fairseq_import",
     "release_freed_host_memory",
     "set_fp16_multiply_factor",
     "tensor_placeholder_class",
 ]
 
 logger = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def quiet_fairseq_import():
+    """Import fairseq without letting it reconfigure the program's logging.
+
+    One of fairseq's modules (tasks/text_to_speech.py) calls ``logging.basicConfig(level=DEBUG)`` at
+    import, which would flood the program's output with every library's debug messages; a handler on
+    the root logger makes basicConfig() a no-op, and the root logger is put back as it was.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    root.addHandler(logging.NullHandler())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # fairseq's torch.jit.script deprecation notes
+            yield
+    finally:
+        root.setLevel(level)
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+
 
 # The newest release of each library these reaches were read against.
 CHECKED = {"torch": "2.14.1", "fairseq": "0.12.3.1", "python": "3.13"}
@@ -127,6 +157,11 @@ REACHES = {
     "foreach_norm": Reach("torch", "torch", "_foreach_norm", "the foreach kernel's norms"),
     "foreach_addcmul": Reach("torch", "torch", "_foreach_addcmul_", "the foreach kernel"),
     "foreach_copy": Reach("torch", "torch", "_foreach_copy_", "the foreach kernel and the restore"),
+    "foreach_abs": Reach("torch", "torch", "_foreach_abs_", "the foreach kernel (|w| of T_w)"),
+    "foreach_add": Reach("torch", "torch", "_foreach_add_", "the foreach kernel (+ eta, w + eps)"),
+    "foreach_mul": Reach("torch", "torch", "_foreach_mul_", "the foreach kernel; the fp16 rescale before the ascent"),
+    "foreach_sign": Reach("torch", "torch", "_foreach_sign_", "the foreach kernel (p = inf)"),
+    "foreach_zero": Reach("torch", "torch", "_foreach_zero_", "zeroing the gradients in place after the ascent"),
 }
 
 
@@ -172,6 +207,25 @@ def mark_optimizer_stepped(optimizer) -> None:
     optimizer._opt_called = True
 
 
+def calling_trainer():
+    """The fairseq ``Trainer`` whose method is building the optimizer (its ``_build_optimizer`` is on the call
+    stack), or None. fairseq hands the optimizer its config only; the Trainer holds the task, which decides
+    whether the sharpness-aware optimizer can run. Read from the caller frames' ``self`` (no private
+    attribute of fairseq), looked for within a few frames only."""
+    if "fairseq.trainer" not in sys.modules:
+        return None
+    trainer_cls = sys.modules["fairseq.trainer"].Trainer
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, trainer_cls):
+            return obj
+        frame = frame.f_back
+    return None
+
+
 def batchnorm_base() -> type:
     return REACHES["batchnorm"].resolve()
 
@@ -206,8 +260,6 @@ def option_string_actions(parser) -> dict:
 def config_name(node) -> str:
     """The registered name of a fairseq dataclass config node (fairseq stores it as ``_name``)."""
     return str(getattr(node, "_name", "") or getattr(node, "arch", "") or "")
-
-
 
 
 _libc = None

@@ -25,8 +25,10 @@ policy                 rule                                                     
                        previous update's descent gradient ("previous")
 =====================  ==========================================================  ===============
 
-A training loop asks the optimizer (:class:`fairseq_asam.ASAM` with ``schedule=``) whether this update
-needs the second pass; the same loop then runs every policy (runs as is)::
+Every front end runs the same update protocol (:mod:`fairseq_asam.core.update`), so a policy is one
+class here and nothing else in the package knows which one it holds. In Python the protocol is the
+optimizer's (:class:`fairseq_asam.ASAM` with ``schedule=``): ``opt.step(closure)``, or a loop that asks
+whether this update runs the second pass (runs as is)::
 
     import torch
     from fairseq_asam import ASAM
@@ -43,20 +45,18 @@ needs the second pass; the same loop then runs every policy (runs as is)::
         opt.descent_step()                    # w restored; the policy's gradient rule; the base step
     print(opt.schedule.second_passes, "of", opt.schedule.updates, "updates ran the second pass")  # 2 of 10
 
-``opt.step(closure)`` does the same. Front ends build a policy from flags with :func:`make_schedule`
-(``--asam-every``, ``--asam-reuse-alpha``, ``--asam-start``, ``--asam-adaptive-c``, ``--asam-one-pass``
-in fairseq; ``--every`` ... in ``asam-vision-train``). The hooks a caller runs, in order, per update:
-:meth:`Schedule.before_forward` (one-pass policies perturb), the first backward,
-:meth:`Schedule.wants_second_pass` (the decision, from the update's final gradient g),
-then either the ascent + second pass or nothing, and :meth:`Schedule.before_descent` (the gradient
-rule, the counters) right before the base optimizer's step. ``docs/efficiency.md`` has the study
-that compares the policies.
+The paper's loop (``ascent_step()`` and the second backward on every update) is refused at its first
+call by a policy that skips second passes. Each policy declares its options once (:class:`Option`);
+:func:`make_schedule`, :func:`add_arguments` (argparse: ``asam-vision-train``), :func:`dataclass_fields`
+(fairseq's ``--asam-*`` flags) and the values a resumed run must keep (:func:`options`) are generated
+from :data:`POLICIES`. ``docs/efficiency.md`` has the study that compares the policies.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,15 +65,11 @@ from torch import Tensor
 from . import checks
 
 __all__ = [
-    "AdaptiveTrigger", "EveryK", "Full", "LatePhase", "LookASAM", "OnePass", "Schedule", "make_schedule",
-    "POLICIES",
+    "AdaptiveTrigger", "EveryK", "Full", "LatePhase", "LookASAM", "OnePass", "Option", "POLICIES", "Schedule",
+    "add_arguments", "dataclass_fields", "flags", "make_schedule", "options",
 ]
 
 Reduce = Callable[[list[Tensor]], None]  # averages tensors in place across data-parallel workers
-
-
-def _grad_list(params: Sequence[Tensor]) -> list[Tensor | None]:
-    return [p.grad for p in params]
 
 
 def _sq_norm(tensors) -> float:
@@ -85,15 +81,38 @@ def _sq_norm(tensors) -> float:
                               for t in ts]).sum())
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of a policy, declared once: every command line and :func:`make_schedule` come from it.
+
+    ``name`` is the keyword of :func:`make_schedule` (``every``); a front end's flag is its prefix plus the
+    name with dashes (``--asam-every``, ``--every``). ``check(value, flag)`` returns the value or raises
+    ``ValueError`` naming the flag (:mod:`fairseq_asam.checks`). ``off`` is the value that leaves it unused.
+    """
+
+    name: str
+    type: type
+    check: Callable[[Any, str], Any]
+    help: str
+    off: Any = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+
 class Schedule:
     """Base class and the full policy's behaviour: the second pass on every update.
+
+    The hooks, in the order :class:`fairseq_asam.core.update.UpdateDriver` runs them: :meth:`begin`,
+    :meth:`wants_second_pass`, :meth:`before_descent`. A policy declares its options (:attr:`options`,
+    :attr:`key`: the option whose value selects it) and builds itself from them (:meth:`from_options`).
 
     Counters: :attr:`updates` (descents done), :attr:`second_passes` (of them, with the second pass),
     :attr:`last_second_pass` (the last update's decision). :attr:`fraction` = second_passes / updates.
     """
 
     name = "full"
-    one_pass = False  # True: no second pass ever; the caller runs before_forward() first
+    options: tuple[Option, ...] = ()
+    key: str | None = None  # the option that selects this policy in make_schedule()
 
     def __init__(self) -> None:
         self.updates = 0
@@ -101,10 +120,19 @@ class Schedule:
         self.last_second_pass = False
         self._decision: bool | None = None
 
-    # -- the hooks, in the order a caller runs them --------------------------------------------
+    @classmethod
+    def from_options(cls, values: dict[str, Any], total_updates: int | None = None) -> Schedule:
+        """The policy for checked option values (its own options only)."""
+        return cls()
 
-    def before_forward(self, perturbation, base_optimizer=None, directions=None) -> bool:
-        """Before the update's first forward. One-pass policies move w to w + eps (returns True)."""
+    # -- the hooks, in the order the update protocol runs them -------------------------------
+
+    def begin(self, perturbation, directions=None) -> bool:
+        """Before the update's first forward. One-pass policies move w to w + eps (returns True).
+
+        ``directions``: the base optimizer's momentum, one tensor (or None) per parameter of
+        ``perturbation.param_groups``, or a callable returning them; read only by a policy that needs it.
+        """
         return False
 
     def wants_second_pass(self, grads: Sequence[Tensor | None], *, scale: float = 1.0,
@@ -139,6 +167,38 @@ class Schedule:
 
     def _descend(self, grads, second_pass, reduce) -> None:
         pass
+
+    # -- what front ends may ask -------------------------------------------------------------------
+
+    @property
+    def full_every_update(self) -> bool:
+        """True when every update is the paper's full update (this policy never skips the second pass)."""
+        return True
+
+    @property
+    def needs_total_updates(self) -> bool:
+        """True when the policy needs the run's number of updates (:meth:`set_total_updates`) and has none."""
+        return False
+
+    def check_full_update(self) -> None:
+        """Raise unless the paper's loop (an ascent on every update, no decision asked) is this policy's update."""
+        if not self.full_every_update:
+            raise RuntimeError(
+                f"ascent_step() without asking the schedule: {self!r} runs the second pass on some updates "
+                "only, and this loop would run it on every update (full price, and not the schedule's "
+                "update). Use opt.step(closure), or the loop: opt.begin_step(); loss.backward(); "
+                "if opt.scheduled_ascent(): loss.backward(); opt.descent_step()"
+            )
+
+    def check_mode(self, *, sharded: str | None = None, per_shard_eps: str | None = None) -> None:
+        """Raise ``ValueError`` when the policy cannot run in a front end's mode; each argument is the flag
+        that turned the mode on (``"--fsdp"``, ``"--m"``), None when it is off. The full update runs in all."""
+        if per_shard_eps and not self.full_every_update:
+            raise ValueError(
+                f"{per_shard_eps} (m-sharpness) with {self!r}: m-sharpness takes each shard's eps from that "
+                "shard's own first pass, inside the update, before the policy's decision on the whole update's "
+                f"gradient exists; use {per_shard_eps} with the full update"
+            )
 
     # -- what it reports -------------------------------------------------------------------------
 
@@ -180,6 +240,8 @@ class Schedule:
 class Full(Schedule):
     """The paper's ASAM: the ascent and the second pass on every update (2 passes)."""
 
+    name = "full"
+
 
 class EveryK(Schedule):
     """The full update on updates 0, k, 2k, ...; the plain base step with g on the others.
@@ -189,10 +251,22 @@ class EveryK(Schedule):
     """
 
     name = "every"
+    options = (Option("every", int, checks.check_every, off=1, metavar="K", help=(
+        "run the two-pass update on every K-th update only, the base optimizer's plain step between "
+        "(1 + 1/K passes per update; 1: every update, the paper's update)")),)
+    key = "every"
 
     def __init__(self, k: int) -> None:
         super().__init__()
         self.k = checks.check_every(k, "k=")
+
+    @classmethod
+    def from_options(cls, values, total_updates=None, flags=None):
+        return cls(values["every"])
+
+    @property
+    def full_every_update(self) -> bool:
+        return self.k == 1
 
     def _decide(self, grads, scale, reduce) -> bool:
         return self.updates % self.k == 0
@@ -214,12 +288,33 @@ class LookASAM(EveryK):
     """
 
     name = "look"
+    options = EveryK.options + (Option("reuse_alpha", float, checks.check_nonnegative, metavar="ALPHA", help=(
+        "Look-ASAM (LookSAM's reuse, Liu et al. 2022) with the every-K option K >= 2: between the two-pass "
+        "updates descend with g + alpha ||g|| d, d the last second pass's gradient part orthogonal to g "
+        "(LookSAM: alpha 0.7)")),)
+    key = "reuse_alpha"
 
     def __init__(self, k: int, alpha: float) -> None:
         super().__init__(k)
         self.alpha = checks.check_nonnegative(alpha, "alpha=")
         self.direction: list[Tensor | None] | None = None
         self._g: list[Tensor | None] | None = None
+
+    @classmethod
+    def from_options(cls, values, total_updates=None, flags=None):
+        f = flags or {}
+        if values["every"] < 2:
+            raise ValueError(f"{f.get('reuse_alpha', 'reuse_alpha=')} (Look-ASAM) needs "
+                             f"{f.get('every', 'every=')} k >= 2, got {values['every']}")
+        return cls(values["every"], values["reuse_alpha"])
+
+    @property
+    def full_every_update(self) -> bool:
+        return False
+
+    def check_mode(self, *, sharded=None, per_shard_eps=None) -> None:
+        super().check_mode(sharded=sharded, per_shard_eps=per_shard_eps)
+        _refuse_sharded(self, sharded, "dot products and norms of g and g'")
 
     def _decide(self, grads, scale, reduce) -> bool:
         refresh = super()._decide(grads, scale, reduce)
@@ -297,6 +392,22 @@ class LatePhase(Schedule):
     """
 
     name = "late"
+    options = (Option("start", float, checks.check_fraction, metavar="FRACTION", help=(
+        "late phase: the base optimizer's plain step for this fraction of the run's updates (in [0, 1]), "
+        "the two-pass update after it")),)
+    key = "start"
+
+    @classmethod
+    def from_options(cls, values, total_updates=None, flags=None):
+        return cls(values["start"], total_updates)
+
+    @property
+    def full_every_update(self) -> bool:
+        return self.start == 0
+
+    @property
+    def needs_total_updates(self) -> bool:
+        return self.total_updates is None
 
     def __init__(self, start: float, total_updates: int | None = None) -> None:
         super().__init__()
@@ -346,6 +457,22 @@ class AdaptiveTrigger(Schedule):
     """
 
     name = "adaptive"
+    options = (Option("adaptive_c", float, checks.check_finite, metavar="C", help=(
+        "adaptive trigger (AE-SAM, Jiang et al. 2023): the two-pass update when ||g||^2 >= its running mean "
+        "+ C running standard deviations, the plain step otherwise (larger C: fewer)")),)
+    key = "adaptive_c"
+
+    @classmethod
+    def from_options(cls, values, total_updates=None, flags=None):
+        return cls(values["adaptive_c"])
+
+    @property
+    def full_every_update(self) -> bool:
+        return False
+
+    def check_mode(self, *, sharded=None, per_shard_eps=None) -> None:
+        super().check_mode(sharded=sharded, per_shard_eps=per_shard_eps)
+        _refuse_sharded(self, sharded, "the norm of g")
 
     def __init__(self, c: float, beta: float = 0.9) -> None:
         super().__init__()
@@ -407,8 +534,21 @@ class OnePass(Schedule):
     """
 
     name = "one_pass"
-    one_pass = True
     DIRECTIONS = ("momentum", "previous")
+    options = (Option("one_pass", str, lambda v, flag: _check_choice(v, flag, ("none", "momentum", "previous")),
+                      off="none", choices=("none", "momentum", "previous"), help=(
+        "one forward/backward per update: perturb w before it, along T_w applied to the base optimizer's "
+        "momentum (momentum; Adam's first moment; as MSAM, Becker et al. 2024) or to the previous update's "
+        "gradient (previous); none: off")),)
+    key = "one_pass"
+
+    @classmethod
+    def from_options(cls, values, total_updates=None, flags=None):
+        return cls(values["one_pass"])
+
+    @property
+    def full_every_update(self) -> bool:
+        return False
 
     def __init__(self, direction: str = "momentum") -> None:
         super().__init__()
@@ -416,37 +556,44 @@ class OnePass(Schedule):
             raise ValueError(f"direction= must be one of {', '.join(self.DIRECTIONS)}, got {direction!r}")
         self.direction = direction
         self.previous: list[Tensor | None] | None = None
-        self._perturbed = False
+        self._fresh = False  # previous holds the last update's gradient (not yet used up as scratch)
+        self._begun = False
 
     @torch.no_grad()
-    def before_forward(self, perturbation, base_optimizer=None, directions=None) -> bool:
-        params = [t for g in perturbation.param_groups for t in g["params"]]
-        if directions is None:
-            if self.direction == "previous":
-                directions = self.previous
-            else:
-                if base_optimizer is None:
-                    raise ValueError("OnePass('momentum') needs the base optimizer (its momentum is the direction)")
-                directions = [_momentum_of(base_optimizer, t) for t in params]
+    def begin(self, perturbation, directions=None) -> bool:
+        self._begun = True
+        if self.direction == "previous":
+            # The stored gradient is the kernels' scratch (no copy per update): it is used up here, refilled
+            # in before_descent, and an update begun again before that (a retried batch) runs unperturbed.
+            directions, self._fresh = (self.previous if self._fresh else None), False
+            scratch = True
+        else:
+            if directions is None:
+                raise ValueError("OnePass('momentum') needs the base optimizer's momentum (directions=)")
+            directions = directions() if callable(directions) else directions
+            scratch = False  # the base optimizer's own state
         if directions is None or all(d is None for d in directions):
-            self._perturbed = False
-            return False
-        self._perturbed = perturbation.ascend_along(directions)
-        return self._perturbed
+            return False  # the first update: no direction yet, a plain step
+        return perturbation.ascend_along(directions, scratch=scratch)
 
     def _decide(self, grads, scale, reduce) -> bool:
+        if not self._begun:
+            raise RuntimeError("OnePass perturbs w before the update's forward: call opt.begin_step() before "
+                               "the first forward of every update (opt.step(closure) does)")
+        self._begun = False
         return False
 
     def before_descent(self, grads, second_pass=None, *, reduce=None) -> None:
+        self._begun = False
         super().before_descent(grads, False, reduce=reduce)
 
     @torch.no_grad()
     def _descend(self, grads, second_pass, reduce) -> None:
         if self.direction != "previous":
             return
-        sq = _sq_norm(grads)
-        if not math.isfinite(sq):
-            return  # a skipped (non-finite) update: keep the last good direction
+        # No finiteness test here (a host sync and a pass over g per update): a non-finite g, whose step the
+        # base optimizer or its GradScaler skips, makes the next update's ascent find it and run unperturbed.
+        self._fresh = True
         if self.previous is None or len(self.previous) != len(grads):
             self.previous = [None if g is None else g.detach().clone() for g in grads]
         else:
@@ -466,7 +613,7 @@ class OnePass(Schedule):
 
     def state_dict(self):
         s = super().state_dict()
-        s["previous"] = None if self.previous is None else [
+        s["previous"] = None if self.previous is None or not self._fresh else [
             None if t is None else t.detach().clone() for t in self.previous]
         return s
 
@@ -474,61 +621,108 @@ class OnePass(Schedule):
         super().load_state_dict(state)
         p = state.get("previous")
         self.previous = None if p is None else [None if t is None else t.detach().clone() for t in p]
+        self._fresh = self.previous is not None
 
 
-def _momentum_of(base_optimizer, t: Tensor) -> Tensor | None:
-    st = getattr(base_optimizer, "state", {}).get(t)
-    if not st:
-        return None
-    for key in ("momentum_buffer", "exp_avg"):
-        v = st.get(key)
-        if isinstance(v, Tensor):
-            return v
-    return None
+def _check_choice(value, flag: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
-POLICIES = {"full": Full, "every": EveryK, "look": LookASAM, "late": LatePhase, "adaptive": AdaptiveTrigger,
-            "one_pass": OnePass}
+def _refuse_sharded(policy, flag: str | None, what: str) -> None:
+    if flag:
+        raise ValueError(
+            f"{flag} with {policy!r}: the policy reads {what} over all tensors, and under FSDP each rank holds "
+            f"only a shard of each; totalling them across ranks is not implemented. Use {flag} with the full "
+            "update, EveryK, LatePhase or OnePass, or this policy with DDP"
+        )
 
 
-def make_schedule(*, every: int = 1, reuse_alpha: float | None = None, start: float | None = None,
-                  adaptive_c: float | None = None, one_pass: str | None = None,
-                  total_updates: int | None = None, flags: dict[str, str] | None = None) -> Schedule:
-    """The policy the front ends' flags describe; at most one policy at a time.
+def _locals(tensors):
+    # A DTensor's local shard (FSDP2); finiteness and norms of the policies' own bookkeeping are per rank.
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
 
-    ``every`` k (> 1: :class:`EveryK`; with ``reuse_alpha``: :class:`LookASAM`), ``start`` (:class:`LatePhase`),
-    ``adaptive_c`` (:class:`AdaptiveTrigger`), ``one_pass`` ("momentum"/"previous": :class:`OnePass`;
-    None or "none": off). No option: :class:`Full`. ``flags`` maps these names to the flags users
-    write, for the error messages (``--asam-every must be >= 1, got 0``).
+
+POLICIES: dict[str, type[Schedule]] = {
+    cls.name: cls for cls in (Full, EveryK, LookASAM, LatePhase, AdaptiveTrigger, OnePass)
+}
+
+
+def options() -> dict[str, Option]:
+    """Every policy's options, each once, in the order of :data:`POLICIES`."""
+    out: dict[str, Option] = {}
+    for cls in POLICIES.values():
+        for o in cls.options:
+            out.setdefault(o.name, o)
+    return out
+
+
+def _flag(name: str, flags: dict[str, str] | None) -> str:
+    return (flags or {}).get(name, f"{name}=")
+
+
+def make_schedule(*, total_updates: int | None = None, flags: dict[str, str] | None = None, **values) -> Schedule:
+    """The policy that option values describe (the keywords are :func:`options`' names; None or the option's
+    ``off`` value leaves it unused); at most one policy at a time, :class:`Full` when none is chosen.
+
+    ``flags`` maps option names to the flags users write, for the error messages (``--asam-every must be
+    >= 1, got 0``); ``total_updates`` is the run's number of updates (:class:`LatePhase` needs it).
     """
-    f = {"every": "every=", "reuse_alpha": "reuse_alpha=", "start": "start=", "adaptive_c": "adaptive_c=",
-         "one_pass": "one_pass="}
-    f.update(flags or {})
-    every = checks.check_every(every, f["every"])
-    if reuse_alpha is not None:
-        reuse_alpha = checks.check_nonnegative(reuse_alpha, f["reuse_alpha"])
-    if start is not None:
-        start = checks.check_fraction(start, f["start"])
-    if adaptive_c is not None:
-        adaptive_c = checks.check_finite(adaptive_c, f["adaptive_c"])
-    if one_pass in (None, "none"):
-        one_pass = None
-    elif one_pass not in OnePass.DIRECTIONS:
-        raise ValueError(f"{f['one_pass']} must be one of none, {', '.join(OnePass.DIRECTIONS)}, got {one_pass!r}")
-    chosen = [name for name, on in (("every", every > 1 or reuse_alpha is not None), ("start", start is not None),
-                                    ("adaptive_c", adaptive_c is not None), ("one_pass", one_pass is not None)) if on]
+    opts = options()
+    unknown = sorted(set(values) - set(opts))
+    if unknown:
+        raise TypeError(f"make_schedule() got unknown options {unknown}; known: {sorted(opts)}")
+    checked = {}
+    for name, o in opts.items():
+        v = values.get(name)
+        checked[name] = o.off if v is None else o.check(v, _flag(name, flags))
+    chosen = [cls for cls in POLICIES.values() if cls.key is not None and checked[cls.key] != opts[cls.key].off]
+    # A policy that reads another's key (Look-ASAM reads every's K) takes that key with it.
+    taken = {o.name for cls in chosen for o in cls.options if o.name != cls.key}
+    chosen = [cls for cls in chosen if cls.key not in taken]
     if len(chosen) > 1:
-        raise ValueError(f"choose one cheaper-update policy, got {' and '.join(f[c].rstrip('=') for c in chosen)}")
-    if reuse_alpha is not None:
-        if every < 2:
-            raise ValueError(f"{f['reuse_alpha']} (Look-ASAM) needs {f['every']} k >= 2, got {every}")
-        return LookASAM(every, reuse_alpha)
-    if every > 1:
-        return EveryK(every)
-    if start is not None:
-        return LatePhase(start, total_updates)
-    if adaptive_c is not None:
-        return AdaptiveTrigger(adaptive_c)
-    if one_pass is not None:
-        return OnePass(one_pass)
-    return Full()
+        raise ValueError("choose one cheaper-update policy, got "
+                         + " and ".join(_flag(cls.key, flags).rstrip("=") for cls in chosen))
+    if not chosen:
+        return Full()
+    cls = chosen[0]
+    return cls.from_options({o.name: checked[o.name] for o in cls.options}, total_updates, flags)
+
+
+def flags(prefix: str = "--") -> dict[str, str]:
+    """{option name: its command-line flag}: ``prefix`` plus the name with dashes (``--asam-reuse-alpha``)."""
+    return {name: prefix + name.replace("_", "-") for name in options()}
+
+
+def add_arguments(parser, *, prefix: str = "--") -> dict[str, str]:
+    """Add every option to an argparse parser (or group) as ``prefix + name`` with dashes; values are checked
+    while parsing. Returns {option name: flag}, for :func:`make_schedule`'s ``flags``."""
+    out = flags(prefix)
+    for name, o in options().items():
+        flag = out[name]
+        kw: dict[str, Any] = {"default": o.off, "help": o.help, "dest": name}
+        if o.choices is not None:
+            kw["choices"] = o.choices
+        else:
+            kw["type"] = checks.argparse_type(o.check, flag, convert=o.type)
+            kw["metavar"] = o.metavar
+        parser.add_argument(flag, **kw)
+    return out
+
+
+def dataclass_fields(prefix: str, *, choice_enum=None) -> list[tuple[str, Any, Any]]:
+    """[(field name, type, dataclasses.field)] for a config dataclass (fairseq's ``--asam-*`` flags), with
+    each option's help text; ``choice_enum`` turns choices into fairseq's ChoiceEnum."""
+    import dataclasses
+    from typing import Optional
+
+    out = []
+    for name, o in options().items():
+        typ: Any = o.type
+        if o.choices is not None and choice_enum is not None:
+            typ = choice_enum(list(o.choices))
+        elif o.off is None:
+            typ = Optional[o.type]  # noqa: UP045 (fairseq's dataclass reader wants typing.Optional)
+        out.append((prefix + name, typ, dataclasses.field(default=o.off, metadata={"help": o.help})))
+    return out

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     summary = E.summarize(runs)
     rec = E.recommend(summary)
     result = {"runs": runs, "summary": summary, "recommendation": rec,
-              "methods": [{"name": m.name, "policy": m.policy, **m.kw, "rho_scale": m.rho_scale} for m in methods],
+              "methods": [{"name": m.name, "options": m.options, "rho_scale": m.rho_scale} for m in methods],
               "tasks": {k: vars(v) for k, v in E.TASKS.items()}}
     table = E.markdown(summary, rec)
     if rec and not a.no_heldout:

@@ -107,6 +107,30 @@ def test_perturbation_equals_closed_form(combo, foreach):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_kernels_equal_the_one_definition_of_t_w(combo, foreach):
+    # T_w is defined once (core.operator.normalization_operator, from the specs of core.params); the
+    # kernels fold it into their arithmetic. eps from that definition must be what each kernel applies.
+    from fairseq_asam.core import normalization_operator
+
+    model, x, y = make(seed=5)
+    opt = build(model, combo, 0.4, foreach=foreach)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, x, y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    kinds = [opt.perturbation.spec(p).kind for p in model.parameters()]
+    T = normalization_operator(w0, kinds, 0.01 if combo["adaptive"] else 0.0)
+    if combo["p"] == 2:
+        norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(T, grads)))
+        want = [0.4 * t * t * g / norm for t, g in zip(T, grads)]
+    else:
+        want = [0.4 * t * torch.sign(g) for t, g in zip(T, grads)]
+    assert opt.ascent_step()
+    for p, w, e in zip(model.parameters(), w0, want):
+        torch.testing.assert_close(p.detach() - w, e, rtol=1e-9, atol=1e-12)
+
+
 # Both kernels do the same arithmetic: float64 results agree to 1e-12, float32 ones to float32 rounding.
 TOLERANCE = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-6, atol=1e-7)}
 

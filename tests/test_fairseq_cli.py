@@ -235,6 +235,21 @@ def test_bad_flag_stops_before_anything_is_written(work, tiny_data_bin, flag, va
     assert not save.exists()
 
 
+def test_a_task_without_the_second_pass_is_refused_at_startup(work, tiny_data_bin):
+    save = work / "plain-task"
+    args = [a for a in tiny_train_args(tiny_data_bin, save, *SAM) if a != "translation_sam"]
+    args[args.index("--task") + 1:args.index("--task") + 1] = ["translation"]
+    p = run_fairseq("train", args, check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == (
+        "fairseq-train: error: --optimizer asam_adam needs the two-pass sharpness-aware train step, which --task "
+        "translation does not run: use --task translation_sam (or a task wrapped with "
+        "fairseq_asam.fairseq_ext.make_sharpness_aware)"
+    )
+    assert "Traceback" not in p.stderr
+    assert not list(save.glob("*.pt"))  # no checkpoint written
+
+
 # ---- DDP ----------------------------------------------------------------------------------------
 
 

@@ -94,7 +94,9 @@ def test_ddp_two_processes_gloo(cifar_dir, tmp_path, flags):
     (["--reuse-alpha", "0.7"], "--reuse-alpha (Look-ASAM) needs --every k >= 2, got 1"),
     (["--every", "2", "--start", "0.5"], "choose one cheaper-update policy, got --every and --start"),
     (["--minimizer", "sgd", "--every", "2"], "apply to --minimizer sam/asam"),
-    (["--m", "8", "--every", "2"], "--m (m-sharpness; ImageNet's default is 128) runs with the full update only"),
+    (["--m", "8", "--every", "2"], "--m (m-sharpness) with EveryK(k=2): m-sharpness takes each shard's eps"),
+    (["--fsdp", "--adaptive-c", "1"], "--fsdp with AdaptiveTrigger(c=1.0, beta=0.9): the policy reads the norm of g"),
+    (["--fsdp", "--every", "2", "--reuse-alpha", "0.7"], "--fsdp with LookASAM(k=2, alpha=0.7)"),
 ])
 def test_bad_flags_are_clear_errors(cifar_dir, tmp_path, capsys, argv, message):
     run_dir = tmp_path / "run"

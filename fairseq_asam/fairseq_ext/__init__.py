@@ -6,7 +6,7 @@ Importing this package (``--user-dir fairseq_asam`` does) registers ``asam_adam`
 
 import sys as _sys
 
-from .. import _quiet_fairseq_import
+from .._compat import quiet_fairseq_import as _quiet_fairseq_import
 
 if "fairseq" not in _sys.modules:
     with _quiet_fairseq_import():

@@ -15,8 +15,8 @@ plain Adam. Example (from the repository root, after ``make install``)::
 
 # No `from __future__ import annotations`: fairseq reads the dataclass field types at runtime.
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
 
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim import register_optimizer
@@ -24,13 +24,13 @@ from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 from omegaconf import II
 
 from .. import _compat, checks
+from .. import schedule as _schedule
 from ..core import Perturbation
-from ..schedule import OnePass, Schedule, make_schedule
+from ..schedule import Schedule
 
 __all__ = ["AsamAdamConfig", "SamAdamConfig", "FairseqASAMAdam", "FairseqSAMAdam", "find_sharpness_optimizer"]
 
 NORMALIZATION_CHOICES = ChoiceEnum(["element", "filter"])
-ONE_PASS_CHOICES = ChoiceEnum(["none", *OnePass.DIRECTIONS])
 
 
 # ---- flag checks: the one checker (fairseq_asam.checks), told fairseq's flag names ------------------
@@ -64,60 +64,36 @@ def check_normalization(v) -> str:
     return checks.check_normalization(v, FLAGS["normalization"])
 
 
-# The cheaper-update schedule's flags (fairseq_asam.schedule.make_schedule's names -> fairseq's).
-SCHEDULE_FLAGS = {"every": "--asam-every", "reuse_alpha": "--asam-reuse-alpha", "start": "--asam-start",
-                  "adaptive_c": "--asam-adaptive-c", "one_pass": "--asam-one-pass"}
+# The cheaper-update policies' flags (--asam-every, ...), one per option of fairseq_asam.schedule.
+SCHEDULE_FLAGS = _schedule.flags("--asam-")
 
 _FLAG_CHECKS = {
     "--asam-rho": checks.argparse_type(checks.check_rho, FLAGS["rho"]),
     "--asam-eta": checks.argparse_type(checks.check_eta, FLAGS["eta"]),
     "--asam-p": checks.argparse_type(checks.check_p, FLAGS["p"], convert=str),
-    "--asam-every": checks.argparse_type(checks.check_every, SCHEDULE_FLAGS["every"], convert=int),
-    "--asam-reuse-alpha": checks.argparse_type(checks.check_nonnegative, SCHEDULE_FLAGS["reuse_alpha"]),
-    "--asam-start": checks.argparse_type(checks.check_fraction, SCHEDULE_FLAGS["start"]),
-    "--asam-adaptive-c": checks.argparse_type(checks.check_finite, SCHEDULE_FLAGS["adaptive_c"]),
+    **{SCHEDULE_FLAGS[name]: checks.argparse_type(o.check, SCHEDULE_FLAGS[name], convert=o.type)
+       for name, o in _schedule.options().items() if o.choices is None},
 }
 
 
 # ---- configs -------------------------------------------------------------------------------------
 
 
+# Cheaper updates (fairseq_asam.schedule; docs/efficiency.md compares them), at most one: a field per policy
+# option (--asam-every, --asam-reuse-alpha, --asam-start, --asam-adaptive-c, --asam-one-pass), with its help.
+_ScheduleConfig = make_dataclass(
+    "_ScheduleConfig", _schedule.dataclass_fields("asam_", choice_enum=ChoiceEnum), bases=(FairseqAdamConfig,)
+)
+
+
 @dataclass
-class _SharpnessAdamConfig(FairseqAdamConfig):
+class _SharpnessAdamConfig(_ScheduleConfig):
     asam_p: float = field(
         default=2.0,
         metadata={
             "help": "the norm of the perturbation region: 2 (the paper's choice, eps = rho T^2 g / ||T g||_2) "
             "or inf (eps = rho T sign(g))"
         },
-    )
-    # Cheaper updates (fairseq_asam.schedule; docs/efficiency.md compares them). At most one of them.
-    asam_every: int = field(
-        default=1,
-        metadata={"help": "run the two-pass update on every k-th update only, plain Adam on the others "
-                  "(1 + 1/k passes per update; 1: every update, the paper's update)"},
-    )
-    asam_reuse_alpha: Optional[float] = field(
-        default=None,
-        metadata={"help": "Look-ASAM (LookSAM's reuse, Liu et al. 2022) with --asam-every k >= 2: between the "
-                  "two-pass updates descend with g + alpha ||g|| d, d the last second pass's gradient part "
-                  "orthogonal to g (LookSAM: alpha 0.7)"},
-    )
-    asam_start: Optional[float] = field(
-        default=None,
-        metadata={"help": "late phase: plain Adam for this fraction of --max-update (in [0, 1]), the two-pass "
-                  "update after it"},
-    )
-    asam_adaptive_c: Optional[float] = field(
-        default=None,
-        metadata={"help": "adaptive trigger (AE-SAM, Jiang et al. 2023): the two-pass update when ||g||^2 >= its "
-                  "running mean + c running standard deviations, plain Adam otherwise (larger c: fewer)"},
-    )
-    asam_one_pass: ONE_PASS_CHOICES = field(
-        default="none",
-        metadata={"help": "one forward/backward per update: perturb w before it, along T_w applied to Adam's "
-                  "first moment (momentum; as MSAM, Becker et al. 2024) or to the previous update's gradient "
-                  "(previous); none: off"},
     )
     # Read from the rest of the config (not command-line flags of their own): the second pass clips
     # its gradient exactly as fairseq clipped the first one, and some setups are refused up front.
@@ -205,6 +181,7 @@ class FairseqSharpnessAdam(FairseqAdam):
             )
         if getattr(cfg, "tpu", False):
             raise ValueError(f"--optimizer {name} does not support --tpu")
+        _check_task(name)
         self.schedule = _schedule_from(cfg)
         super().__init__(cfg, params)
         self.clip_norm = float(cfg.clip_norm)
@@ -294,23 +271,42 @@ class FairseqSAMAdam(FairseqSharpnessAdam):
 
 
 def _schedule_from(cfg) -> Schedule:
-    def get(name, default=None):
-        v = getattr(cfg, name, default)
-        return getattr(v, "value", v)  # ChoiceEnum members carry the string in .value
+    values = {}
+    for name, o in _schedule.options().items():
+        v = getattr(cfg, "asam_" + name, None)
+        v = getattr(v, "value", v)  # ChoiceEnum members carry the string in .value
+        values[name] = _number(v, SCHEDULE_FLAGS[name]) if isinstance(v, str) and o.choices is None else v
+    total = int(getattr(cfg, "max_update", 0) or 0)
+    policy = _schedule.make_schedule(**values, total_updates=total or None, flags=SCHEDULE_FLAGS)
+    if policy.needs_total_updates:
+        raise ValueError(f"{SCHEDULE_FLAGS[policy.key]} needs the run's length: set --max-update")
+    return policy
 
-    start = get("asam_start")
-    total = int(get("max_update", 0) or 0)
-    if start is not None and total <= 0:
-        raise ValueError("--asam-start needs the run's length: set --max-update")
-    return make_schedule(
-        every=_number(get("asam_every", 1), SCHEDULE_FLAGS["every"]),
-        reuse_alpha=None if get("asam_reuse_alpha") is None else _number(get("asam_reuse_alpha"), SCHEDULE_FLAGS["reuse_alpha"]),
-        start=None if start is None else _number(start, SCHEDULE_FLAGS["start"]),
-        adaptive_c=None if get("asam_adaptive_c") is None else _number(get("asam_adaptive_c"), SCHEDULE_FLAGS["adaptive_c"]),
-        one_pass=get("asam_one_pass", "none"),
-        total_updates=total if start is not None else None,
-        flags=SCHEDULE_FLAGS,
-    )
+
+def _check_task(name: str) -> None:
+    """Stop when fairseq's Trainer builds this optimizer for a task that would call Adam's step directly.
+
+    fairseq-train builds the optimizer before training (to log the learning rate), so this is a one-line
+    message and exit status 1 at startup, not an error inside the first update. The task is the Trainer's
+    own (a wrapped, unregistered task passes); an optimizer built outside a Trainer is not checked here
+    (its step() refuses to run outside the two-pass update instead).
+    """
+    trainer = _compat.calling_trainer()
+    if trainer is None:
+        return
+    from .task import SharpnessAwareTask  # task.py imports this module
+
+    task = getattr(trainer, "task", None)
+    if task is not None and not isinstance(task, SharpnessAwareTask):
+        try:
+            task_name = _compat.config_name(trainer.cfg.task)
+        except Exception:  # a config without a registered name: say the class
+            task_name = type(task).__name__
+        raise SystemExit(
+            f"fairseq-train: error: --optimizer {name} needs the two-pass sharpness-aware train step, which "
+            f"--task {task_name} does not run: use --task translation_sam (or a task wrapped with "
+            "fairseq_asam.fairseq_ext.make_sharpness_aware)"
+        )
 
 
 def find_sharpness_optimizer(optimizer):

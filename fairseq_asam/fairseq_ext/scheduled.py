@@ -1,27 +1,25 @@
-"""The cheaper-update schedule (:mod:`fairseq_asam.schedule`) inside fairseq's two-pass update.
+"""fairseq's side of the update protocol (:mod:`fairseq_asam.core.update`): where the gradients and Adam's
+momentum live behind fairseq's optimizer wrappers.
 
-The task (``task.py``) calls four hooks; everything that depends on fairseq's optimizer wrappers is here:
+The task (``task.py``) runs the protocol through :func:`driver`: ``begin()`` before the first micro-batch's
+forward, ``wants_second_pass()`` in ``optimizer_step`` on the update's final gradient (all-reduced,
+normalised, clipped by the Trainer), ``ascend()`` and the second pass where the policy says so, ``end()``
+right before Adam's step; :func:`log` writes the metrics ``second_pass`` (1/0 per update, averaged over
+the log interval) and ``second_pass_frac`` (since the start of training).
 
-- :func:`begin_update` before the first micro-batch's forward: a one-pass policy moves w to w + eps;
-- :func:`decide` in ``optimizer_step``, on the update's final gradient (all-reduced, normalised, clipped
-  by the Trainer): restores a one-pass perturbation, returns whether the ascent and second pass run;
-- :func:`before_descent` right before Adam's step: the policy's gradient rule (Look-ASAM) and counters;
-- :func:`log` the metrics: ``second_pass`` (1/0 per update, averaged over the log interval: the
-  fraction of the interval's updates that ran it) and ``second_pass_frac`` (since the start of training).
-
-The gradient a schedule reads is the one Adam steps with: the model's grads, or under ``--fp16`` the
-fp32 master grads (split per parameter when fairseq flattened them), aligned with the model's trainable
+The gradient a policy reads is the one Adam steps with: the model's grads, or under ``--fp16`` the fp32
+master grads (split per parameter when fairseq flattened them), aligned with the model's trainable
 parameters. They may still carry fairseq's pending fp16 factor (loss scale, 1 / sample size, clip
-coefficient); the policies' rules are invariant to a common factor, and the adaptive trigger divides
-it out of ||g||^2.
+coefficient), passed to the protocol as their scale.
 """
 
 from fairseq import metrics
 from fairseq.optim.fp16_optimizer import FP16Optimizer, MemoryEfficientFP16Optimizer
 
 from .. import _compat
+from ..core.update import UpdateDriver
 
-__all__ = ["begin_update", "before_descent", "decide", "descent_grads", "log"]
+__all__ = ["descent_grads", "driver", "grad_scale", "log"]
 
 
 def _masters(optimizer, model):
@@ -64,37 +62,25 @@ def _momenta(sam, optimizer, model):
     return [_view(state.get(m, {}).get("exp_avg"), off, shape) for m, off, shape in masters]
 
 
-def _grad_factor(optimizer) -> float:
+def grad_scale(optimizer) -> float:
+    """The factor fairseq's pending fp16 multiply leaves on the gradients (1 without --fp16)."""
     if isinstance(optimizer, (FP16Optimizer, MemoryEfficientFP16Optimizer)):
         f = _compat.fp16_multiply_factor(optimizer)
-        return float(f) if f is not None else 1.0
+        f = float(f) if f is not None else 1.0
+        return 1.0 / f if f else 1.0
     return 1.0
 
 
-def begin_update(sam, optimizer, model) -> None:
-    """A new update starts (the Trainer zeroed the grads): undo a perturbation left by an update fairseq
-    skipped (fp16 overflow, OOM), then let a one-pass policy perturb w before the first forward."""
-    schedule = sam.schedule
-    if not schedule.one_pass:
-        return
+def driver(sam, optimizer, model) -> UpdateDriver:
+    """The update protocol over the weights the model's forward uses, with the policy of ``sam``
+    (``--optimizer asam_adam``/``sam_adam``), reading the gradients and momenta behind ``optimizer``."""
     pert = sam.perturber(model)
-    pert.restore()
-    dirs = _momenta(sam, optimizer, model) if schedule.direction == "momentum" else None
-    schedule.before_forward(pert, directions=dirs)
-
-
-def decide(sam, optimizer, model) -> bool:
-    """True: this update runs the ascent and the second pass. Restores a one-pass perturbation first."""
-    schedule = sam.schedule
-    if schedule.one_pass:
-        sam.perturber(model).restore()  # the gradient just taken at w + eps is the update's gradient
-        return False
-    factor = _grad_factor(optimizer)
-    return schedule.wants_second_pass(descent_grads(optimizer, model), scale=1.0 / factor if factor else 1.0)
-
-
-def before_descent(sam, optimizer, model, second_pass: bool) -> None:
-    sam.schedule.before_descent(descent_grads(optimizer, model), second_pass)
+    key = (id(pert), id(optimizer), id(model))
+    if getattr(sam, "_driver_key", None) != key:
+        sam._driver = UpdateDriver(pert, sam.schedule, momenta=lambda: _momenta(sam, optimizer, model),
+                                   grads=lambda: descent_grads(optimizer, model))
+        sam._driver_key = key
+    return sam._driver
 
 
 def log(sam) -> None:

@@ -55,6 +55,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .. import _compat
+from ..replay import random_state, set_random_state
 from . import scheduled
 from .optimizer import find_sharpness_optimizer
 
@@ -67,19 +68,6 @@ logger = logging.getLogger(__name__)
 
 _LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
 _TRIM_EVERY = 4  # every 4th ascent: peak RSS +1.01x parameter bytes at 1.94x adam (every one: +0.58x at 2.09x)
-
-
-def _get_rng_state():
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _grads_cleared(model) -> bool:
@@ -131,8 +119,9 @@ class SharpnessAwareTask:
             # and only the micro-batches from here on make up its gradient.
             self._sam_pending = []
             self._sam_t_start = self._clock(model)
-            scheduled.begin_update(find_sharpness_optimizer(optimizer), optimizer, model)  # one-pass: w + eps
-        mb = _MicroBatch(sample, ignore_grad, kwargs, _get_rng_state())
+            # A perturbation left by a skipped update is undone; a one-pass policy moves w to w + eps.
+            scheduled.driver(find_sharpness_optimizer(optimizer), optimizer, model).begin()
+        mb = _MicroBatch(sample, ignore_grad, kwargs, random_state())
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
         )
@@ -158,7 +147,8 @@ class SharpnessAwareTask:
         t0 = self._clock(model)
         if self._sam_t_start is not None:
             times["first"] = t0 - self._sam_t_start
-        second_pass = scheduled.decide(sam, optimizer, model)  # the schedule (docs/efficiency.md); default: yes
+        drv = scheduled.driver(sam, optimizer, model)
+        second_pass = drv.wants_second_pass(scale=scheduled.grad_scale(optimizer))  # the policy; default: yes
         if isinstance(optimizer, AMPOptimizer) and not _all_finite(model.parameters()):
             # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
             # scaler skips the step and lowers its scale. No ascent, no second pass.
@@ -172,7 +162,7 @@ class SharpnessAwareTask:
             sums = self._sam_second_pass_handled(pending, sam, optimizer, model, update_num)
         finally:
             t_restore = self._clock(model)
-            perturber.restore()  # w copied back in place, bit for bit, also if the second pass raised
+            drv.restore()  # w copied back in place, bit for bit, also if the second pass raised
         t2 = self._clock(model)
         sample_size, loss_w, loss_eps = self.sam_descent(sam, optimizer, model, update_num, sums)
         t3 = self._clock(model)
@@ -185,20 +175,21 @@ class SharpnessAwareTask:
     def sam_plain_step(self, sam, optimizer, model, update_num):
         """An update the schedule runs without the second pass: fairseq's optimizer step with g (reduced,
         normalised and clipped by the Trainer), after the schedule's gradient rule."""
-        scheduled.before_descent(sam, optimizer, model, False)
+        scheduled.driver(sam, optimizer, model).end()
         with sam.descent():
             super().optimizer_step(optimizer, model, update_num)
         scheduled.log(sam)
 
     def sam_ascent(self, sam, optimizer, model):
         """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
-        perturber = sam.perturber(model)
+        drv = scheduled.driver(sam, optimizer, model)
+        perturber = drv.perturbation
         # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
         fp16_grads_for_ascent([p.grad for p in model.parameters()], sam.p)
         # The ascent consumes the model's grads (drops them, so the second forward's activations can use
         # their memory: keeping them zeroed raised asam_adam's peak RSS by about one more parameter size);
         # the fairseq optimizer's zero_grad() before the second pass clears its own state.
-        if not perturber.ascend():
+        if not drv.ascend():
             raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
         self._sam_applied = None
         if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
@@ -229,13 +220,13 @@ class SharpnessAwareTask:
         if isinstance(optimizer, AMPOptimizer):
             _amp_allow_second_unscale(optimizer)
         world = distributed_utils.get_data_parallel_world_size()
-        rng_after_first = _get_rng_state()
+        rng_after_first = random_state()
         loss_eps = loss_w = None
         sample_size = 0
         self._sam_replaying = True
         try:
             for i, mb in enumerate(pending):
-                _set_rng_state(mb.rng)
+                set_random_state(mb.rng)
                 sync = (
                     model.no_sync()
                     if world > 1 and hasattr(model, "no_sync") and i < len(pending) - 1
@@ -252,7 +243,7 @@ class SharpnessAwareTask:
                 del loss
         finally:
             self._sam_replaying = False
-            _set_rng_state(rng_after_first)
+            set_random_state(rng_after_first)
         if pending[-1].ignore_grad:
             sample_size *= 0  # as the Trainer does when the last micro-batch is a dummy batch
         return sample_size, loss_w, loss_eps
@@ -323,7 +314,7 @@ class SharpnessAwareTask:
         grad_norm = optimizer.clip_grad_norm(sam.clip_norm)  # fp16: raises OverflowError on overflow
         if not isinstance(optimizer, AMPOptimizer) and not torch.isfinite(grad_norm).all():
             raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
-        scheduled.before_descent(sam, optimizer, model, True)
+        scheduled.driver(sam, optimizer, model).end()
         self._sam_t_base = self._clock(model)
         with sam.descent():
             super().optimizer_step(optimizer, model, update_num)

@@ -107,12 +107,49 @@ class EvenBatches:
 # ---- checkpoints (torch.distributed.checkpoint) -----------------------------------------------------
 
 
-def _states(model, base):
+def _states(model, base, opt=None, schedule_meta=None):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     # Keyed by parameter names (FQNs), each rank's slices as DTensors: DCP reshards them on load.
     msd, osd = get_state_dict(model, base)
-    return {"model": msd, "optimizer": osd}
+    out = {"model": msd, "optimizer": osd}
+    if opt is not None and opt is not base:
+        out["schedule"] = _schedule_tensors(model, opt, schedule_meta)
+    return out
+
+
+def _schedule_split(model, opt):
+    """The schedule's state without its per-parameter tensor lists (for the meta file), and those lists as
+    {"<key>/<parameter name>": tensor} (DTensor shards, for DCP); None entries are left out."""
+    state = opt.schedule.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    meta, tensors = {}, {}
+    for key, value in state.items():
+        if isinstance(value, list) and len(value) == len(names) and any(torch.is_tensor(v) for v in value):
+            meta[key] = {"tensor_list": [n for n, v in zip(names, value) if v is not None]}
+            tensors.update({f"{key}/{n}": v for n, v in zip(names, value) if v is not None})
+        else:
+            meta[key] = value
+    return meta, tensors
+
+
+def _schedule_tensors(model, opt, schedule_meta):
+    if schedule_meta is None:  # saving: the live tensors
+        return _schedule_split(model, opt)[1]
+    params = dict(model.named_parameters())  # loading: shards shaped like the parameters, to be filled
+    return {f"{key}/{n}": torch.empty_like(params[n]) for key, v in schedule_meta.items()
+            if isinstance(v, dict) and "tensor_list" in v for n in v["tensor_list"]}
+
+
+def _load_schedule(model, opt, schedule_meta, tensors) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    state = {}
+    for key, value in schedule_meta.items():
+        if isinstance(value, dict) and "tensor_list" in value:
+            state[key] = [tensors.get(f"{key}/{n}") for n in names]
+        else:
+            state[key] = value
+    opt.schedule.load_state_dict(state)
 
 
 def save_checkpoint(path: str, model: nn.Module, opt, base: torch.optim.Optimizer, meta: dict) -> None:
@@ -126,11 +163,13 @@ def save_checkpoint(path: str, model: nn.Module, opt, base: torch.optim.Optimize
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(_states(model, base), checkpoint_id=tmp)
+    dcp.save(_states(model, base, opt), checkpoint_id=tmp)
     if rank == 0:
         meta = dict(meta)
         if opt is not base:
             meta["asam"] = opt.state_dict()["asam"]  # the normalization rule; rho/eta/p are in base's groups
+            # The schedule's counters (the same on every rank); its per-parameter tensors are in the shards.
+            meta["schedule"] = _schedule_split(model, opt)[0]
         torch.save(meta, os.path.join(tmp, META))
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
@@ -153,12 +192,15 @@ def load_checkpoint(path: str, model: nn.Module, opt, base: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     meta = read_meta(path)
-    sd = _states(model, base)
+    sched_meta = meta.get("schedule") if opt is not base else None
+    sd = _states(model, base, opt if sched_meta is not None else None, sched_meta)
     dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, base, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     if opt is not base:
         # Through the shell, so that it checks the normalization rule and shares base's new param_groups.
         opt.load_state_dict({"base": base.state_dict(), "asam": meta.get("asam", {})})
+        if sched_meta is not None:
+            _load_schedule(model, opt, sched_meta, sd.get("schedule", {}))
     return meta
 
 

@@ -1,13 +1,17 @@
 """One training update for SGD, SAM and ASAM (paper Section 4, Algorithm 1), with m-sharpness, DDP and AMP.
 
-The perturbation itself is the core's :class:`~fairseq_asam.core.Perturbation` (``opt.perturbation`` of an
-ASAM/SAM optimizer); this module only decides what the two passes see, and steps the base optimizer
-itself because the fp16 GradScaler must unscale and step it (``scaler.step(opt.base_optimizer)``):
+The update runs the optimizer's update protocol (:mod:`fairseq_asam.core.update`: ``begin_step``, the first
+pass, ``wants_second_pass``, ``ascent_step`` and the second pass where the schedule says so, ``end_step``),
+so every schedule of :mod:`fairseq_asam.schedule` runs through the same micro-batch, DDP, FSDP, RNG and
+GradScaler handling. This module only decides what the passes see, and steps the base optimizer itself
+because the fp16 GradScaler must unscale and step it (``scaler.step(opt.base_optimizer)``):
 
 * m-sharpness (Foret et al. 2021, Section 4.1; the paper uses m = 32 for PyramidNet and 128 on ImageNet):
   each shard of m examples of the worker's batch gets its own eps from its own gradient. Per shard:
-  first-pass grad, ``ascend()``, second-pass grad at w + eps_shard, ``restore()``; the second-pass
-  grads are averaged (weighted by shard size) and the base optimizer steps once.
+  first-pass grad, ``ascent_step()``, second-pass grad at w + eps_shard, ``restore()``; the second-pass
+  grads are averaged (weighted by shard size) and the base optimizer steps once. A schedule that skips
+  second passes cannot run with it (its decision needs the whole update's gradient; the shards' ascents
+  come before it): ``schedule.check_mode`` refuses that with the reason.
 * DDP: the first pass runs under ``no_sync()``, so eps is per worker (no all-reduce); the second-pass
   gradients are averaged across workers.
 * Gradient accumulation (``accum_steps`` N, like fairseq's ``--update-freq``): the worker's batch is cut
@@ -48,7 +52,7 @@ from torch import nn
 
 from .. import _compat
 from ..core import ASAM
-from ..schedule import Full
+from ..replay import random_state, set_random_state
 from .fsdp import is_fsdp
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
@@ -87,8 +91,12 @@ def _no_sync(model):
     return model.no_sync() if _is_ddp(model) else contextlib.nullcontext()
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_ranks_true(flag: bool, device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return flag
     t = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -96,7 +104,7 @@ def _all_ranks_true(flag: bool, device) -> bool:
 
 
 def _all_reduce_mean(tensors) -> None:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+    if not _distributed() or not tensors:
         return
     # One flat buffer: one collective instead of one per parameter.
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -122,8 +130,7 @@ def _base_step(base, scaler):
 
 
 def _skip(opt, scaler):
-    opt.perturbation.restore()
-    opt.zero_grad()
+    opt.skip_step()
     if scaler is not None and scaler.is_enabled():
         # Back off exactly as scaler.update() does after an overflow: lower the scale *and* restart its growth
         # count (update(new_scale) sets the scale only, so the next good steps grew it straight back). The
@@ -136,21 +143,6 @@ def _skip(opt, scaler):
         scaler.unscale_(opt.base_optimizer)
         scaler.update()
         opt.zero_grad()
-
-
-def _rng_state(device: torch.device) -> dict:
-    """The state of the generators a forward pass draws from: CPU and, for a CUDA batch, that device's."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = (device, torch.cuda.get_rng_state(device))
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        device, cuda_state = state["cuda"]
-        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _micro_batches(x, y, size: int) -> list:
@@ -172,7 +164,7 @@ def _first_pass(model, criterion, pieces, scaler, ac, *, sync_last: bool = False
     n = sum(len(ys) for _, ys in pieces)
     states, losses, logits = [], [], []
     for i, (xs, ys) in enumerate(pieces):
-        states.append(_rng_state(xs.device))
+        states.append(random_state(xs.device))
         with contextlib.nullcontext() if sync_last and i == len(pieces) - 1 else _no_sync(model):
             with ac():
                 out = model(xs)
@@ -193,10 +185,10 @@ def _second_pass(model, criterion, pieces, states, scaler, ac, *, sync_last: boo
     others (and all of them when False) run under no_sync. BatchNorm statistics are left alone.
     """
     n = sum(len(ys) for _, ys in pieces)
-    after_first = _rng_state(pieces[0][0].device)
+    after_first = random_state(pieces[0][0].device)
     try:
         for i, ((xs, ys), state) in enumerate(zip(pieces, states)):
-            _set_rng_state(state)  # ShakeDrop/dropout: the draws of this micro-batch's first pass
+            set_random_state(state)  # ShakeDrop/dropout: the draws of this micro-batch's first pass
             sync = sync_last and i == len(pieces) - 1
             with contextlib.nullcontext() if sync else _no_sync(model):
                 with frozen_bn_stats(model), ac():
@@ -204,7 +196,7 @@ def _second_pass(model, criterion, pieces, states, scaler, ac, *, sync_last: boo
                 _backward(_weighted(loss2, len(ys), n), scaler)
     finally:
         # Training continues from where one pass would have left the generators (next batch's draws).
-        _set_rng_state(after_first)
+        set_random_state(after_first)
 
 
 def _check_accum_steps(accum_steps) -> None:
@@ -224,14 +216,14 @@ def train_step(
     autocast=None,
     accum_steps: int = 1,
 ) -> StepResult:
-    """One update. ``optimizer`` is an :class:`ASAM`/SAM (two passes) or a plain torch optimizer (SGD).
+    """One update. ``optimizer`` is an :class:`ASAM`/SAM (with any schedule) or a plain torch optimizer (SGD).
 
-    ``model`` may be wrapped in DistributedDataParallel; ``m_sharpness`` (m) splits the worker's batch
-    into shards of m examples (None or m >= batch: one shard); ``scaler`` is a GradScaler for fp16;
-    ``autocast`` a context manager factory (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``);
-    ``accum_steps`` (N) runs each pass over N micro-batches of ceil(batch / N) examples (the update is the
-    same as one batch's, in 1/N of the activation memory). ``y`` may be class indices or class
-    probabilities (CutMix), whatever ``criterion`` takes.
+    ``model`` may be wrapped in DistributedDataParallel or sharded with ``fully_shard``; ``m_sharpness`` (m)
+    splits the worker's batch into shards of m examples (None or m >= batch: one shard); ``scaler`` is a
+    GradScaler for fp16; ``autocast`` a context manager factory (e.g. ``lambda: torch.autocast("cuda",
+    torch.bfloat16)``); ``accum_steps`` (N) runs each pass over N micro-batches of ceil(batch / N) examples
+    (the update is the same as one batch's, in 1/N of the activation memory). ``y`` may be class indices
+    or class probabilities (CutMix), whatever ``criterion`` takes.
     """
     _check_accum_steps(accum_steps)
     ac = autocast if autocast is not None else contextlib.nullcontext
@@ -240,26 +232,21 @@ def train_step(
     n = x.shape[0]
     micro = -(-n // accum_steps)  # ceil: an epoch's short last batch gives fewer micro-batches, none empty
     if not isinstance(optimizer, ASAM):  # plain SGD: one pass
-        return _one_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
-
-    if m_sharpness is not None and m_sharpness < n and is_fsdp(model):
+        return _base_update(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
+    per_shard = m_sharpness is not None and m_sharpness < n
+    if per_shard and is_fsdp(model):
         raise ValueError(
             "m-sharpness under FSDP: the first-pass gradient is reduce-scattered over all workers, so a "
             "per-shard eps cannot be formed; use DDP for m-sharpness, or m_sharpness=None with FSDP"
         )
-    if not isinstance(optimizer.schedule, Full):
-        if m_sharpness is not None and m_sharpness < n:
-            raise ValueError("m-sharpness (--m) runs with the full update only; drop --m or the cheaper schedule")
-        if accum_steps > 1 or is_fsdp(model):
-            raise ValueError("the cheaper schedules run without gradient accumulation (--accum-steps) and FSDP "
-                             "(--fsdp); drop one or the other")
-        return _scheduled_step(model, optimizer, criterion, x, y, scaler, ac)
-    if m_sharpness is None or m_sharpness >= n:
-        return _two_pass(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
-    return _two_pass_sharded(model, optimizer, criterion, x, y, m_sharpness, micro, scaler, ac)
+    optimizer.schedule.check_mode(sharded="FSDP (fully_shard)" if is_fsdp(model) else None,
+                                  per_shard_eps="m_sharpness=" if per_shard else None)
+    if per_shard:
+        return _update_per_shard(model, optimizer, criterion, x, y, m_sharpness, micro, scaler, ac)
+    return _update(model, optimizer, criterion, _micro_batches(x, y, micro), scaler, ac)
 
 
-def _one_pass(model, optimizer, criterion, pieces, scaler, ac) -> StepResult:
+def _base_update(model, optimizer, criterion, pieces, scaler, ac) -> StepResult:
     optimizer.zero_grad()
     # Under DDP only the last micro-batch's backward all-reduces the accumulated gradient.
     _, loss, logits = _first_pass(model, criterion, pieces, scaler, ac, sync_last=True)
@@ -268,30 +255,47 @@ def _one_pass(model, optimizer, criterion, pieces, scaler, ac) -> StepResult:
     return StepResult(loss, logits, False, None)
 
 
-def _two_pass(model, opt, criterion, pieces, scaler, ac) -> StepResult:
+def _update(model, opt, criterion, pieces, scaler, ac) -> StepResult:
+    """The update protocol (fairseq_asam.core.update) around this step's passes, for every schedule.
+
+    The first pass runs under ``no_sync``: eps comes from this worker's own gradient (per-worker
+    m-sharpness). When the schedule runs no second pass, that gradient is averaged across workers here
+    (one flat all-reduce, what DDP would have done), and the schedule reads the workers' average, so every
+    worker takes the same decision. Under FSDP both passes reduce-scatter: g is global already.
+    """
+    fsdp = is_fsdp(model)
+    reduce = _all_reduce_mean if _distributed() and not fsdp else None
     opt.zero_grad()
-    # eps from this worker's gradient only (per-worker m-sharpness), accumulated over its micro-batches
+    opt.begin_step()  # a one-pass schedule moves w to w + eps here
     states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
-    ok = opt.perturbation.ascend()
-    if not is_fsdp(model):  # under FSDP the norm is global already: the same answer on every rank
-        ok = _all_ranks_true(ok, logits.device)
-    if not ok:
-        _skip(opt, scaler)
-        return StepResult(loss, logits, True, None)
-    eps_norm = opt.perturbation.last_eps_norm
-    _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=True)  # DDP averages across workers
-    opt.perturbation.restore()
+    eps_norm = opt.last_eps_norm if opt.perturbation.perturbed else None
+    scale = float(scaler.get_scale()) if scaler is not None else 1.0
+    if opt.wants_second_pass(scale=scale, reduce=reduce):
+        ok = opt.ascent_step()
+        if not fsdp:  # under FSDP the norm is global already: the same answer on every rank
+            ok = _all_ranks_true(ok, logits.device)
+        if not ok:
+            _skip(opt, scaler)
+            return StepResult(loss, logits, True, None)
+        eps_norm = opt.last_eps_norm
+        _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=True)  # DDP averages across workers
+    elif reduce is not None:
+        with torch.no_grad():
+            reduce([t.grad for t in opt.perturbation.params() if t.grad is not None])
+    opt.end_step(reduce=reduce)
     _base_step(opt.base_optimizer, scaler)
     opt.zero_grad()
     return StepResult(loss, logits, False, eps_norm)
 
 
-def _two_pass_sharded(model, opt, criterion, x, y, m, micro, scaler, ac) -> StepResult:
-    params = [p for g in opt.base_optimizer.param_groups for p in g["params"] if p.requires_grad]
+def _update_per_shard(model, opt, criterion, x, y, m, micro, scaler, ac) -> StepResult:
+    """m-sharpness: the same protocol with one ascent per shard of m examples (the full update only)."""
+    params = [p for p in opt.perturbation.params() if p.requires_grad]
     acc = [torch.zeros_like(p) for p in params]  # the averaged second-pass gradient
     n = x.shape[0]
     losses, logits_all, ok, eps_norm = [], [], True, None
     opt.zero_grad()
+    opt.begin_step()
     for xs, ys in zip(x.split(m), y.split(m)):
         # A shard larger than a micro-batch is accumulated over micro-batches; its eps is still its own.
         pieces = _micro_batches(xs, ys, micro)
@@ -299,12 +303,12 @@ def _two_pass_sharded(model, opt, criterion, x, y, m, micro, scaler, ac) -> Step
         states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
         losses.append(loss * xs.shape[0])
         logits_all.append(logits)
-        if not opt.perturbation.ascend():
+        if not opt.ascent_step():
             ok = False
             break
-        eps_norm = opt.perturbation.last_eps_norm
+        eps_norm = opt.last_eps_norm
         _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=False)
-        opt.perturbation.restore()
+        opt.restore()
         w = xs.shape[0] / n
         with torch.no_grad():
             for a, p in zip(acc, params):
@@ -320,51 +324,7 @@ def _two_pass_sharded(model, opt, criterion, x, y, m, micro, scaler, ac) -> Step
         _all_reduce_mean(acc)
         for a, p in zip(acc, params):
             p.grad = a
+    opt.end_step()
     _base_step(opt.base_optimizer, scaler)
     opt.zero_grad()
     return StepResult(loss_mean, logits_cat, False, eps_norm)
-
-
-def _scheduled_step(model, opt, criterion, x, y, scaler, ac) -> StepResult:
-    """One update under a cheaper schedule (:mod:`fairseq_asam.schedule`): the schedule decides from the
-    first pass's gradient whether the second pass runs; otherwise the base optimizer steps with g.
-
-    The first pass runs under ``no_sync`` as in the full update; when no second pass follows, its
-    gradient is averaged across workers here (one flat all-reduce, what DDP would have done), and the
-    schedule's statistics are averaged too so every worker takes the same decision.
-    """
-    sched, pert = opt.schedule, opt.perturbation
-    params = [t for g in opt.param_groups for t in g["params"]]
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    reduce = _all_reduce_mean if distributed else None
-    opt.zero_grad()
-    sched.before_forward(pert, opt.base_optimizer)  # one-pass: w -> w + eps before the only pass
-    with _no_sync(model), ac():
-        logits = model(x)
-        loss = criterion(logits, y)
-    with _no_sync(model):
-        _backward(loss, scaler)
-    eps_norm = None
-    if sched.one_pass:
-        eps_norm = pert.last_eps_norm if pert.perturbed else None
-        pert.restore()
-        second = False
-    else:
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        second = sched.wants_second_pass([t.grad for t in params], scale=scale, reduce=reduce)
-    if second:
-        if not _all_ranks_true(pert.ascend(), x.device):
-            _skip(opt, scaler)
-            return StepResult(loss.detach(), logits.detach(), True, None)
-        eps_norm = pert.last_eps_norm
-        with frozen_bn_stats(model), ac():
-            loss2 = criterion(model(x), y)
-        _backward(loss2, scaler)  # DDP averages these grads across workers
-        pert.restore()
-    else:
-        with torch.no_grad():
-            _all_reduce_mean([t.grad for t in params if t.grad is not None])
-    sched.before_descent([t.grad for t in params], second, reduce=reduce)
-    _base_step(opt.base_optimizer, scaler)
-    opt.zero_grad()
-    return StepResult(loss.detach(), logits.detach(), False, eps_norm)

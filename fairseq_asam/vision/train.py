@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -41,10 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import checks as _checks
+from .. import schedule as _schedule
 from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
-from ..schedule import Full, OnePass, make_schedule
 from . import data as vdata
 from . import fsdp as vfsdp
 from .models import CIFAR_MODELS, IMAGENET_MODELS, MODELS, build_model
@@ -78,11 +78,10 @@ PRESETS = {
 _RESUME_FIXED = ("dataset", "model", "minimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                  "label_smoothing", "rho", "eta", "p", "normalization", "normalize_bias", "m", "label_noise",
                  "seed", "amp", "accum_steps", "autoaugment", "cutmix", "cutmix_alpha",
-                 "every", "reuse_alpha", "start", "adaptive_c", "one_pass")
-# The cheaper-update flags and their defaults (checkpoints written before they existed have none).
-_SCHEDULE_DEFAULTS = {"every": 1, "reuse_alpha": None, "start": None, "adaptive_c": None, "one_pass": "none"}
-_SCHEDULE_FLAGS = {"every": "--every", "reuse_alpha": "--reuse-alpha", "start": "--start",
-                   "adaptive_c": "--adaptive-c", "one_pass": "--one-pass"}
+                 *_schedule.options())
+# The cheaper-update options and their "off" values (checkpoints written before they existed have none).
+_SCHEDULE_DEFAULTS = {name: o.off for name, o in _schedule.options().items()}
+_SCHEDULE_FLAGS = _schedule.flags("--")
 # What a checkpoint written before these arguments existed ran with (so it still resumes).
 _RESUME_DEFAULTS = {"accum_steps": 1, "autoaugment": False, "cutmix": 0.0, "cutmix_alpha": 1.0, **_SCHEDULE_DEFAULTS}
 
@@ -145,21 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the whole worker batch; ImageNet 128)")
 
     g = p.add_argument_group("cheaper updates (SAM/ASAM; at most one; docs/efficiency.md compares them)")
-    g.add_argument("--every", type=_checks.argparse_type(_checks.check_every, "--every", convert=int), default=1,
-                   metavar="K", help="the two-pass update on every K-th update only, plain SGD between (1: every update)")
-    g.add_argument("--reuse-alpha", type=_checks.argparse_type(_checks.check_nonnegative, "--reuse-alpha"),
-                   default=None, metavar="ALPHA",
-                   help="Look-ASAM (LookSAM's reuse, Liu et al. 2022) with --every K >= 2: between the two-pass "
-                   "updates descend with g + ALPHA ||g|| d, d the last second pass's gradient part orthogonal to g")
-    g.add_argument("--start", type=_checks.argparse_type(_checks.check_fraction, "--start"), default=None,
-                   metavar="FRACTION", help="late phase: plain SGD for this fraction of the run's updates, "
-                   "the two-pass update after it")
-    g.add_argument("--adaptive-c", type=_checks.argparse_type(_checks.check_finite, "--adaptive-c"), default=None,
-                   metavar="C", help="adaptive trigger (AE-SAM, Jiang et al. 2023): the two-pass update when "
-                   "||g||^2 >= its running mean + C running std")
-    g.add_argument("--one-pass", choices=("none", *OnePass.DIRECTIONS), default="none",
-                   help="one forward/backward per update, w perturbed before it along T_w applied to SGD's "
-                   "momentum (MSAM, Becker et al. 2024) or to the previous update's gradient")
+    _schedule.add_arguments(g)  # --every, --reuse-alpha, --start, --adaptive-c, --one-pass: one per option
 
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="default: runs/vision/<dataset>-<model>-<minimizer>-s<seed>")
@@ -286,19 +271,15 @@ def _apply_preset(args: argparse.Namespace, preset: dict) -> None:
 
 def _schedule_of(args, total_updates=None):
     kw = {k: getattr(args, k, d) for k, d in _SCHEDULE_DEFAULTS.items()}
-    return make_schedule(**kw, total_updates=total_updates, flags=_SCHEDULE_FLAGS)
+    return _schedule.make_schedule(**kw, total_updates=total_updates, flags=_SCHEDULE_FLAGS)
 
 
 def _check_schedule_args(args) -> None:
-    chosen = not isinstance(_schedule_of(args, total_updates=1), Full)
-    if chosen and args.minimizer == "sgd":
-        raise ValueError("--every, --reuse-alpha, --start, --adaptive-c and --one-pass apply to --minimizer sam/asam")
-    if chosen and (getattr(args, "accum_steps", 1) > 1 or getattr(args, "fsdp", False)):
-        raise ValueError("--every, --reuse-alpha, --start, --adaptive-c and --one-pass run without --accum-steps "
-                         "and --fsdp; drop one or the other")
-    if chosen and args.m is not None:
-        raise ValueError("--m (m-sharpness; ImageNet's default is 128) runs with the full update only; "
-                         "drop the cheaper-update flag or --m")
+    policy = _schedule_of(args, total_updates=1)
+    if policy.key is not None and args.minimizer == "sgd":
+        raise ValueError(f"{', '.join(_SCHEDULE_FLAGS.values())} apply to --minimizer sam/asam")
+    policy.check_mode(sharded="--fsdp" if getattr(args, "fsdp", False) else None,
+                      per_shard_eps="--m" if args.m is not None else None)
 
 
 # ---- distributed ------------------------------------------------------------------------------------
@@ -536,10 +517,71 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> dict:
+    run = _setup(args, parser)  # checks, data and model: nothing written yet
+    start_epoch, history, best = _resume(run)  # before args.json: a mismatched --resume rewrites nothing
+    _open_run_dir(run, start_epoch)
+    _build_loaders(run)
+    args = run.args
+    last_epoch = args.stop_after if args.stop_after is not None else args.epochs
+    for epoch in range(start_epoch, last_epoch):
+        rec = _train_epoch(run, epoch)
+        history.append(rec)
+        if rec["test_acc"] > best["top1"]:
+            best = {"top1": rec["test_acc"], "top5": rec["test_top5"], "epoch": epoch + 1}
+        _save(run, epoch + 1, history, best)
+    return _finish(run, history, best)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one run holds: built by :func:`_setup`, the loaders and trackers by :func:`_open_run_dir` and
+    :func:`_build_loaders` (after a resume has loaded the weights)."""
+
+    args: argparse.Namespace
+    parser: argparse.ArgumentParser | None
+    world: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    ckpt_path: str | None  # the checkpoint to resume from
+    train_ds: torch.utils.data.Dataset
+    n_noisy: int  # training labels corrupted by --label-noise
+    test_ds: torch.utils.data.Dataset
+    num_classes: int
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    base: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    autocast: object
+    args_dict: dict
+    ddp_model: nn.Module | None = None
+    trackers: EpochTrackers | None = None
+    gen: torch.Generator | None = None
+    sampler: torch.utils.data.Sampler | None = None
+    train_loader: torch.utils.data.DataLoader | None = None
+    test_loader: object = None
+    cutmix: object = None
+
+    def fail(self, msg):
+        _fail(self.parser, msg)
+
+
+def _fail(parser, msg):
+    if parser is not None:
+        parser.error(msg)
+    raise ValueError(msg)
+
+
+def _last_name(args) -> str:
+    return vfsdp.CHECKPOINT if args.fsdp else "checkpoint_last.pt"
+
+
+def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> _Run:
+    """Resolve and check the arguments, start the process group, build data, model and optimizer."""
     def fail(msg):
-        if parser is not None:
-            parser.error(msg)
-        raise ValueError(msg)
+        _fail(parser, msg)
 
     args = resolve_args(args, parser)
     world, rank, local_rank = _dist_env()
@@ -548,46 +590,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     if args.batch_size % (world * args.accum_steps):
         fail(f"--batch-size {args.batch_size} must be divisible by --accum-steps {args.accum_steps} times the "
              f"number of workers ({world}): each worker's batch is cut into equal micro-batches")
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    device = _device(args, local_rank)
-    if device.type == "cuda" and not args.deterministic:
-        torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.fsdp:
-        vfsdp.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    last_name = vfsdp.CHECKPOINT if args.fsdp else "checkpoint_last.pt"
-
+    device = _init_process(args, local_rank, world)
     _setup_logging(None, rank)
-    ckpt_path = None
-    if args.resume is not None:
-        ckpt_path = os.path.join(args.run_dir, last_name) if args.resume == "last" else args.resume
-        if not (os.path.isdir if args.fsdp else os.path.isfile)(ckpt_path):
-            other = "checkpoint_last.pt" if args.fsdp else vfsdp.CHECKPOINT
-            hint = (f" ({other} is there: the run was {'not ' if args.fsdp else ''}trained with --fsdp)"
-                    if os.path.exists(os.path.join(args.run_dir, other)) else "")
-            fail(f"--resume: no {'sharded (--fsdp) ' if args.fsdp else ''}checkpoint at {ckpt_path}{hint}")
-    elif any(os.path.exists(os.path.join(args.run_dir, n)) for n in ("checkpoint_last.pt", vfsdp.CHECKPOINT)):
-        fail(f"--run-dir {args.run_dir} already holds a run (checkpoint_last); pass --resume or another --run-dir")
+    ckpt_path = _checkpoint_to_resume(args, fail)
 
     # Data and model before the run directory exists: bad input leaves nothing behind.
-    try:
-        train_ds, n_noisy = vdata.build_train_dataset(vars(args), download=args.download and rank == 0)
-        if world > 1:
-            dist.barrier()  # rank 0 downloaded; the others read the files now
-            if rank != 0:
-                train_ds, n_noisy = vdata.build_train_dataset(vars(args))
-        test_ds = vdata.build_eval_dataset(vars(args), "test")
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        fail(f"--data-dir: {e}")
-    base_train = train_ds.base if isinstance(train_ds, vdata.NoisyLabels) else train_ds
-    num_classes = vdata.num_classes_of(args.dataset, base_train)
-    if args.dataset == "imagenet" and list(base_train.classes) != list(test_ds.classes):
-        fail(f"--data-dir: train/ and val/ of {args.data_dir} do not have the same class folders")
-
+    train_ds, n_noisy, test_ds, num_classes = _build_data(args, world, rank, fail)
     _seed_everything(args.seed)
     model = build_model(args.model, num_classes).to(device)
     if device.type == "cuda":
@@ -603,172 +611,257 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     args_dict = _jsonable(args)
     args_dict.update(num_classes=num_classes, world_size=world, torch_version=str(torch.__version__),
                      labels_corrupted=n_noisy, train_size=len(train_ds), test_size=len(test_ds))
-    start_epoch, history = 0, []
-    best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
-    if ckpt_path is not None:
-        ckpt = (vfsdp.read_meta(ckpt_path) if args.fsdp
-                else torch.load(ckpt_path, map_location=device, weights_only=True))
-        saved = ckpt["args"]
-        diff = [k for k in _RESUME_FIXED if saved.get(k, _RESUME_DEFAULTS.get(k)) != args_dict.get(k)]
-        if diff:
-            fail("--resume: these arguments differ from the checkpoint's: "
+    return _Run(args=args, parser=parser, world=world, rank=rank, local_rank=local_rank, device=device,
+                ckpt_path=ckpt_path, train_ds=train_ds, n_noisy=n_noisy, test_ds=test_ds, num_classes=num_classes,
+                model=model, opt=opt, base=base, sched=sched, scaler=scaler, criterion=criterion, autocast=autocast,
+                args_dict=args_dict)
+
+
+def _init_process(args, local_rank: int, world: int) -> torch.device:
+    """Determinism settings, the device and the process group."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA's first cuBLAS call
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    device = _device(args, local_rank)
+    if device.type == "cuda" and not args.deterministic:
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.fsdp:
+        vfsdp.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _checkpoint_to_resume(args, fail) -> str | None:
+    """The checkpoint --resume names (checked to exist), or None; a fresh run refuses a used --run-dir."""
+    if args.resume is None:
+        if any(os.path.exists(os.path.join(args.run_dir, n)) for n in ("checkpoint_last.pt", vfsdp.CHECKPOINT)):
+            fail(f"--run-dir {args.run_dir} already holds a run (checkpoint_last); pass --resume or another --run-dir")
+        return None
+    ckpt_path = os.path.join(args.run_dir, _last_name(args)) if args.resume == "last" else args.resume
+    if not (os.path.isdir if args.fsdp else os.path.isfile)(ckpt_path):
+        other = "checkpoint_last.pt" if args.fsdp else vfsdp.CHECKPOINT
+        hint = (f" ({other} is there: the run was {'not ' if args.fsdp else ''}trained with --fsdp)"
+                if os.path.exists(os.path.join(args.run_dir, other)) else "")
+        fail(f"--resume: no {'sharded (--fsdp) ' if args.fsdp else ''}checkpoint at {ckpt_path}{hint}")
+    return ckpt_path
+
+
+def _build_data(args, world: int, rank: int, fail):
+    """(train set, number of corrupted labels, test set, number of classes); unreadable data is a --data-dir
+    error."""
+    try:
+        train_ds, n_noisy = vdata.build_train_dataset(vars(args), download=args.download and rank == 0)
+        if world > 1:
+            dist.barrier()  # rank 0 downloaded; the others read the files now
+            if rank != 0:
+                train_ds, n_noisy = vdata.build_train_dataset(vars(args))
+        test_ds = vdata.build_eval_dataset(vars(args), "test")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        fail(f"--data-dir: {e}")
+    base_train = train_ds.base if isinstance(train_ds, vdata.NoisyLabels) else train_ds
+    num_classes = vdata.num_classes_of(args.dataset, base_train)
+    if args.dataset == "imagenet" and list(base_train.classes) != list(test_ds.classes):
+        fail(f"--data-dir: train/ and val/ of {args.data_dir} do not have the same class folders")
+    return train_ds, n_noisy, test_ds, num_classes
+
+
+def _resume(run: _Run) -> tuple[int, list[dict], dict]:
+    """(epochs done, history, best) from the checkpoint, whose fixed arguments must match; a fresh start
+    without one."""
+    if run.ckpt_path is None:
+        return 0, [], {"top1": -1.0, "top5": -1.0, "epoch": 0}
+    args, args_dict = run.args, run.args_dict
+    ckpt = (vfsdp.read_meta(run.ckpt_path) if args.fsdp
+            else torch.load(run.ckpt_path, map_location=run.device, weights_only=True))
+    saved = ckpt["args"]
+    diff = [k for k in _RESUME_FIXED if saved.get(k, _RESUME_DEFAULTS.get(k)) != args_dict.get(k)]
+    if diff:
+        run.fail("--resume: these arguments differ from the checkpoint's: "
                  + ", ".join(f"--{k.replace('_', '-')} {args_dict.get(k)} (checkpoint: "
                              f"{saved.get(k, _RESUME_DEFAULTS.get(k))})" for k in diff))
-        if args.fsdp:  # any number of workers: DCP reshards
-            vfsdp.load_checkpoint(ckpt_path, model, opt, base)
-        else:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, history, best = ckpt["epoch"], list(ckpt["history"]), dict(ckpt["best"])
+    if args.fsdp:  # any number of workers: DCP reshards
+        vfsdp.load_checkpoint(run.ckpt_path, run.model, run.opt, run.base)
+    else:
+        run.model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"], list(ckpt["history"]), dict(ckpt["best"])
 
+
+def _open_run_dir(run: _Run, start_epoch: int) -> None:
+    """The run directory with args.json and train.log, the opening log lines and the trackers."""
+    args, rank = run.args, run.rank
     if rank == 0:
         os.makedirs(args.run_dir, exist_ok=True)
-        _save_json(os.path.join(args.run_dir, "args.json"), args_dict)
-    if world > 1:
+        _save_json(os.path.join(args.run_dir, "args.json"), run.args_dict)
+    if run.world > 1:
         dist.barrier()
     _setup_logging(args.run_dir, rank)
     logger.info("asam-vision-train %s", " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
     logger.info("%s: %d training / %d test images, %d classes; model %s, %d parameters; %d worker(s) on %s",
-                args.dataset, len(train_ds), len(test_ds), num_classes, args.model,
-                sum(p.numel() for p in model.parameters()), world, device)
+                args.dataset, len(run.train_ds), len(run.test_ds), run.num_classes, args.model,
+                sum(p.numel() for p in run.model.parameters()), run.world, run.device)
     if args.label_noise:
         logger.info("label noise: %d of %d training labels corrupted (%.4f; requested %.4f)",
-                    n_noisy, len(train_ds), n_noisy / len(train_ds), args.label_noise)
-    if ckpt_path is not None:
-        logger.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
-    trackers = EpochTrackers()
+                    run.n_noisy, len(run.train_ds), run.n_noisy / len(run.train_ds), args.label_noise)
+    if run.ckpt_path is not None:
+        logger.info("resumed from %s after epoch %d", run.ckpt_path, start_epoch)
+    run.trackers = EpochTrackers()
     if rank == 0:
         try:
-            trackers = EpochTrackers(tensorboard_logdir=args.tensorboard_logdir, wandb_project=args.wandb_project,
-                                     run_name=os.path.basename(os.path.normpath(args.run_dir)), run_dir=args.run_dir,
-                                     config=args_dict)
+            run.trackers = EpochTrackers(tensorboard_logdir=args.tensorboard_logdir, wandb_project=args.wandb_project,
+                                         run_name=os.path.basename(os.path.normpath(args.run_dir)),
+                                         run_dir=args.run_dir, config=run.args_dict)
         except ValueError as e:
-            fail(str(e))
+            run.fail(str(e))
 
-    ddp_model = model
+
+def _build_loaders(run: _Run) -> None:
+    """The DDP wrapper, the samplers and loaders (the training one driven by ``run.gen``) and CutMix."""
+    args, world, rank, device = run.args, run.world, run.rank, run.device
+    run.ddp_model = run.model
     if world > 1 and not args.fsdp:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        run.ddp_model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.local_rank] if device.type == "cuda" else None)
 
     local_bs = args.batch_size // world
-    gen = torch.Generator()
+    run.gen = torch.Generator()
     if world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, shuffle=True, seed=args.seed)
+        run.sampler = torch.utils.data.distributed.DistributedSampler(run.train_ds, world, rank, shuffle=True,
+                                                                      seed=args.seed)
     else:
-        sampler = torch.utils.data.RandomSampler(train_ds, generator=gen)
+        run.sampler = torch.utils.data.RandomSampler(run.train_ds, generator=run.gen)
     loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
                      persistent_workers=False, worker_init_fn=vdata.seed_worker)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=local_bs, sampler=sampler, generator=gen, **loader_kw)
-    if isinstance(opt, ASAM):
-        opt.schedule.set_total_updates(len(train_loader) * args.epochs)  # the late phase's switch point
+    run.train_loader = torch.utils.data.DataLoader(run.train_ds, batch_size=local_bs, sampler=run.sampler,
+                                                   generator=run.gen, **loader_kw)
+    if isinstance(run.opt, ASAM):
+        run.opt.schedule.set_total_updates(len(run.train_loader) * args.epochs)  # the late phase's switch point
     # Each rank evaluates every world-th test image; the sums are all-reduced (no padding, exact).
-    test_part = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world))
-    test_loader = torch.utils.data.DataLoader(test_part, batch_size=args.test_batch_size, shuffle=False, **loader_kw)
+    test_part = torch.utils.data.Subset(run.test_ds, range(rank, len(run.test_ds), world))
+    run.test_loader = torch.utils.data.DataLoader(test_part, batch_size=args.test_batch_size, shuffle=False,
+                                                  **loader_kw)
     if args.fsdp:
-        test_loader = vfsdp.EvenBatches(test_loader, vfsdp.EvenBatches.count(len(test_ds), world, args.test_batch_size),
-                                        test_ds[0][0])
+        run.test_loader = vfsdp.EvenBatches(
+            run.test_loader, vfsdp.EvenBatches.count(len(run.test_ds), world, args.test_batch_size), run.test_ds[0][0])
 
-    cutmix = None
     if args.cutmix > 0:
         from torchvision.transforms import v2
 
-        cutmix = v2.CutMix(alpha=args.cutmix_alpha, num_classes=num_classes)
+        run.cutmix = v2.CutMix(alpha=args.cutmix_alpha, num_classes=run.num_classes)
 
+
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """One epoch of updates and the evaluation after it; logs and tracks the epoch's record and returns it."""
+    args, world, opt = run.args, run.world, run.opt
+    _seed_everything(_epoch_seed(args.seed, epoch, run.rank))
+    run.gen.manual_seed(_epoch_seed(args.seed, epoch, 0))
+    if world > 1:
+        run.sampler.set_epoch(epoch)
+    run.model.train()
+    t0 = time.time()
+    lr = run.base.param_groups[0]["lr"]
+    sched_at_start = _schedule_counts(opt)
+    sums, steps, skipped, seen = _train_batches(run, epoch)
+    train_s = time.time() - t0  # images/s counts the training passes only, not the evaluation
+    run.sched.step()
+    totals = torch.cat([sums, sums.new_tensor([float(seen)])])  # loss*n, correct, eps_norm sum, n
+    if world > 1:
+        dist.all_reduce(totals)
+        _broadcast_buffers(run.model)
+    loss_sum, correct_sum, eps_sum, count = totals.tolist()
+    test = evaluate(run.model, run.test_loader, run.device, run.autocast)
+    rec = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": loss_sum / max(count, 1),
+        "train_acc": 100.0 * correct_sum / max(count, 1),
+        "test_loss": test["loss"],
+        "test_acc": test["top1"],
+        "test_top5": test["top5"],
+        "eps_norm": eps_sum / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
+        "skipped_steps": skipped,
+        "images_per_s": round(count / max(train_s, 1e-9), 1),
+        "second_pass_frac": _second_pass_fraction(opt, sched_at_start),
+        "time_s": round(time.time() - t0, 3),
+    }
+    logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | "
+                "%.1f img/s | %.1fs%s",
+                epoch + 1, args.epochs, lr, rec["train_loss"], rec["train_acc"], rec["test_loss"], rec["test_acc"],
+                rec["test_top5"], rec["images_per_s"], rec["time_s"],
+                f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
+    run.trackers.log_epoch(rec)
+    return rec
+
+
+def _train_batches(run: _Run, epoch: int):
+    """The epoch's updates: (device sums of loss*n, correct and eps_norm; updates; skipped updates; images)."""
     from tqdm import tqdm
 
-    last_epoch = args.stop_after if args.stop_after is not None else args.epochs
-    for epoch in range(start_epoch, last_epoch):
-        seed = _epoch_seed(args.seed, epoch, rank)
-        _seed_everything(seed)
-        gen.manual_seed(_epoch_seed(args.seed, epoch, 0))
-        if world > 1:
-            sampler.set_epoch(epoch)
-        model.train()
-        t0 = time.time()
-        lr = base.param_groups[0]["lr"]
-        # loss*n, correct, eps_norm sum: on the device, where adding to them needs no host sync. The example
-        # count is known on the host and stays there (making a device tensor of it each step synchronised).
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        steps = skipped = seen = 0
-        sched_at_start = _schedule_counts(opt)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and rank == 0),
-                   leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if cutmix is not None:
-                x, y = _cutmix_batch(cutmix, args.cutmix, x, y, num_classes)
-            r = train_step(ddp_model, opt, criterion, x, y, m_sharpness=args.m, scaler=scaler, autocast=autocast,
-                           accum_steps=args.accum_steps)
-            n = r.logits.shape[0]
-            with torch.no_grad():
-                correct = (r.logits.argmax(1) == _hard_labels(y)[:n]).sum()
-                eps = r.eps_norm if r.eps_norm is not None else torch.zeros((), device=device)
-                sums += torch.stack([r.loss.double() * n, correct.double(), eps.double().to(device)])
-            steps += 1
-            seen += n
-            skipped += int(r.skipped)
-            if steps % 20 == 0 and bar.disable is False:
-                s = sums.tolist()  # a sync, only when a progress bar shows it
-                bar.set_postfix(loss=f"{s[0] / seen:.3f}", acc=f"{100 * s[1] / seen:.1f}")
-        bar.close()
-        train_s = time.time() - t0  # images/s counts the training passes only, not the evaluation
-        sched.step()
-        totals = torch.cat([sums, sums.new_tensor([float(seen)])])  # loss*n, correct, eps_norm sum, n
-        if world > 1:
-            dist.all_reduce(totals)
-            _broadcast_buffers(model)
-        loss_sum, correct_sum, eps_sum, count = totals.tolist()
-        test = evaluate(model, test_loader, device, autocast)
-        rec = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss_sum / max(count, 1),
-            "train_acc": 100.0 * correct_sum / max(count, 1),
-            "test_loss": test["loss"],
-            "test_acc": test["top1"],
-            "test_top5": test["top5"],
-            "eps_norm": eps_sum / max(steps * world, 1) if args.minimizer != "sgd" else 0.0,
-            "skipped_steps": skipped,
-            "images_per_s": round(count / max(train_s, 1e-9), 1),
-            "second_pass_frac": _second_pass_fraction(opt, sched_at_start),
-            "time_s": round(time.time() - t0, 3),
-        }
-        history.append(rec)
-        if test["top1"] > best["top1"]:
-            best = {"top1": test["top1"], "top5": test["top5"], "epoch": epoch + 1}
-        logger.info("epoch %d/%d | lr %.5f | train loss %.4f acc %.2f | test loss %.4f top-1 %.2f top-5 %.2f | "
-                    "%.1f img/s | %.1fs%s",
-                    epoch + 1, args.epochs, lr, rec["train_loss"], rec["train_acc"], rec["test_loss"], rec["test_acc"],
-                    rec["test_top5"], rec["images_per_s"], rec["time_s"],
-                    f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
-        trackers.log_epoch(rec)
-        if args.fsdp:  # every rank writes its shards
-            meta = {"version": CHECKPOINT_VERSION, "scheduler": sched.state_dict(), "scaler": None,
-                    "epoch": epoch + 1, "history": history, "best": best, "args": args_dict}
-            vfsdp.save_checkpoint(os.path.join(args.run_dir, last_name), model, opt, base, meta)
-            if rank == 0:
-                if best["epoch"] == epoch + 1:
-                    best_dir = os.path.join(args.run_dir, "checkpoint_best.dcp")
-                    shutil.rmtree(best_dir, ignore_errors=True)
-                    shutil.copytree(os.path.join(args.run_dir, last_name), best_dir)
-                _write_metrics(args.run_dir, history)
-        elif rank == 0:
-            path = os.path.join(args.run_dir, "checkpoint_last.pt")
-            _save_checkpoint(path, model, opt, sched, scaler, epoch + 1, history, best, args_dict)
-            if best["epoch"] == epoch + 1:
-                _atomic_write(os.path.join(args.run_dir, "checkpoint_best.pt"),
-                              lambda tmp, src=path: _copy(src, tmp))
-            _write_metrics(args.run_dir, history)
+    args, device = run.args, run.device
+    # loss*n, correct, eps_norm sum: on the device, where adding to them needs no host sync. The example
+    # count is known on the host and stays there (making a device tensor of it each step synchronised).
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    steps = skipped = seen = 0
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and run.rank == 0),
+               leave=False, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if run.cutmix is not None:
+            x, y = _cutmix_batch(run.cutmix, args.cutmix, x, y, run.num_classes)
+        r = train_step(run.ddp_model, run.opt, run.criterion, x, y, m_sharpness=args.m, scaler=run.scaler,
+                       autocast=run.autocast, accum_steps=args.accum_steps)
+        n = r.logits.shape[0]
+        with torch.no_grad():
+            correct = (r.logits.argmax(1) == _hard_labels(y)[:n]).sum()
+            eps = r.eps_norm if r.eps_norm is not None else torch.zeros((), device=device)
+            sums += torch.stack([r.loss.double() * n, correct.double(), eps.double().to(device)])
+        steps += 1
+        seen += n
+        skipped += int(r.skipped)
+        if steps % 20 == 0 and bar.disable is False:
+            s = sums.tolist()  # a sync, only when a progress bar shows it
+            bar.set_postfix(loss=f"{s[0] / seen:.3f}", acc=f"{100 * s[1] / seen:.1f}")
+    bar.close()
+    return sums, steps, skipped, seen
 
-    trackers.close()
-    if world > 1 and not args.fsdp:  # (sharded weights differ by design)
-        if not _ranks_agree(model, device):
+
+def _save(run: _Run, epochs_done: int, history: list[dict], best: dict) -> None:
+    """checkpoint_last (and checkpoint_best when this epoch is the best), metrics.csv and metrics.json."""
+    args = run.args
+    if args.fsdp:  # every rank writes its shards
+        meta = {"version": CHECKPOINT_VERSION, "scheduler": run.sched.state_dict(), "scaler": None,
+                "epoch": epochs_done, "history": history, "best": best, "args": run.args_dict}
+        vfsdp.save_checkpoint(os.path.join(args.run_dir, _last_name(args)), run.model, run.opt, run.base, meta)
+        if run.rank == 0:
+            if best["epoch"] == epochs_done:
+                best_dir = os.path.join(args.run_dir, "checkpoint_best.dcp")
+                shutil.rmtree(best_dir, ignore_errors=True)
+                shutil.copytree(os.path.join(args.run_dir, _last_name(args)), best_dir)
+            _write_metrics(args.run_dir, history)
+    elif run.rank == 0:
+        path = os.path.join(args.run_dir, "checkpoint_last.pt")
+        _save_checkpoint(path, run.model, run.opt, run.sched, run.scaler, epochs_done, history, best, run.args_dict)
+        if best["epoch"] == epochs_done:
+            _atomic_write(os.path.join(args.run_dir, "checkpoint_best.pt"),
+                          lambda tmp, src=path: _copy(src, tmp))
+        _write_metrics(args.run_dir, history)
+
+
+def _finish(run: _Run, history: list[dict], best: dict) -> dict:
+    """Close the trackers, check that the DDP workers agree, write summary.json and log the result."""
+    args = run.args
+    run.trackers.close()
+    if run.world > 1 and not args.fsdp:  # (sharded weights differ by design)
+        if not _ranks_agree(run.model, run.device):
             raise RuntimeError("the workers' weights differ after training: the DDP update is broken")
-        logger.info("weights identical on all %d ranks", world)
+        logger.info("weights identical on all %d ranks", run.world)
     done = len(history)
     summary = {
         "dataset": args.dataset, "model": args.model, "minimizer": args.minimizer, "seed": args.seed,
@@ -777,7 +870,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
         "final_test_acc": history[-1]["test_acc"] if history else None,
         "final_test_top5": history[-1]["test_top5"] if history else None,
     }
-    if rank == 0:
+    if run.rank == 0:
         _save_json(os.path.join(args.run_dir, "summary.json"), summary)
     if done < args.epochs:
         logger.info("stopped after epoch %d of %d; continue with --resume --run-dir %s", done, args.epochs, args.run_dir)
@@ -793,11 +886,9 @@ def _schedule_counts(opt):
 
 
 def _second_pass_fraction(opt, start) -> float:
-    """The fraction of this epoch's updates that ran the second pass (1 for the full update, 0 for SGD)."""
+    """The fraction of this epoch's updates that ran the second pass (0 for SGD)."""
     if not isinstance(opt, ASAM):
         return 0.0
-    if isinstance(opt.schedule, Full):
-        return 1.0  # the full update's path does not consult the schedule
     u, s = _schedule_counts(opt)
     return (s - start[1]) / max(u - start[0], 1)
 
