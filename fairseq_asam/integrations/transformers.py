@@ -1,0 +1,299 @@
+"""ASAM and SAM in Hugging Face Transformers' ``Trainer`` and ``Seq2SeqTrainer`` (Kwon et al., ICML 2021, Section 4).
+
+:class:`ASAMTrainer` / :class:`ASAMSeq2SeqTrainer` run the project's update protocol
+(:mod:`fairseq_asam.core.update`, the public methods of :class:`fairseq_asam.ASAM`) around the Trainer's
+own passes; :class:`ASAMTrainingArguments` / :class:`ASAMSeq2SeqTrainingArguments` add the ``asam_*``
+arguments (mode, rho, eta, p, normalization, biases and a cheaper-update policy of
+:mod:`fairseq_asam.schedule`, its fields generated from the policies' own declarations). The base
+optimizer is the one the Trainer builds (``optim``, AdamW by default); the LR scheduler, gradient
+clipping, Accelerate's GradScaler and its checkpoints see it as usual: the ASAM shell shares its
+``param_groups``. One update, for the micro-batches b_1..b_N of one accumulated batch:
+
+1. ``begin_step()`` (a one-pass policy moves w to w + eps here);
+2. the first forward/backward over b_1..b_N at w, the random state saved before each; the earlier
+   micro-batches under DDP's ``no_sync``, the last one all-reduced (see DDP below);
+3. ``wants_second_pass(scale=<the GradScaler's scale>)``; where True, ``ascent_step()`` (w -> w + eps
+   from the accumulated g; False on a non-finite g: ``skip_step()`` and the Trainer skips the update as
+   after an fp16 overflow) and the second forward/backward over the *same* b_1..b_N, each with its first
+   pass's random state (the same dropout masks), the last one all-reduced; the random state after the
+   first pass is put back;
+4. ``end_step()``: w restored bit for bit, the policy's gradient rule, its counters;
+5. the Trainer's own clipping (``max_grad_norm`` acts on g'), ``optimizer.step()`` (through the
+   GradScaler under fp16: g' unscaled once), LR scheduler step and ``zero_grad``.
+
+Gradient accumulation: one perturbation per accumulated batch (the fairseq task's ``--update-freq``
+semantics): eps comes from the gradient of the whole accumulated batch and the second pass replays the
+recorded micro-batches. DDP (torchrun / Accelerate): the first pass all-reduces once, in its last
+micro-batch's backward, so g and eps are the same on every worker; the second pass all-reduces the same
+way. fp16: eps is invariant to the scale the first-pass gradient carries (p = 2 divides by the norm, p =
+inf takes the sign), so it is not unscaled. Checkpoints: ``asam.pt`` beside ``optimizer.pt`` holds the
+shell's own state (the policy's included); ``resume_from_checkpoint`` restores it.
+
+    python -m fairseq_asam.integrations.transformers   # prints the asam_* arguments
+"""
+
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+
+from .. import checks, schedule
+from ..core import ASAM, SAM
+from ..replay import random_state, set_random_state
+
+__all__ = [
+    "ASAMSeq2SeqTrainer", "ASAMSeq2SeqTrainingArguments", "ASAMTrainer", "ASAMTrainingArguments",
+    "SharpnessArguments", "SharpnessAwareMixin",
+]
+
+STATE_NAME = "asam.pt"  # beside the Trainer's optimizer.pt in each checkpoint folder
+MODES = ("asam", "sam", "none")
+# The paper's IWSLT'14 values (Section 5.2): rho 0.2 for ASAM, 0.1 for SAM.
+DEFAULT_RHO = {"asam": 0.2, "sam": 0.1}
+_ASAM_ONLY = {"asam_eta": 0.01, "asam_normalization": "element", "asam_normalize_bias": False}
+
+
+def _field(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+_OWN_FIELDS = [
+    ("asam_mode", str, _field("asam", "asam (T_w = |w| + eta, Kwon et al. 2021), sam (T_w = I, Foret et al. "
+                                      "2021) or none (the Trainer's plain update)")),
+    ("asam_rho", float | None, _field(None, "radius rho of the perturbation (default: 0.2 for asam, 0.1 for "
+                                            "sam, the paper's IWSLT'14 values)")),
+    ("asam_eta", float, _field(0.01, "eta of T_w = |w| + eta (asam only)")),
+    ("asam_p", str, _field("2", "the norm of the region: 2 or inf")),
+    ("asam_normalization", str, _field("element", "element (|w| + eta) or filter (the L2 norm of each "
+                                                  "filter of a >= 3-D weight; asam only)")),
+    ("asam_normalize_bias", bool, _field(False, "also normalize biases (T = |b| + eta; asam only; the "
+                                                "paper's default is T = 1 on biases)")),
+]
+# One field per option of the cheaper-update policies, generated from their declarations (asam_every, ...).
+_SCHEDULE_FIELDS = schedule.dataclass_fields("asam_")
+_FLAGS = {name: "asam_" + name for name in schedule.options()}
+
+
+class _SharpnessChecks:
+    """The checks of the asam_* arguments, run in ``__post_init__``: a bad value stops the program while the
+    arguments are built, before the Trainer exists, a model is loaded or anything is written."""
+
+    def __post_init__(self):
+        self._check_sharpness_arguments()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def _check_sharpness_arguments(self) -> None:
+        if self.asam_mode not in MODES:
+            raise ValueError(f"asam_mode must be one of {', '.join(MODES)}, got {self.asam_mode!r}")
+        sched = self.sharpness_schedule()  # checks every policy option, naming its asam_* argument
+        if self.asam_mode == "none":
+            if type(sched) is not schedule.Full or self.asam_rho is not None:
+                given = ["asam_rho"] if self.asam_rho is not None else []
+                given += [f for f in _FLAGS.values() if getattr(self, f) not in (None, _off(f))]
+                raise ValueError(f"{', '.join(given)} given with asam_mode='none' (the plain update); set "
+                                 "asam_mode to asam or sam, or drop them")
+            return
+        rho = DEFAULT_RHO[self.asam_mode] if self.asam_rho is None else self.asam_rho
+        checks.check_sharpness_hyperparameters(
+            rho, self.asam_eta, self.asam_p, self.asam_normalization,
+            flags={"rho": "asam_rho", "eta": "asam_eta", "p": "asam_p", "normalization": "asam_normalization"})
+        checks.check_bool(self.asam_normalize_bias, "asam_normalize_bias")
+        if self.asam_mode == "sam":
+            changed = [k for k, v in _ASAM_ONLY.items() if getattr(self, k) != v]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} apply to asam_mode='asam' only (SAM has T_w = I)")
+        # Modes of the Trainer this integration does not drive: their engines own the optimizer step.
+        for arg, why in (("deepspeed", "DeepSpeed runs the optimizer step inside its engine"),
+                         ("fsdp", "FSDP through the Trainer is not supported by this integration yet")):
+            if getattr(self, arg, None):
+                raise ValueError(f"{arg} with asam_mode={self.asam_mode!r}: {why}; use DDP (torchrun) or "
+                                 "asam_mode='none'")
+        optim = str(getattr(getattr(self, "optim", ""), "value", getattr(self, "optim", "")))
+        if "lomo" in optim:
+            raise ValueError(f"optim={optim!r} with asam_mode={self.asam_mode!r}: LOMO optimizers step inside "
+                             "the backward pass, so no gradient exists to take the ascent from")
+        sched.check_mode()
+
+    def sharpness_schedule(self, total_updates: int | None = None) -> schedule.Schedule:
+        """The cheaper-update policy the asam_* options describe (:class:`~fairseq_asam.schedule.Full` if none)."""
+        values = {name: getattr(self, flag) for name, flag in _FLAGS.items()}
+        return schedule.make_schedule(total_updates=total_updates, flags=_FLAGS, **values)
+
+    def sharpness_rho(self) -> float:
+        return DEFAULT_RHO[self.asam_mode] if self.asam_rho is None else float(self.asam_rho)
+
+
+def _off(flag: str):
+    return schedule.options()[flag[len("asam_"):]].off
+
+
+SharpnessArguments = dataclasses.make_dataclass(
+    "SharpnessArguments", _OWN_FIELDS + _SCHEDULE_FIELDS, bases=(_SharpnessChecks,))
+SharpnessArguments.__module__ = __name__
+SharpnessArguments.__doc__ = """The asam_* arguments alone (a mixin for any TrainingArguments subclass)."""
+
+
+@dataclasses.dataclass
+class ASAMTrainingArguments(SharpnessArguments, TrainingArguments):
+    """``TrainingArguments`` plus the asam_* arguments (``HfArgumentParser`` turns them into ``--asam_*`` flags)."""
+
+
+@dataclasses.dataclass
+class ASAMSeq2SeqTrainingArguments(SharpnessArguments, Seq2SeqTrainingArguments):
+    """``Seq2SeqTrainingArguments`` plus the asam_* arguments."""
+
+
+def _ddp_no_sync(accelerator, model):
+    return functools.partial(accelerator.no_sync, model=model)
+
+
+class SharpnessAwareMixin:
+    """Turns a ``Trainer`` (or a subclass of it) into one whose updates are ASAM/SAM updates.
+
+    Put it first: ``class MyTrainer(SharpnessAwareMixin, Seq2SeqTrainer)``. ``args`` must carry the
+    asam_* arguments (:class:`ASAMTrainingArguments`, :class:`ASAMSeq2SeqTrainingArguments`, or your own
+    dataclass with :class:`SharpnessArguments` as a base).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SharpnessArguments):
+            raise TypeError(f"{type(self).__name__} needs args with the asam_* arguments (ASAMTrainingArguments, "
+                            f"ASAMSeq2SeqTrainingArguments), got {type(self.args).__name__}")
+        self._sharpness: ASAM | None = None  # built over the Trainer's optimizer once Accelerate prepared it
+        self._sharpness_loaded: dict | None = None  # a checkpoint's asam.pt, applied when the shell is built
+        self._micro_batches: list = []  # this update's (inputs, random state) per micro-batch
+
+    # -- the optimizer ---------------------------------------------------------------------------
+
+    def _base_optimizer(self):
+        # Accelerate's AcceleratedOptimizer holds the torch optimizer the Trainer built.
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    @property
+    def sharpness_optimizer(self) -> ASAM | None:
+        """The ASAM/SAM shell over the Trainer's optimizer (None before training starts, or in mode none)."""
+        if self.args.asam_mode == "none" or self.optimizer is None:
+            return None
+        base = self._base_optimizer()
+        opt = self._sharpness
+        if opt is not None and opt.base_optimizer is base and opt.param_groups is base.param_groups:
+            return opt
+        # First use, or the Trainer/Accelerate replaced the optimizer or its param_groups list (they
+        # reload state dicts after building it): build the shell anew, carrying its state over.
+        carried = self._sharpness_loaded
+        if opt is not None:
+            carried = self._shell_state(opt)
+        self._sharpness, self._sharpness_loaded = self._build_shell(base), None
+        if carried is not None:
+            self._sharpness.load_state_dict({"base": base.state_dict(), **carried})
+        return self._sharpness
+
+    def _build_shell(self, base) -> ASAM:
+        a = self.args
+        mine = {id(t) for g in base.param_groups for t in g["params"]}
+        # Names decide the bias rule (a name ending in "bias": T = 1 unless asam_normalize_bias).
+        named = [(n, t) for n, t in self.model.named_parameters() if id(t) in mine]
+        sched = a.sharpness_schedule(total_updates=self.state.max_steps or None)
+        if a.asam_mode == "sam":
+            return SAM(named, base, rho=a.sharpness_rho(), p=a.asam_p, schedule=sched)
+        return ASAM(named, base, rho=a.sharpness_rho(), eta=a.asam_eta, p=a.asam_p,
+                    normalization=a.asam_normalization, normalize_bias=a.asam_normalize_bias, schedule=sched)
+
+    @staticmethod
+    def _shell_state(opt: ASAM) -> dict:
+        state = opt.state_dict()
+        state.pop("base")  # the Trainer saves the base optimizer itself (optimizer.pt)
+        return state
+
+    # -- one update --------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        opt = self.sharpness_optimizer
+        if opt is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if not self._micro_batches:
+            opt.begin_step()
+        state = random_state(self.args.device)
+        # The Trainer runs the earlier micro-batches under no_sync and lets the last one all-reduce: g is
+        # then the same on every worker, and so is eps.
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._micro_batches.append((inputs, state))
+        if self.accelerator.sync_gradients:  # the Trainer set it: this was the update's last micro-batch
+            micro, self._micro_batches = self._micro_batches, []
+            self._finish_update(opt, model, micro, num_items_in_batch)
+        return loss
+
+    def _finish_update(self, opt: ASAM, model, micro: list, num_items_in_batch) -> None:
+        scaler = self.accelerator.scaler
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        if opt.wants_second_pass(scale=scale):
+            if not opt.ascent_step():
+                opt.skip_step()
+                self._skip_as_overflow(opt)
+                return
+            after_first = random_state(self.args.device)
+            try:
+                for i, (inputs, state) in enumerate(micro):
+                    set_random_state(state)  # the same dropout masks as this micro-batch's first pass
+                    last = i == len(micro) - 1
+                    with contextlib.nullcontext() if last else _ddp_no_sync(self.accelerator, model)():
+                        super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                set_random_state(after_first)  # the next batch draws what it would after one pass
+        if not opt.end_step():
+            self._skip_as_overflow(opt)
+
+    def _skip_as_overflow(self, opt: ASAM) -> None:
+        """A non-finite first-pass gradient: the Trainer's own step must be skipped. Under a GradScaler an
+        inf gradient makes it do exactly what it does after an fp16 overflow (no optimizer step, the scale
+        backed off, no LR scheduler step); without one, no gradient is left and the base step moves nothing."""
+        opt.zero_grad()
+        scaler = self.accelerator.scaler
+        if scaler is not None and scaler.is_enabled():
+            smallest = min((t for g in opt.param_groups for t in g["params"]), key=lambda t: t.numel())
+            smallest.grad = torch.full_like(smallest, float("inf"))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        opt = self.sharpness_optimizer
+        if opt is not None and self.args.should_save:
+            torch.save(self._shell_state(opt), os.path.join(output_dir, STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.args.asam_mode == "none":
+            return
+        path = os.path.join(checkpoint, STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by an ASAM/SAM Trainer, "
+                                    "so the sharpness-aware state (the schedule's) cannot be resumed")
+        self._sharpness_loaded = torch.load(path, map_location="cpu", weights_only=True)
+        self._sharpness = None
+
+
+class ASAMTrainer(SharpnessAwareMixin, Trainer):
+    """``transformers.Trainer`` whose updates are ASAM/SAM updates (args: :class:`ASAMTrainingArguments`)."""
+
+
+class ASAMSeq2SeqTrainer(SharpnessAwareMixin, Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` whose updates are ASAM/SAM updates (args:
+    :class:`ASAMSeq2SeqTrainingArguments`)."""
+
+
+def _print_arguments() -> None:
+    for f in dataclasses.fields(SharpnessArguments):
+        print(f"--{f.name} (default {f.default!r}): {f.metadata.get('help', '')}")
+
+
+if __name__ == "__main__":
+    _print_arguments()
+    sys.exit(0)

@@ -1,0 +1,229 @@
+"""ASAM/SAM in Hugging Face's Trainer: real Trainer, real Accelerate, a tiny random Marian model, no download.
+
+Each update is checked against the direct two-pass computation written with the core protocol
+(tests/hf_helpers.py): plain, gradient accumulation (one eps per accumulated batch), clipping of g',
+dropout replayed in the second pass, a cheaper policy, resume == uninterrupted, and bad arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import Seq2SeqTrainer, Trainer  # noqa: E402
+
+from fairseq_asam.integrations.transformers import (  # noqa: E402
+    STATE_NAME,
+    ASAMSeq2SeqTrainer,
+    ASAMSeq2SeqTrainingArguments,
+    ASAMTrainer,
+    ASAMTrainingArguments,
+)
+from fairseq_asam.schedule import EveryK, LookASAM  # noqa: E402
+from tests.hf_helpers import (  # noqa: E402
+    RecordRandomState,
+    collate,
+    direct_updates,
+    max_abs_diff,
+    tiny_marian,
+    token_data,
+)
+
+LR, RHO = 1e-2, 0.5
+
+
+def _args(out, cls=ASAMSeq2SeqTrainingArguments, **kw):
+    base = dict(output_dir=str(out), use_cpu=True, per_device_train_batch_size=2, learning_rate=LR,
+                lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0, max_grad_norm=0.0,
+                train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_strategy="no",
+                disable_tqdm=True, seed=3, asam_rho=RHO, dataloader_num_workers=0)
+    base.update(kw)
+    return cls(**base)
+
+
+def _decay(trainer, model) -> set[str]:
+    return set(trainer.get_decay_parameter_names(model))
+
+
+def _train(out, model, data, trainer_cls=ASAMSeq2SeqTrainer, resume=None, **kw):
+    rec = RecordRandomState()
+    trainer = trainer_cls(model=model, args=_args(out, **kw), train_dataset=data, data_collator=collate,
+                          callbacks=[rec])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, rec
+
+
+@pytest.mark.parametrize("accum,max_grad_norm", [(1, 0.0), (2, 0.0), (2, 0.05)],
+                         ids=["one-batch", "accumulation", "accumulation+clipping"])
+def test_trainer_update_equals_the_direct_two_pass_update(tmp_path, accum, max_grad_norm):
+    data = token_data(8)
+    model0 = tiny_marian()
+    trainer, rec = _train(tmp_path, tiny_marian(), data, gradient_accumulation_steps=accum,
+                          max_grad_norm=max_grad_norm, max_steps=8 // (2 * accum))
+    assert len(rec.states) == 8 // (2 * accum)
+    direct, opt = direct_updates(model0, data, rec.states, batch=2, accum=accum, rho=RHO, lr=LR,
+                                 decay_names=_decay(trainer, model0),
+                                 max_grad_norm=max_grad_norm)
+    assert max_abs_diff(trainer.model, direct) == 0.0
+    assert trainer.model.state_dict().keys() == direct.state_dict().keys()
+    shell = trainer.sharpness_optimizer
+    assert shell.schedule.updates == opt.schedule.updates == len(rec.states)
+    assert shell.schedule.second_passes == len(rec.states)
+    # The shell runs on the Trainer's own optimizer: the LR scheduler and checkpoints see it.
+    assert shell.param_groups is trainer.optimizer.optimizer.param_groups
+    # The moved weights prove the update ran; the model without ASAM moved elsewhere.
+    assert max_abs_diff(trainer.model, model0) > 1e-4
+
+
+def test_the_second_pass_replays_the_dropout_masks(tmp_path):
+    """Control for the test above: with dropout on, a second pass with fresh masks is another update."""
+    data = token_data(4)
+    model0 = tiny_marian(dropout=0.3)
+    trainer, rec = _train(tmp_path, tiny_marian(dropout=0.3), data, max_steps=2)
+    kw = dict(batch=2, accum=1, rho=RHO, lr=LR, decay_names=_decay(trainer, model0), max_grad_norm=0.0)
+    same, _ = direct_updates(model0, data, rec.states, **kw)
+    fresh, _ = direct_updates(model0, data, rec.states, replay=False, **kw)
+    assert max_abs_diff(trainer.model, same) == 0.0
+    assert max_abs_diff(trainer.model, fresh) > 1e-6
+
+
+def test_plain_trainer_and_asam_trainer_with_mode_none_are_the_same_update(tmp_path):
+    data = token_data(4)
+    plain = Trainer(model=tiny_marian(), args=_args(tmp_path / "a", cls=ASAMTrainingArguments, asam_mode="none",
+                                                    asam_rho=None, max_steps=2),
+                    train_dataset=data, data_collator=collate)
+    plain.train()
+    none, _ = _train(tmp_path / "b", tiny_marian(), data, trainer_cls=ASAMTrainer, cls=ASAMTrainingArguments,
+                     asam_mode="none", asam_rho=None, max_steps=2)
+    asam, _ = _train(tmp_path / "c", tiny_marian(), data, trainer_cls=ASAMTrainer, cls=ASAMTrainingArguments,
+                     max_steps=2)
+    assert none.sharpness_optimizer is None
+    assert max_abs_diff(plain.model, none.model) == 0.0
+    assert max_abs_diff(plain.model, asam.model) > 1e-6
+    assert isinstance(asam, Trainer) and not isinstance(asam, Seq2SeqTrainer)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_cheaper_policy_every_k_equals_the_direct_update(tmp_path, accum):
+    data = token_data(16)
+    model0 = tiny_marian()
+    trainer, rec = _train(tmp_path, tiny_marian(), data, gradient_accumulation_steps=accum, asam_every=2,
+                          max_steps=16 // (2 * accum))
+    direct, opt = direct_updates(model0, data, rec.states, batch=2, accum=accum, rho=RHO, lr=LR,
+                                 decay_names=_decay(trainer, model0),
+                                 max_grad_norm=0.0, schedule=EveryK(2))
+    assert max_abs_diff(trainer.model, direct) == 0.0
+    sched = trainer.sharpness_optimizer.schedule
+    assert (sched.updates, sched.second_passes) == (len(rec.states), len(rec.states) // 2)
+
+
+@pytest.mark.parametrize("policy", [dict(asam_every=2, asam_reuse_alpha=0.7), dict(asam_one_pass="previous")],
+                         ids=["look-asam", "one-pass-previous"])
+def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path, policy):
+    """save_steps / resume_from_checkpoint: the weights, Adam's moments and the policy's state (Look-ASAM's
+    direction, one-pass's previous gradient) come back; the resumed run ends bit for bit where the
+    uninterrupted one did."""
+    data = token_data(12)
+    full, _ = _train(tmp_path / "full", tiny_marian(), data, max_steps=6, save_strategy="steps", save_steps=3,
+                     **policy)
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert (ckpt / STATE_NAME).is_file()
+    saved = torch.load(ckpt / STATE_NAME, weights_only=True)
+    assert saved["schedule"]["updates"] == 3 and "base" not in saved
+    resumed, _ = _train(tmp_path / "resumed", tiny_marian(seed=7), data, max_steps=6, resume=str(ckpt), **policy)
+    assert max_abs_diff(full.model, resumed.model) == 0.0
+    a, b = full.sharpness_optimizer.state_dict(), resumed.sharpness_optimizer.state_dict()
+    assert a["schedule"]["updates"] == b["schedule"]["updates"] == 6
+    assert str(a["schedule"]) == str(b["schedule"])
+    # The policy's state matters: resuming without it is another run.
+    os.remove(ckpt / STATE_NAME)
+    with pytest.raises(FileNotFoundError, match=STATE_NAME):
+        _train(tmp_path / "broken", tiny_marian(), data, max_steps=6, resume=str(ckpt), **policy)
+
+
+def test_look_asam_state_round_trip_changes_the_result(tmp_path):
+    """The resume test above can fail: a fresh Look-ASAM (no kept direction) after 3 updates ends elsewhere."""
+    data = token_data(12)
+    policy = dict(asam_every=2, asam_reuse_alpha=0.7)
+    full, _ = _train(tmp_path / "full", tiny_marian(), data, max_steps=6, save_strategy="steps", save_steps=3,
+                     **policy)
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    state = torch.load(ckpt / STATE_NAME, weights_only=True)
+    state["schedule"] = LookASAM(2, 0.7).state_dict() | {"updates": 3, "second_passes": 2}
+    torch.save(state, ckpt / STATE_NAME)
+    resumed, _ = _train(tmp_path / "resumed", tiny_marian(), data, max_steps=6, resume=str(ckpt), **policy)
+    assert max_abs_diff(full.model, resumed.model) > 1e-7
+
+
+BAD = [
+    (dict(asam_rho=-1.0), "asam_rho must be > 0, got -1"),
+    (dict(asam_rho=0.0), "asam_rho must be > 0"),
+    (dict(asam_eta=-0.1), "asam_eta must be a finite number >= 0"),
+    (dict(asam_p="3"), "asam_p must be 2 or inf"),
+    (dict(asam_normalization="layer"), "asam_normalization must be one of element, filter"),
+    (dict(asam_mode="adam"), "asam_mode must be one of asam, sam, none"),
+    (dict(asam_one_pass="gradient"), "asam_one_pass must be one of none, momentum, previous"),
+    (dict(asam_every=0), "asam_every must be >= 1"),
+    (dict(asam_every=2, asam_start=0.5), "choose one cheaper-update policy, got asam_every and asam_start"),
+    (dict(asam_reuse_alpha=0.5), "asam_reuse_alpha .*needs asam_every"),
+    (dict(asam_start=1.5), "asam_start must be in \\[0, 1\\]"),
+    (dict(asam_mode="none", asam_rho=None, asam_every=3), "asam_every given with asam_mode='none'"),
+    (dict(asam_mode="sam", asam_eta=0.1), "asam_eta apply to asam_mode='asam' only"),
+    (dict(optim="lomo"), "optim='lomo' with asam_mode='asam'"),
+]
+
+
+@pytest.mark.parametrize("kw,message", BAD, ids=[m.split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_arguments_are_refused_before_training_naming_the_argument(tmp_path, kw, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        _args(out, **kw)
+    assert not out.exists()  # nothing written
+
+
+def test_fsdp_is_refused_naming_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="fsdp with asam_mode='asam'"):
+        _args(tmp_path / "run", fsdp="full_shard")
+
+
+def test_trainer_needs_the_sharpness_arguments(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(TypeError, match="asam_\\* arguments"):
+        ASAMSeq2SeqTrainer(model=tiny_marian(), args=args, train_dataset=token_data(2), data_collator=collate)
+
+
+def test_arguments_parse_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ASAMSeq2SeqTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--asam_mode", "sam", "--asam_rho", "0.05", "--asam_every", "4",
+         "--asam_p", "inf"])
+    assert (args.asam_mode, args.sharpness_rho(), args.asam_p) == ("sam", 0.05, "inf")
+    assert repr(args.sharpness_schedule()) == "EveryK(k=4)"
+    with pytest.raises(ValueError, match="asam_rho must be > 0"):
+        HfArgumentParser(ASAMSeq2SeqTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--asam_rho", "-2"])
+
+
+def test_sam_mode_builds_sam_with_the_trainers_optimizer(tmp_path):
+    trainer, _ = _train(tmp_path, tiny_marian(), token_data(4), max_steps=1, asam_mode="sam", asam_rho=0.05,
+                        asam_p="inf")
+    opt = trainer.sharpness_optimizer
+    assert type(opt).__name__ == "SAM" and opt.rho == 0.05 and opt.p == float("inf")
+    assert type(opt.base_optimizer).__name__ == "AdamW"
+
+
+def test_importing_the_package_imports_no_transformers():
+    code = ("import sys, fairseq_asam, fairseq_asam.integrations; "
+            "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
