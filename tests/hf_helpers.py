@@ -12,6 +12,19 @@ from fairseq_asam import ASAM
 from fairseq_asam.replay import random_state, set_random_state
 
 VOCAB, SRC_LEN, TGT_LEN = 24, 6, 5
+LR, RHO = 1e-2, 0.5
+
+
+def trainer_args(out, cls=None, **kw):
+    """Arguments for a deterministic CPU run: data in order, constant LR, "adamw_torch", nothing logged."""
+    from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainingArguments
+
+    base = dict(output_dir=str(out), use_cpu=True, per_device_train_batch_size=2, learning_rate=LR,
+                lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0, max_grad_norm=0.0,
+                train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_strategy="no",
+                disable_tqdm=True, seed=3, asam_rho=RHO, dataloader_num_workers=0)
+    base.update(kw)
+    return (cls or ASAMSeq2SeqTrainingArguments)(**base)
 
 
 def tiny_marian(seed: int = 0, dropout: float = 0.1, vocab: int = VOCAB) -> MarianMTModel:
@@ -88,3 +101,33 @@ def direct_updates(model0, data, states, *, batch: int, accum: int, rho: float, 
 
 def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+class RecordEps(TrainerCallback):
+    """||eps|| of each update's ascent, read from the trainer's ASAM shell after the update."""
+
+    def __init__(self):
+        self.trainer, self.norms = None, []
+
+    def on_step_end(self, args, state, control, **kw):
+        opt = self.trainer.sharpness_optimizer
+        self.norms.append(None if opt is None or opt.last_eps_norm is None else opt.last_eps_norm.item())
+
+
+def ddp_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
+    """One DDP worker (gloo, CPU) of a Trainer run; writes its final weights and eps norms to out/rank<r>.pt."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainer
+
+    rec = RecordEps()
+    args = trainer_args(f"{out}/run", ddp_backend="gloo", **kw)
+    trainer = ASAMSeq2SeqTrainer(model=tiny_marian(dropout=0.0), args=args, train_dataset=token_data(8),
+                                 data_collator=collate, callbacks=[rec])
+    rec.trainer = trainer
+    trainer.train()
+    torch.save({"params": [p.detach().clone() for p in trainer.model.parameters()], "eps": rec.norms,
+                "ddp": type(trainer.model_wrapped).__name__}, f"{out}/rank{rank}.pt")

@@ -28,24 +28,16 @@ from fairseq_asam.integrations.transformers import (  # noqa: E402
 )
 from fairseq_asam.schedule import EveryK, LookASAM  # noqa: E402
 from tests.hf_helpers import (  # noqa: E402
+    LR,
+    RHO,
     RecordRandomState,
     collate,
     direct_updates,
     max_abs_diff,
     tiny_marian,
     token_data,
+    trainer_args,
 )
-
-LR, RHO = 1e-2, 0.5
-
-
-def _args(out, cls=ASAMSeq2SeqTrainingArguments, **kw):
-    base = dict(output_dir=str(out), use_cpu=True, per_device_train_batch_size=2, learning_rate=LR,
-                lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0, max_grad_norm=0.0,
-                train_sampling_strategy="sequential", report_to=[], save_strategy="no", logging_strategy="no",
-                disable_tqdm=True, seed=3, asam_rho=RHO, dataloader_num_workers=0)
-    base.update(kw)
-    return cls(**base)
 
 
 def _decay(trainer, model) -> set[str]:
@@ -54,7 +46,7 @@ def _decay(trainer, model) -> set[str]:
 
 def _train(out, model, data, trainer_cls=ASAMSeq2SeqTrainer, resume=None, **kw):
     rec = RecordRandomState()
-    trainer = trainer_cls(model=model, args=_args(out, **kw), train_dataset=data, data_collator=collate,
+    trainer = trainer_cls(model=model, args=trainer_args(out, **kw), train_dataset=data, data_collator=collate,
                           callbacks=[rec])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, rec
@@ -96,7 +88,7 @@ def test_the_second_pass_replays_the_dropout_masks(tmp_path):
 
 def test_plain_trainer_and_asam_trainer_with_mode_none_are_the_same_update(tmp_path):
     data = token_data(4)
-    plain = Trainer(model=tiny_marian(), args=_args(tmp_path / "a", cls=ASAMTrainingArguments, asam_mode="none",
+    plain = Trainer(model=tiny_marian(), args=trainer_args(tmp_path / "a", cls=ASAMTrainingArguments, asam_mode="none",
                                                     asam_rho=None, max_steps=2),
                     train_dataset=data, data_collator=collate)
     plain.train()
@@ -184,13 +176,13 @@ BAD = [
 def test_bad_arguments_are_refused_before_training_naming_the_argument(tmp_path, kw, message):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
-        _args(out, **kw)
+        trainer_args(out, **kw)
     assert not out.exists()  # nothing written
 
 
 def test_fsdp_is_refused_naming_the_argument(tmp_path):
     with pytest.raises(ValueError, match="fsdp with asam_mode='asam'"):
-        _args(tmp_path / "run", fsdp="full_shard")
+        trainer_args(tmp_path / "run", fsdp="full_shard")
 
 
 def test_trainer_needs_the_sharpness_arguments(tmp_path):
@@ -227,3 +219,40 @@ def test_importing_the_package_imports_no_transformers():
             "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("policy", [{}, dict(asam_one_pass="previous")], ids=["full", "one-pass"])
+def test_ddp_two_gloo_workers_equal_one_process_on_the_global_batch(tmp_path, policy):
+    """2 workers x 1 example x 2 micro-batches per update against 1 process x 2 examples x 2 micro-batches:
+    the same updates (SGD, so that a difference in g shows; Adam's first steps are nearly sign(g)).
+
+    The workers' eps is the same (from the global batch's g), so their run is the one-process run on the
+    whole batch; a per-worker eps (a first pass without any reduction) would not be. Tokens are not
+    re-weighted across workers (average_tokens_across_devices=False: Marian's loss is a per-batch mean).
+    """
+    import torch.multiprocessing as mp
+
+    from tests.hf_helpers import ddp_worker
+
+    kw = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2, optim="sgd",
+              learning_rate=0.1, average_tokens_across_devices=False, **policy)
+    mp.start_processes(ddp_worker, args=(2, _free_port(), str(tmp_path), kw), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["ddp"] == "DistributedDataParallel"
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    one, _ = _train(tmp_path / "one", tiny_marian(dropout=0.0), token_data(8), **dict(kw, per_device_train_batch_size=2))
+    diff = max((a - p.detach()).abs().max().item() for a, p in zip(r0["params"], one.model.parameters()))
+    assert diff < 1e-6, diff
+    start = tiny_marian(dropout=0.0).parameters()
+    assert max((a - p.detach()).abs().max().item() for a, p in zip(r0["params"], start)) > 1e-3
+    if not policy:
+        assert r0["eps"] == r1["eps"] and len(r0["eps"]) == 2
