@@ -3,6 +3,7 @@ integration is checked against (written with the core protocol, not with the int
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -61,40 +62,60 @@ class RecordRandomState(TrainerCallback):
 
 
 def direct_updates(model0, data, states, *, batch: int, accum: int, rho: float, lr: float, max_grad_norm: float,
-                   decay_names, schedule=None, replay: bool = True):
+                   decay_names, schedule=None, replay: bool = True, optim: str = "adamw", device: str = "cpu",
+                   autocast=None, scaler=None):
     """The updates the Trainer should make, written with ASAM's update protocol: AdamW (the Trainer's
-    "adamw_torch", no weight decay, its two groups in its order: the norm of T g sums in that order), one eps
-    per accumulated batch, clipping of g', same dropout draws."""
-    model = copy.deepcopy(model0)
+    "adamw_torch", no weight decay, its two groups in its order: the norm of T g sums in that order) or SGD,
+    one eps per accumulated batch, clipping of g', same dropout draws; ``autocast`` (a context factory) and a
+    GradScaler ``scaler`` as Accelerate uses them for bf16/fp16."""
+    model = copy.deepcopy(model0).to(device)
     model.train()
     named = list(model.named_parameters())
     groups = [{"params": [t for n, t in named if n in decay_names]},
               {"params": [t for n, t in named if n not in decay_names]}]
-    base = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    if optim == "adamw":
+        base = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    else:
+        base = torch.optim.SGD(groups, lr=lr)
     opt = ASAM(model.named_parameters(), base, rho=rho, eta=0.01, schedule=schedule)
+    ac = autocast or contextlib.nullcontext
     per_update = batch * accum
+
+    def backward(m, n_items):
+        with ac():
+            loss = model(**m, num_items_in_batch=n_items).loss
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
     for u, state in enumerate(states):
         examples = data[u * per_update:(u + 1) * per_update]
-        micro = [collate(examples[j * batch:(j + 1) * batch]) for j in range(accum)]
-        n_items = torch.tensor(sum(int((m["labels"] != -100).sum()) for m in micro))
+        micro = [{k: v.to(device) for k, v in collate(examples[j * batch:(j + 1) * batch]).items()}
+                 for j in range(accum)]
+        n_items = torch.tensor(sum(int((m["labels"] != -100).sum()) for m in micro), device=device)
         set_random_state(state)
         opt.begin_step()
         seen = []
         for m in micro:
-            seen.append(random_state())
-            model(**m, num_items_in_batch=n_items).loss.backward()
-        if opt.wants_second_pass():
+            seen.append(random_state(device))
+            backward(m, n_items)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        if opt.wants_second_pass(scale=scale):
             assert opt.ascent_step()
-            after = random_state()
+            after = random_state(device)
             for m, s in zip(micro, seen):
                 if replay:
                     set_random_state(s)
-                model(**m, num_items_in_batch=n_items).loss.backward()
+                backward(m, n_items)
             set_random_state(after)
         assert opt.end_step()
+        if scaler is not None:
+            scaler.unscale_(base)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        base.step()
+        if scaler is not None:
+            scaler.step(base)
+            scaler.update()
+        else:
+            base.step()
         opt.zero_grad()
     return model, opt
 

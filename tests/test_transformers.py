@@ -256,3 +256,21 @@ def test_ddp_two_gloo_workers_equal_one_process_on_the_global_batch(tmp_path, po
     assert max((a - p.detach()).abs().max().item() for a, p in zip(r0["params"], start)) > 1e-3
     if not policy:
         assert r0["eps"] == r1["eps"] and len(r0["eps"]) == 2
+
+
+def test_bf16_autocast_on_cpu_equals_the_direct_update(tmp_path):
+    """bf16 through Accelerate (CPU autocast here; the CUDA run is in test_transformers_gpu.py): both passes
+    autocast, the weights stay fp32 and are restored exactly, the update is the direct one's."""
+    data = token_data(8)
+    model0 = tiny_marian()
+    trainer, rec = _train(tmp_path, tiny_marian(), data, bf16=True, gradient_accumulation_steps=2, max_steps=2,
+                          max_grad_norm=1.0)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    direct, _ = direct_updates(model0, data, rec.states, batch=2, accum=2, rho=RHO, lr=LR, max_grad_norm=1.0,
+                               decay_names=_decay(trainer, model0),
+                               autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert max_abs_diff(trainer.model, direct) == 0.0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    fp32, _ = direct_updates(model0, data, rec.states, batch=2, accum=2, rho=RHO, lr=LR, max_grad_norm=1.0,
+                             decay_names=_decay(trainer, model0))
+    assert max_abs_diff(trainer.model, fp32) > 0  # the autocast really ran
