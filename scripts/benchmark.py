@@ -18,9 +18,9 @@ import torch
 # benchmarks/ is a package of the repository (not installed): the repository root goes on the path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks import efficient_update, fairseq_update, kernel, vision_update  # noqa: E402
+from benchmarks import efficient_update, fairseq_update, hf_update, kernel, vision_update  # noqa: E402
 
-SECTIONS = ["kernel", "fairseq", "vision", "efficient"]
+SECTIONS = ["kernel", "fairseq", "vision", "efficient", "hf"]
 
 
 def machine() -> dict:
@@ -162,6 +162,22 @@ def efficient_section(args, devices):
     ]
 
 
+def hf_section(args, devices):
+    """Hugging Face Trainer: plain AdamW vs ASAM vs one-pass ASAM on a Marian-size model (CPU)."""
+    r = hf_update.bench_trainer(rounds=1 if args.quick else args.rounds, quick=args.quick)
+    sec, q, extra = r["seconds_per_update"], r["ratio_to_adamw"], r["extra_memory_over_adamw_in_param_bytes"]
+    rows = [f"| {m} | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | {_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} |"
+            for m in hf_update.METHODS]
+    return r, [
+        f"### Hugging Face Trainer update ({r['model']}, {r['n_params'] / 1e6:.1f}M parameters, batch {r['batch']} x "
+        f"{r['src_len']}/{r['tgt_len']} tokens, cpu)",
+        "",
+        "| update | ms / update | ratio to adamw | peak RSS | extra over adamw / parameter bytes |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -198,7 +214,7 @@ def main(argv=None):
     for name in sections:
         print(f"[bench] measuring section {name} ...", file=sys.stderr, flush=True)
         data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section,
-                        "efficient": efficient_section}[name](args, devices)
+                        "efficient": efficient_section, "hf": hf_section}[name](args, devices)
         result["sections"][name] = data
         _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
         print("\n".join(table) + "\n", flush=True)

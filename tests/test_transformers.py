@@ -274,3 +274,14 @@ def test_bf16_autocast_on_cpu_equals_the_direct_update(tmp_path):
     fp32, _ = direct_updates(model0, data, rec.states, batch=2, accum=2, rho=RHO, lr=LR, max_grad_norm=1.0,
                              decay_names=_decay(trainer, model0))
     assert max_abs_diff(trainer.model, fp32) > 0  # the autocast really ran
+
+
+def test_bench_section_runs_on_a_tiny_marian():
+    """`make bench`'s hf section (here with the tiny config): every method ran real Trainer updates."""
+    from benchmarks.hf_update import METHODS, bench_trainer
+
+    r = bench_trainer(rounds=1, updates=3, warmup=1, quick=True)
+    assert set(r["seconds_per_update"]) == set(METHODS)
+    assert all(v > 0 for v in r["seconds_per_update"].values())
+    assert r["ratio_to_adamw"]["adamw"] == 1.0
+    assert r["n_params"] > 0 and r["param_bytes"] == 4 * r["n_params"]
