@@ -1,4 +1,5 @@
-"""After `make install`: every requirement of fairseq-asam and its extras is met, and no torchaudio.
+"""After `make install`: every requirement of fairseq-asam and its extras is met, no torchaudio, and torch and
+torchvision are still the versions requirements/torch.txt pins (no later step brought another).
 
 The project is installed with ``--no-deps`` (pip would otherwise resolve fairseq-fixed's declared
 torchaudio and pull a second torch), so nothing else checks that the pinned requirements/*.txt
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
+TORCH_PINS = Path(__file__).resolve().parents[1] / "requirements" / "torch.txt"
 EXTRAS = ("fairseq", "iwslt", "vision", "plots", "studies", "tracking", "hf", "dev")
 
 
@@ -34,8 +37,26 @@ def unmet(dist: str = "fairseq-asam", extras=EXTRAS) -> list[str]:
     return problems
 
 
+def torch_moved(pins: Path = TORCH_PINS) -> list[str]:
+    """The pins of requirements/torch.txt that the environment no longer meets (a step pulled another torch)."""
+    problems = []
+    lines = pins.read_text().splitlines() if pins.is_file() else []
+    for line in (ln.split("#", 1)[0].strip() for ln in lines):
+        if not line:
+            continue
+        req = Requirement(line)
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{req} (requirements/torch.txt; not installed)")
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{req} (requirements/torch.txt; installed: {version}): a later install step replaced it")
+    return problems
+
+
 def main() -> int:
-    problems = unmet()
+    problems = unmet() + torch_moved()
     try:
         metadata.version("torchaudio")
         problems.append("torchaudio is installed; it must not be (it forces another torch)")

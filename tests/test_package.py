@@ -24,6 +24,8 @@ root = logging.getLogger()
 before = (root.level, list(root.handlers))
 from fairseq_asam import ASAM, SAM, Perturbation
 assert "fairseq" not in sys.modules, "from fairseq_asam import ASAM imported fairseq"
+import fairseq_asam.integrations
+assert "transformers" not in sys.modules and "accelerate" not in sys.modules, "fairseq_asam imported transformers"
 import fairseq
 assert (root.level, list(root.handlers)) == before, (root.level, root.handlers)
 """ + REGISTERED,

@@ -134,3 +134,16 @@ def test_check_install_names_what_is_missing_or_out_of_range(monkeypatch):
     monkeypatch.setattr(metadata, "requires", lambda dist: declared)
     monkeypatch.setattr(metadata, "version", version)
     assert check_install.unmet() == ["torch>=2.6 (installed: 2.5.1)", 'nosuchpkg>=1; extra == "dev" (not installed)']
+
+
+def test_check_install_names_a_torch_that_a_later_step_replaced(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from scripts import check_install
+
+    pins = tmp_path / "torch.txt"
+    pins.write_text("# step 1\ntorch==2.14.1\ntorchvision==0.29.1  # with it\n")
+    installed = {"torch": "2.14.1+cu130", "torchvision": "0.30.0"}
+    monkeypatch.setattr(metadata, "version", lambda name: installed[name])
+    assert check_install.torch_moved(pins) == [
+        "torchvision==0.29.1 (requirements/torch.txt; installed: 0.30.0): a later install step replaced it"]
