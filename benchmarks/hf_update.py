@@ -38,7 +38,8 @@ TINY = dict(OPUS_MT_DE_EN, vocab_size=64, d_model=16, encoder_layers=1, decoder_
             decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
             pad_token_id=63, decoder_start_token_id=63)
 
-# Runs inside each process: one Trainer run, the update times and the peak memory written to a JSON file.
+# Runs inside one process: Trainer runs of the methods named in spec["order"], one after the other (the
+# model reset to the same initial weights before each), each update timed; the process's peak memory.
 _DRIVER = r"""
 import json, resource, sys, time
 import torch
@@ -48,6 +49,7 @@ from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainer, ASAMSeq2S
 out_path, spec = sys.argv[1], json.loads(sys.argv[2])
 torch.manual_seed(0)
 model = MarianMTModel(MarianConfig(**spec["config"]))
+initial = {k: v.clone() for k, v in model.state_dict().items()}
 g = torch.Generator().manual_seed(1)
 n = spec["batch"] * spec["updates"]
 V = spec["config"]["vocab_size"] - 1  # below the pad id
@@ -65,15 +67,20 @@ class Timer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         self.seconds.append(time.perf_counter() - self.t0)
 
-timer = Timer()
-args = ASAMSeq2SeqTrainingArguments(output_dir=spec["out_dir"], use_cpu=True, per_device_train_batch_size=spec["batch"],
-    max_steps=spec["updates"], learning_rate=5e-4, warmup_steps=0, max_grad_norm=1.0, report_to=[],
-    save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **spec["method"])
-trainer = ASAMSeq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[timer])
-trainer.train()
+runs = []
+for method in spec["order"]:
+    model.load_state_dict(initial)
+    timer = Timer()
+    args = ASAMSeq2SeqTrainingArguments(output_dir=spec["out_dir"], use_cpu=True, per_device_train_batch_size=spec["batch"],
+        max_steps=spec["updates"], learning_rate=5e-4, warmup_steps=0, max_grad_norm=1.0, report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **spec["methods"][method])
+    trainer = ASAMSeq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[timer])
+    trainer.train()
+    runs.append({"method": method, "update_seconds": timer.seconds})
+    del trainer
 with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss survives execve)
     hwm = [line for line in f if line.startswith("VmHWM:")]
-rec = {"update_seconds": timer.seconds, "n_params": sum(p.numel() for p in model.parameters()),
+rec = {"runs": runs, "n_params": sum(p.numel() for p in model.parameters()),
        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
        "peak_rss_bytes": int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 with open(out_path, "w") as f:
@@ -81,10 +88,11 @@ with open(out_path, "w") as f:
 """
 
 
-def run_once(method: str, *, config: dict, batch: int, src_len: int, tgt_len: int, updates: int, tmp: Path) -> dict:
-    out = tmp / f"rec-{method}-{len(list(tmp.iterdir()))}.json"
+def run_process(order: list[str], *, config: dict, batch: int, src_len: int, tgt_len: int, updates: int,
+                tmp: Path) -> dict:
+    out = tmp / f"rec-{len(list(tmp.iterdir()))}.json"
     spec = {"config": config, "batch": batch, "src_len": src_len, "tgt_len": tgt_len, "updates": updates,
-            "method": METHODS[method], "out_dir": str(tmp / "run")}
+            "methods": METHODS, "order": order, "out_dir": str(tmp / "run")}
     env = dict(os.environ)
     for k in [k for k in env if k.startswith("MALLOC_")]:
         del env[k]  # glibc's default allocator settings, as users run
@@ -92,38 +100,44 @@ def run_once(method: str, *, config: dict, batch: int, src_len: int, tgt_len: in
     proc = subprocess.run([sys.executable, "-c", _DRIVER, str(out), json.dumps(spec)], capture_output=True,
                           text=True, env=env, cwd=str(REPO))
     if proc.returncode != 0:
-        raise RuntimeError(f"Trainer run ({method}) failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"Trainer runs {order} failed:\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
-def bench_trainer(*, rounds: int = 2, updates: int = 6, warmup: int = 2, quick: bool = False) -> dict:
-    """Median seconds per update of each method (median of each run's timed updates, then over rounds),
-    ratios to the plain AdamW update, and peak RSS over it in units of the parameters' bytes."""
+def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: bool = False,
+                  memory: bool = True) -> dict:
+    """Seconds per update of each method and ratios to the plain AdamW update: one process runs the methods in
+    turn, ``rounds`` times (rotating the order), ``updates`` each; the median over the timed updates of all
+    rounds. Peak memory: one process per method (its own peak RSS), over AdamW's in parameter bytes."""
     config = TINY if quick else OPUS_MT_DE_EN
     shape = dict(batch=4, src_len=8, tgt_len=8) if quick else dict(batch=8, src_len=32, tgt_len=32)
-    per: dict[str, list[float]] = {m: [] for m in METHODS}
-    mem: dict[str, list[int]] = {m: [] for m in METHODS}
     methods = list(METHODS)
+    order = [m for r in range(rounds) for m in methods[r % len(methods):] + methods[: r % len(methods)]]
     with tempfile.TemporaryDirectory(prefix="asam-hf-bench-") as d:
         tmp = Path(d)
-        for r in range(rounds):
-            for m in methods[r % len(methods):] + methods[: r % len(methods)]:
-                rec = run_once(m, config=config, updates=updates, tmp=tmp, **shape)
-                timed = rec["update_seconds"][warmup:]
-                if not timed:
-                    raise RuntimeError(f"{m}: only {len(rec['update_seconds'])} updates ran; raise updates")
-                per[m].append(statistics.median(timed))
-                mem[m].append(rec["peak_rss_bytes"])
-                n_params, param_bytes = rec["n_params"], rec["param_bytes"]
+        rec = run_process(order, config=config, updates=updates, tmp=tmp, **shape)
+        per: dict[str, list[float]] = {m: [] for m in METHODS}
+        for run in rec["runs"]:
+            per[run["method"]] += run["update_seconds"][warmup:]
+        peak = {}
+        if memory:
+            for m in methods:
+                peak[m] = run_process([m], config=config, updates=2, tmp=tmp, **shape)["peak_rss_bytes"]
+    if not all(per.values()):
+        raise RuntimeError(f"too few updates timed ({updates} per run, {warmup} warm-up)")
     sec = {m: statistics.median(v) for m, v in per.items()}
-    peak = {m: min(v) for m, v in mem.items()}
-    return {
+    out = {
         "model": "Marian, opus-mt-de-en config" if not quick else "Marian, tiny config",
-        "n_params": n_params,
-        "param_bytes": param_bytes,
+        "n_params": rec["n_params"],
+        "param_bytes": rec["param_bytes"],
         **shape,
+        "rounds": rounds,
         "seconds_per_update": sec,
+        "update_seconds": per,
         "ratio_to_adamw": {m: s / sec["adamw"] for m, s in sec.items()},
-        "peak_rss_bytes": peak,
-        "extra_memory_over_adamw_in_param_bytes": {m: (peak[m] - peak["adamw"]) / param_bytes for m in METHODS},
     }
+    if memory:
+        out["peak_rss_bytes"] = peak
+        out["extra_memory_over_adamw_in_param_bytes"] = {m: (peak[m] - peak["adamw"]) / rec["param_bytes"]
+                                                         for m in METHODS}
+    return out

@@ -164,7 +164,7 @@ def efficient_section(args, devices):
 
 def hf_section(args, devices):
     """Hugging Face Trainer: plain AdamW vs ASAM vs one-pass ASAM on a Marian-size model (CPU)."""
-    r = hf_update.bench_trainer(rounds=1 if args.quick else args.rounds, quick=args.quick)
+    r = hf_update.bench_trainer(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick)
     sec, q, extra = r["seconds_per_update"], r["ratio_to_adamw"], r["extra_memory_over_adamw_in_param_bytes"]
     rows = [f"| {m} | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | {_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} |"
             for m in hf_update.METHODS]

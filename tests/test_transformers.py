@@ -281,6 +281,7 @@ def test_bench_section_runs_on_a_tiny_marian():
     from benchmarks.hf_update import METHODS, bench_trainer
 
     r = bench_trainer(rounds=1, updates=3, warmup=1, quick=True)
+    assert all(len(v) == 2 for v in r["update_seconds"].values())
     assert set(r["seconds_per_update"]) == set(METHODS)
     assert all(v > 0 for v in r["seconds_per_update"].values())
     assert r["ratio_to_adamw"]["adamw"] == 1.0
