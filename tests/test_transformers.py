@@ -286,3 +286,14 @@ def test_bench_section_runs_on_a_tiny_marian():
     assert all(v > 0 for v in r["seconds_per_update"].values())
     assert r["ratio_to_adamw"]["adamw"] == 1.0
     assert r["n_params"] > 0 and r["param_bytes"] == 4 * r["n_params"]
+
+
+def test_training_logs_carry_eps_norm_and_the_second_pass_fraction(tmp_path):
+    trainer, _ = _train(tmp_path, tiny_marian(), token_data(8), max_steps=4, asam_every=2, logging_strategy="steps",
+                        logging_steps=1)
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(rows) == 4
+    # EveryK(2): the second pass on updates 1 and 3; ||eps|| is the last ascent's, so update 2 repeats 1's.
+    assert [r["asam_second_pass_fraction"] for r in rows] == [1.0, 0.5, 0.6667, 0.5]
+    eps = [r["asam_eps_norm"] for r in rows]
+    assert eps[0] > 0 and eps[1] == eps[0] and eps[2] != eps[1] and eps[3] == eps[2]

@@ -169,6 +169,7 @@ class SharpnessAwareMixin:
         self._sharpness: ASAM | None = None  # built over the Trainer's optimizer once Accelerate prepared it
         self._sharpness_loaded: dict | None = None  # a checkpoint's asam.pt, applied when the shell is built
         self._micro_batches: list = []  # this update's (inputs, random state) per micro-batch
+        self._update_of = -1  # the global step the recorded micro-batches belong to
 
     # -- the optimizer ---------------------------------------------------------------------------
 
@@ -218,7 +219,10 @@ class SharpnessAwareMixin:
         opt = self.sharpness_optimizer
         if opt is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        if not self._micro_batches:
+        if not self._micro_batches or self._update_of != self.state.global_step:
+            # An update starts (micro-batches left by an update that raised are dropped; begin_step undoes
+            # a perturbation it left).
+            self._micro_batches, self._update_of = [], self.state.global_step
             opt.begin_step()
         state = random_state(self.args.device)
         # The Trainer runs the earlier micro-batches under no_sync and lets the last one all-reduce: g is
@@ -259,6 +263,16 @@ class SharpnessAwareMixin:
         if scaler is not None and scaler.is_enabled():
             smallest = min((t for g in opt.param_groups for t in g["params"]), key=lambda t: t.numel())
             smallest.grad = torch.full_like(smallest, float("inf"))
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The Trainer's training logs, plus ||eps|| of the last ascent and the fraction of updates that ran
+        the second pass (1.0 for the full update)."""
+        opt = self._sharpness if self.args.asam_mode != "none" else None
+        if opt is not None and "loss" in logs:
+            if opt.last_eps_norm is not None:
+                logs["asam_eps_norm"] = round(float(opt.last_eps_norm), 6)
+            logs["asam_second_pass_fraction"] = round(opt.schedule.fraction, 4)
+        super().log(logs, *args, **kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
