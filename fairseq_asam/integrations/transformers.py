@@ -34,7 +34,6 @@ shell's own state (the policy's included); ``resume_from_checkpoint`` restores i
 
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 
@@ -149,10 +148,6 @@ class ASAMSeq2SeqTrainingArguments(SharpnessArguments, Seq2SeqTrainingArguments)
     """``Seq2SeqTrainingArguments`` plus the asam_* arguments."""
 
 
-def _ddp_no_sync(accelerator, model):
-    return functools.partial(accelerator.no_sync, model=model)
-
-
 class SharpnessAwareMixin:
     """Turns a ``Trainer`` (or a subclass of it) into one whose updates are ASAM/SAM updates.
 
@@ -247,7 +242,7 @@ class SharpnessAwareMixin:
                 for i, (inputs, state) in enumerate(micro):
                     set_random_state(state)  # the same dropout masks as this micro-batch's first pass
                     last = i == len(micro) - 1
-                    with contextlib.nullcontext() if last else _ddp_no_sync(self.accelerator, model)():
+                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                         super().training_step(model, inputs, num_items_in_batch)
             finally:
                 set_random_state(after_first)  # the next batch draws what it would after one pass
