@@ -297,3 +297,16 @@ def test_training_logs_carry_eps_norm_and_the_second_pass_fraction(tmp_path):
     assert [r["asam_second_pass_fraction"] for r in rows] == [1.0, 0.5, 0.6667, 0.5]
     eps = [r["asam_eps_norm"] for r in rows]
     assert eps[0] > 0 and eps[1] == eps[0] and eps[2] != eps[1] and eps[3] == eps[2]
+
+
+@pytest.mark.parametrize("policy,second_passes", [(dict(asam_start=0.5), 2), (dict(asam_one_pass="momentum"), 0),
+                                                   (dict(asam_adaptive_c=0.0), None)],
+                         ids=["late-phase", "one-pass-momentum", "adaptive"])
+def test_every_policy_runs_in_the_trainer(tmp_path, policy, second_passes):
+    """LatePhase learns the run's length (max_steps) from the Trainer; the others need nothing from it."""
+    trainer, _ = _train(tmp_path, tiny_marian(), token_data(8), max_steps=4, **policy)
+    sched = trainer.sharpness_optimizer.schedule
+    assert sched.updates == 4
+    if second_passes is not None:
+        assert sched.second_passes == second_passes
+    assert max_abs_diff(trainer.model, tiny_marian()) > 1e-4
