@@ -47,6 +47,8 @@ from transformers import MarianConfig, MarianMTModel, TrainerCallback
 from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainer, ASAMSeq2SeqTrainingArguments
 
 out_path, spec = sys.argv[1], json.loads(sys.argv[2])
+if spec["threads"]:
+    torch.set_num_threads(spec["threads"])
 torch.manual_seed(0)
 model = MarianMTModel(MarianConfig(**spec["config"]))
 initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -60,12 +62,15 @@ def collate(ex):
     return {k: torch.tensor([e[k] for e in ex]) for k in ex[0]}
 
 class Timer(TrainerCallback):
+    # Wall time, and this process's CPU time: on a machine shared with other jobs the CPU time of a
+    # one-thread process is the work done, while wall time also holds the waits for a core.
     def __init__(self):
-        self.seconds = []
+        self.seconds, self.cpu_seconds = [], []
     def on_step_begin(self, args, state, control, **kw):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
     def on_step_end(self, args, state, control, **kw):
         self.seconds.append(time.perf_counter() - self.t0)
+        self.cpu_seconds.append(time.process_time() - self.c0)
 
 runs = []
 for method in spec["order"]:
@@ -76,7 +81,7 @@ for method in spec["order"]:
         save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **spec["methods"][method])
     trainer = ASAMSeq2SeqTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[timer])
     trainer.train()
-    runs.append({"method": method, "update_seconds": timer.seconds})
+    runs.append({"method": method, "update_seconds": timer.seconds, "update_cpu_seconds": timer.cpu_seconds})
     del trainer
 with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss survives execve)
     hwm = [line for line in f if line.startswith("VmHWM:")]
@@ -89,10 +94,10 @@ with open(out_path, "w") as f:
 
 
 def run_process(order: list[str], *, config: dict, batch: int, src_len: int, tgt_len: int, updates: int,
-                tmp: Path) -> dict:
+                tmp: Path, threads: int | None = None) -> dict:
     out = tmp / f"rec-{len(list(tmp.iterdir()))}.json"
     spec = {"config": config, "batch": batch, "src_len": src_len, "tgt_len": tgt_len, "updates": updates,
-            "methods": METHODS, "order": order, "out_dir": str(tmp / "run")}
+            "methods": METHODS, "order": order, "out_dir": str(tmp / "run"), "threads": threads}
     env = dict(os.environ)
     for k in [k for k in env if k.startswith("MALLOC_")]:
         del env[k]  # glibc's default allocator settings, as users run
@@ -105,20 +110,24 @@ def run_process(order: list[str], *, config: dict, batch: int, src_len: int, tgt
 
 
 def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: bool = False,
-                  memory: bool = True) -> dict:
+                  memory: bool = True, threads: int | None = 1) -> dict:
     """Seconds per update of each method and ratios to the plain AdamW update: one process runs the methods in
     turn, ``rounds`` times (rotating the order), ``updates`` each; the median over the timed updates of all
-    rounds. Peak memory: one process per method (its own peak RSS), over AdamW's in parameter bytes."""
+    rounds, of wall time and of the process's CPU time (``threads`` torch threads; 1 by default, so that the
+    CPU time is the work done even when other jobs share the cores). Peak memory: one process per method
+    (its own peak RSS), over AdamW's in parameter bytes."""
     config = TINY if quick else OPUS_MT_DE_EN
     shape = dict(batch=4, src_len=8, tgt_len=8) if quick else dict(batch=8, src_len=32, tgt_len=32)
     methods = list(METHODS)
     order = [m for r in range(rounds) for m in methods[r % len(methods):] + methods[: r % len(methods)]]
     with tempfile.TemporaryDirectory(prefix="asam-hf-bench-") as d:
         tmp = Path(d)
-        rec = run_process(order, config=config, updates=updates, tmp=tmp, **shape)
+        rec = run_process(order, config=config, updates=updates, tmp=tmp, threads=threads, **shape)
         per: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[float]] = {m: [] for m in METHODS}
         for run in rec["runs"]:
             per[run["method"]] += run["update_seconds"][warmup:]
+            cpu[run["method"]] += run["update_cpu_seconds"][warmup:]
         peak = {}
         if memory:
             for m in methods:
@@ -126,15 +135,19 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
     if not all(per.values()):
         raise RuntimeError(f"too few updates timed ({updates} per run, {warmup} warm-up)")
     sec = {m: statistics.median(v) for m, v in per.items()}
+    cpu_sec = {m: statistics.median(v) for m, v in cpu.items()}
     out = {
         "model": "Marian, opus-mt-de-en config" if not quick else "Marian, tiny config",
         "n_params": rec["n_params"],
         "param_bytes": rec["param_bytes"],
         **shape,
         "rounds": rounds,
+        "threads": threads,
         "seconds_per_update": sec,
         "update_seconds": per,
         "ratio_to_adamw": {m: s / sec["adamw"] for m, s in sec.items()},
+        "cpu_seconds_per_update": cpu_sec,
+        "cpu_ratio_to_adamw": {m: s / cpu_sec["adamw"] for m, s in cpu_sec.items()},
     }
     if memory:
         out["peak_rss_bytes"] = peak
