@@ -294,10 +294,9 @@ def _check_task(name: str) -> None:
     trainer = _compat.calling_trainer()
     if trainer is None:
         return
-    from .task import SharpnessAwareTask  # task.py imports this module
-
     task = getattr(trainer, "task", None)
-    if task is not None and not isinstance(task, SharpnessAwareTask):
+    # SharpnessAwareTask (task.py) sets the flag; read as an attribute, so this module need not import it.
+    if task is not None and not getattr(task, "runs_sharpness_aware_update", False):
         try:
             task_name = _compat.config_name(trainer.cfg.task)
         except Exception:  # a config without a registered name: say the class

@@ -98,6 +98,8 @@ class SharpnessAwareTask:
     can be timed or overridden; ``self.sam_phase_times`` holds the last update's wall times in seconds.
     """
 
+    runs_sharpness_aware_update = True  # what --optimizer asam_adam/sam_adam check for at startup
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sam_pending: list[_MicroBatch] = []
