@@ -41,6 +41,7 @@ def main(argv=None) -> int:
                     help="scikit-learn's digits, 2 tasks, 2 seeds, 1 epoch, 40%% noise, one rho: checks the machinery")
     ap.add_argument("--val-from", default=None, help="the validation phase's JSON of an earlier run (skip phase 1)")
     ap.add_argument("--runs-from", default=None, help="the study phase's JSON of an earlier run (skip phase 2)")
+    ap.add_argument("--heldout-from", default=None, help="a results.json with the held-out phase (skip phase 3)")
     ap.add_argument("--no-heldout", action="store_true", help="skip the held-out check")
     a = ap.parse_args(argv)
     if a.seeds < 2:
@@ -82,8 +83,9 @@ def main(argv=None) -> int:
     summary = E.summarize(runs, chosen)
     rec = E.recommend(summary)
     print("\n".join(["[study] power check:"] + E.power_lines(summary)), flush=True)
-    table = E.markdown(summary, rec, chosen)
-    result = {"runs": runs, "val_runs": val_runs, "chosen": chosen, "summary": summary, "recommendation": rec,
+    bn = E.bn_effect(runs)
+    table = E.markdown(summary, rec, chosen, bn)
+    result = {"runs": runs, "val_runs": val_runs, "chosen": chosen, "summary": summary, "recommendation": rec, "bn_effect": bn,
               "rho_grid": E.RHO_GRID, "rule": {"power_se": E.POWER_SE, "max_passes": E.TARGET_COST,
                                                "min_kept": E.TARGET_KEPT, "baselines": E.BASELINES},
               "methods": [{"name": m.name, "policy": m.policy, "swa": m.swa, "rho_scale": m.rho_scale,
@@ -95,12 +97,17 @@ def main(argv=None) -> int:
     # Phase 3: the held-out check: seeds 100.., 20% noise, the 40% variant's chosen settings.
     # --quick powers nothing (1 epoch): it checks the phase's machinery with one of the candidates.
     check = rec.get("best") or ("onepass-mom" if a.quick else None)
+    if a.heldout_from:
+        with open(a.heldout_from) as f:
+            prior = json.load(f)["heldout"]
+        check, held, hseeds = prior["method"], prior["runs"], range(prior["seeds"][0], prior["seeds"][-1] + 1)
     if check and not a.no_heldout:
-        keep = {"sgd", "asam", "sgd+swa", _training_method(check)}
         held_chosen = {E._variant(t, 0.2): chosen[E._variant(t, 0.4)] for t in tasks}
-        methods = [m for m in E.METHODS if m.name in keep]
-        hseeds = range(100, 100 + len(seeds))
-        held = E.run_jobs(E.study_jobs(tasks, (0.2,), hseeds, methods, held_chosen, epochs=epochs), a.jobs)
+        if not a.heldout_from:
+            keep = {"sgd", "asam", "sgd+swa", _training_method(check)}
+            methods = [m for m in E.METHODS if m.name in keep]
+            hseeds = range(100, 100 + len(seeds))
+            held = E.run_jobs(E.study_jobs(tasks, (0.2,), hseeds, methods, held_chosen, epochs=epochs), a.jobs)
         hsum = E.summarize(held, held_chosen)
         result["heldout"] = {"runs": held, "summary": hsum, "method": check, "seeds": list(hseeds)}
         table += (f"\n### Held-out check ({check}; 20% noise, seeds {hseeds.start}-{hseeds.stop - 1}, not in "

@@ -446,6 +446,31 @@ def summarize(runs: list[dict], chosen: dict | None = None) -> dict:
     return out
 
 
+def bn_effect(runs: list[dict]) -> dict:
+    """Issue item 2: per BatchNorm variant and training method, test accuracy with the running statistics
+    recomputed at the final w minus with them as trained (paired over seeds: mean, SE, n)."""
+    diffs: dict = {}
+    for r in runs:
+        a = r["acc"][r["method"]]
+        if r["bn"] and not r["method"].endswith("swa"):
+            diffs.setdefault(_variant(r["task"], r["noise"]), {}).setdefault(r["method"], []).append(
+                a["at_w"] - a["trained"])
+    return {v: {m: {"mean": statistics.fmean(d), "se": _sd(d) / math.sqrt(len(d)), "n": len(d)} for m, d in ms.items()}
+            for v, ms in sorted(diffs.items())}
+
+
+def bn_lines(effect: dict) -> list[str]:
+    if not effect:
+        return []
+    names = list(next(iter(effect.values())))
+    lines = ["#### BatchNorm statistics recomputed at w minus as trained (test acc points, paired mean ± SE)", "",
+             "| variant | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for v, ms in effect.items():
+        lines.append(f"| {v} | " + " | ".join(f"{ms[m]['mean']:+.2f} ± {ms[m]['se']:.2f}" if m in ms else "—"
+                                                for m in names) + " |")
+    return lines + [""]
+
+
 BASELINES = ("sgd+swa", "sgd+ema")
 NOT_CANDIDATES = ("sgd", "asam") + BASELINES
 
@@ -506,8 +531,9 @@ def power_lines(summary: dict) -> list[str]:
     return lines
 
 
-def markdown(summary: dict, rec: dict | None = None, chosen: dict | None = None) -> str:
+def markdown(summary: dict, rec: dict | None = None, chosen: dict | None = None, bn: dict | None = None) -> str:
     lines = ["#### Power check (paired over seeds; SE = paired std / sqrt(seeds))", ""] + power_lines(summary) + [""]
+    lines += bn_lines(bn or {})
     for v, s in summary.items():
         p = s["power"]
         lines += [f"#### {v} (full ASAM's gain {p['gain']:+.2f} ± {p['se']:.2f} SE, {p['ratio']:.1f} SE, "

@@ -101,3 +101,10 @@ def test_quick_study_writes_power_check_table_json_and_plot(tmp_path):
     assert "Power check" in table and "Held-out check" in table
     assert plot.stat().st_size > 10_000
     assert res["heldout"]["runs"] and all(r["noise"] == 0.2 for r in res["heldout"]["runs"])
+    # The docs' numbers come from the phases' JSON: summarizing them again trains nothing and gives the same table.
+    out2 = tmp_path / "again"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "efficiency_study.py"), "--quick", "--out", str(out2),
+                        "--val-from", str(out / "val.json"), "--runs-from", str(out / "runs.json"),
+                        "--heldout-from", str(out / "results.json")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[study] 1/" not in p.stdout and (out2 / "table.md").read_text() == table
