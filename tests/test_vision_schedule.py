@@ -105,3 +105,30 @@ def test_bad_flags_are_clear_errors(cifar_dir, tmp_path, capsys, argv, message):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("flags,tracked", [
+    (["--one-pass", "momentum"], 4),  # recomputed at w: one pass over the 4 training batches
+    (["--every", "2"], 8),            # as trained: one first-pass forward per update, 2 epochs of 4
+], ids=["one-pass", "every2"])
+def test_one_pass_batchnorm_statistics_are_recomputed_at_w(cifar_dir, tmp_path, flags, tracked):
+    # The one-pass update's only forward runs at w + eps, so its running statistics are recomputed at the
+    # final w (one forward pass over the training data) before the last evaluation and checkpoint.
+    run = str(tmp_path / "r")
+    vtrain.cli_main(["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2", "--minimizer", "asam",
+                     "--run-dir", run, *TINY, *flags])
+    model = _ckpt(run)["model"]
+    counts = {int(v) for k, v in model.items() if k.endswith("num_batches_tracked")}
+    assert counts == {tracked}
+    assert ("recomputed at w" in open(os.path.join(run, "train.log")).read()) == (tracked == 4)
+    # The logged final accuracy is the saved model's: the recompute came before the evaluation.
+    m, _ = vtrain.load_model_from_checkpoint(os.path.join(run, "checkpoint_last.pt"))
+    from fairseq_asam.vision.data import build_eval_dataset
+
+    ds = build_eval_dataset({"dataset": "cifar10", "data_dir": cifar_dir}, "test")
+    m.eval()
+    with torch.no_grad():
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        acc = float((m(x).argmax(1) == y).double().mean()) * 100
+    assert acc == pytest.approx(json.load(open(os.path.join(run, "metrics.json")))[-1]["test_acc"], abs=1e-9)

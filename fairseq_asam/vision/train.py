@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _compat
 from .. import schedule as _schedule
 from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
@@ -769,6 +770,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     sums, steps, skipped, seen = _train_batches(run, epoch)
     train_s = time.time() - t0  # images/s counts the training passes only, not the evaluation
     run.sched.step()
+    if epoch + 1 == args.epochs and isinstance(opt, ASAM) and opt.schedule.trains_at_perturbed_weights:
+        _recompute_batchnorm_at_w(run)
     totals = torch.cat([sums, sums.new_tensor([float(seen)])])  # loss*n, correct, eps_norm sum, n
     if world > 1:
         dist.all_reduce(totals)
@@ -796,6 +799,17 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
                 f" | {skipped} steps skipped (non-finite grad)" if skipped else "")
     run.trackers.log_epoch(rec)
     return rec
+
+
+def _recompute_batchnorm_at_w(run: _Run) -> None:
+    """After the last epoch of a schedule whose only forward runs at w + eps: BatchNorm's running statistics
+    recomputed at w, one forward pass over the training data (``torch.optim.swa_utils.update_bn``), before the
+    final evaluation and checkpoint. Under DDP rank 0's statistics are broadcast right after, as every epoch."""
+    if not any(isinstance(m, _compat.batchnorm_base()) for m in run.model.modules()):
+        return
+    torch.optim.swa_utils.update_bn(((x, y) for x, y in run.train_loader), run.model, device=run.device)
+    logger.info("BatchNorm running statistics recomputed at w over the training data (the schedule trains at "
+                "w + eps)")
 
 
 def _train_batches(run: _Run, epoch: int):
