@@ -121,8 +121,9 @@ class Schedule:
         self._decision: bool | None = None
 
     @classmethod
-    def from_options(cls, values: dict[str, Any], total_updates: int | None = None) -> Schedule:
-        """The policy for checked option values (its own options only)."""
+    def from_options(cls, values: dict[str, Any], total_updates: int | None = None,
+                     flags: dict[str, str] | None = None) -> Schedule:
+        """The policy for checked option values (its own options only); ``flags`` name them in errors."""
         return cls()
 
     # -- the hooks, in the order the update protocol runs them -------------------------------
@@ -648,11 +649,6 @@ def _refuse_sharded(policy, flag: str | None, what: str) -> None:
             f"only a shard of each; totalling them across ranks is not implemented. Use {flag} with the full "
             "update, EveryK, LatePhase or OnePass, or this policy with DDP"
         )
-
-
-def _locals(tensors):
-    # A DTensor's local shard (FSDP2); finiteness and norms of the policies' own bookkeeping are per rank.
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
 
 
 POLICIES: dict[str, type[Schedule]] = {

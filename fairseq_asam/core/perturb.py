@@ -158,7 +158,7 @@ class Perturbation:
         return [t for g in self.param_groups for t in g["params"]]
 
     def named_specs(self) -> list[tuple[Tensor, ParamSpec]]:
-        return [(t, self.spec(t)) for g in self.param_groups for t in g["params"]]
+        return [(t, self.spec(t)) for t in self.params()]
 
     @torch.no_grad()
     def operator(self, tensors: Iterable[Tensor] | None = None) -> list[Tensor]:
@@ -167,7 +167,7 @@ class Perturbation:
         Norms are accumulated in fp32 (fp64 for fp64 tensors); 1 where the kind is "none".
         """
         eta_of = {id(t): float(g.get("eta", self.defaults["eta"])) for g in self.param_groups for t in g["params"]}
-        tensors = list(tensors) if tensors is not None else [t for g in self.param_groups for t in g["params"]]
+        tensors = list(tensors) if tensors is not None else self.params()
         etas = [eta_of.get(id(t), self.defaults["eta"]) if self.adaptive else 0.0 for t in tensors]
         return normalization_operator(tensors, [self.spec(t).kind for t in tensors], etas)
 
@@ -250,7 +250,7 @@ class Perturbation:
         """
         if self._perturbed:
             raise RuntimeError("ascend() called twice without restore(): the weights are still perturbed")
-        params = [t for g in self.param_groups for t in g["params"] if t.grad is not None]
+        params = [t for t in self.params() if t.grad is not None]
         P, p = self._plan()
         if not P.W:
             self.last_grad_finite, self.last_eps_norm = True, None
@@ -287,7 +287,7 @@ class Perturbation:
         """
         if self._perturbed:
             raise RuntimeError("ascend_along() called while the weights are still perturbed (restore() first)")
-        params = [t for g in self.param_groups for t in g["params"]]
+        params = self.params()
         directions = list(directions)
         if len(directions) != len(params):
             raise ValueError(f"ascend_along() needs one direction per parameter ({len(params)}), got {len(directions)}")
@@ -347,7 +347,7 @@ class Perturbation:
     def compute_eps(self, grads: Iterable[Tensor | None]) -> list[Tensor | None]:
         """eps for the given gradients (one per parameter, in ``param_groups`` order; None: no eps) as new
         tensors, with this object's T_w and hyper-parameters; the weights are not touched."""
-        params = [t for g in self.param_groups for t in g["params"]]
+        params = self.params()
         grads = list(grads)
         if len(grads) != len(params):
             raise ValueError(f"compute_eps() needs one gradient per parameter ({len(params)}), got {len(grads)}")

@@ -66,7 +66,7 @@ class UpdateDriver:
         self._skipped = False
 
     def _param_grads(self) -> list[Tensor | None]:
-        return [t.grad for g in self.perturbation.param_groups for t in g["params"]]
+        return [t.grad for t in self.perturbation.params()]
 
     # -- the protocol, in order ------------------------------------------------------------------
 
@@ -136,11 +136,6 @@ class UpdateDriver:
     def restore(self) -> None:
         """w restored bit for bit, the update still open (a front end that reduces g' before :meth:`end`)."""
         self.perturbation.restore()
-
-    @property
-    def second_pass(self) -> bool | None:
-        """This update's decision: True/False once taken, None before."""
-        return self._second_pass
 
     def __repr__(self) -> str:
         return f"UpdateDriver({self.perturbation!r}, {self.schedule!r})"

@@ -256,7 +256,7 @@ class SharpnessAwareMixin:
         opt.zero_grad()
         scaler = self.accelerator.scaler
         if scaler is not None and scaler.is_enabled():
-            smallest = min((t for g in opt.param_groups for t in g["params"]), key=lambda t: t.numel())
+            smallest = min(opt.perturbation.params(), key=lambda t: t.numel())
             smallest.grad = torch.full_like(smallest, float("inf"))
 
     def log(self, logs: dict, *args, **kwargs) -> None:
