@@ -33,14 +33,17 @@ EFFICIENT = {
 
 
 def bench_fairseq(*, rounds: int = 1, timed: int = 10, warmup: int = 4, device: str = "cpu", quick: bool = False,
-                  threads: int | None = None) -> dict:
-    """Mean seconds per whole fairseq update (Trainer.train_step) and the ratio to adam, per contender."""
+                  threads: int | None = 1) -> dict:
+    """Mean seconds per whole fairseq update (Trainer.train_step) and the ratio to adam, per contender: wall
+    time and, on the CPU, the process's CPU time (``threads`` torch threads, 1 by default: then CPU time is
+    the work done, whatever else shares the cores)."""
     arch = fairseq_update.TINY if quick else fairseq_update.MEDIUM
     max_tokens = 400 if quick else 1200
     methods = {m: list(fairseq_update.METHODS[m]) for m in ("adam", "sam_adam", "asam_adam")}
     for name, (flags, _) in EFFICIENT.items():
         methods[f"asam_adam {name}"] = [*fairseq_update.METHODS["asam_adam"], *flags]
     per: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     names = list(methods)
     with tempfile.TemporaryDirectory(prefix="asam-bench-eff-") as d:
         tmp = Path(d)
@@ -53,10 +56,15 @@ def bench_fairseq(*, rounds: int = 1, timed: int = 10, warmup: int = 4, device: 
                 if len(times) < timed:
                     raise RuntimeError(f"{m}: only {len(rec['update_seconds'])} updates ran")
                 per[m].append(statistics.fmean(times))
+                cpu[m].append(statistics.fmean(rec["update_cpu_seconds"][warmup:]))
     sec = {m: statistics.median(v) for m, v in per.items()}
-    return {"device": device, "timed_updates": timed, "seconds_per_update": sec,
-            "ratio_to_adam": {m: s / sec["adam"] for m, s in sec.items()},
-            "ratio_to_asam_adam": {m: s / sec["asam_adam"] for m, s in sec.items()}}
+    out = {"device": device, "threads": threads, "timed_updates": timed, "seconds_per_update": sec,
+           "ratio_to_adam": {m: s / sec["adam"] for m, s in sec.items()},
+           "ratio_to_asam_adam": {m: s / sec["asam_adam"] for m, s in sec.items()}}
+    if device == "cpu":
+        cs = {m: statistics.median(v) for m, v in cpu.items()}
+        out.update(cpu_seconds_per_update=cs, cpu_ratio_to_adam={m: s / cs["adam"] for m, s in cs.items()})
+    return out
 
 
 def _optimizers(build_model, lr: float, weight_decay: float = 0.0) -> dict:
@@ -72,43 +80,52 @@ def _optimizers(build_model, lr: float, weight_decay: float = 0.0) -> dict:
     return setups
 
 
-def _alternate(setups: dict, update, *, rounds: int, timed: int, device: str = "cpu") -> dict:
-    """Median over rounds of the mean seconds per ``update(model, opt)``; contenders take turns, round 0
-    warms up, and each round starts with another contender (a slow spell of the machine hits all)."""
+def _alternate(setups: dict, update, *, rounds: int, timed: int, device: str = "cpu") -> tuple[dict, dict]:
+    """Median over rounds of the mean seconds per ``update(model, opt)``, wall time and this process's CPU
+    time; contenders take turns, round 0 warms up, and each round starts with another contender (a slow
+    spell of the machine hits all)."""
     names = list(setups)
     per: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds + 1):
         for name in names[r % len(names):] + names[: r % len(names)]:
             model, opt = setups[name]
             if device != "cpu":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(timed):
                 update(model, opt)
             if device != "cpu":
                 torch.cuda.synchronize()
             if r > 0:
                 per[name].append((time.perf_counter() - t0) / timed)
-    return {k: statistics.median(v) for k, v in per.items()}
+                cpu[name].append((time.process_time() - c0) / timed)
+    return ({k: statistics.median(v) for k, v in per.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def bench_vision(*, model_name: str = "resnet20", batch: int = 128, rounds: int = 3, timed: int = 10,
-                 device: str = "cpu") -> dict:
-    """Mean seconds per update of the vision entry point's train_step (sgd, asam and the schedules)."""
+                 device: str = "cpu", threads: int | None = 1) -> dict:
+    """Mean seconds per update of the vision entry point's train_step (sgd, asam and the schedules); on the
+    CPU with ``threads`` torch threads (1 by default, so that CPU time is the work done)."""
     from fairseq_asam.vision.models import build_model
     from fairseq_asam.vision.step import train_step
 
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     setups = _optimizers(lambda: build_model(model_name, 10).to(device).train(), 0.1, 5e-4)
-    sec = _alternate(setups, lambda model, opt: train_step(model, opt, crit, x, y), rounds=rounds, timed=timed,
-                     device=device)
-    return {"model": model_name, "batch": batch, "device": device, "timed_updates": timed,
-            "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()),
-            "seconds_per_update": sec, "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},
-            "ratio_to_asam": {k: v / sec["asam"] for k, v in sec.items()}}
+    sec, cs = _alternate(setups, lambda model, opt: train_step(model, opt, crit, x, y), rounds=rounds,
+                         timed=timed, device=device)
+    out = {"model": model_name, "batch": batch, "device": device, "threads": threads, "timed_updates": timed,
+           "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()),
+           "seconds_per_update": sec, "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},
+           "ratio_to_asam": {k: v / sec["asam"] for k, v in sec.items()}}
+    if device == "cpu":
+        out.update(cpu_seconds_per_update=cs, cpu_ratio_to_sgd={k: v / cs["sgd"] for k, v in cs.items()})
+    return out
 
 
 def bench_small(*, batch: int = 128, rounds: int = 5, timed: int = 20, threads: int = 1) -> dict:
@@ -132,7 +149,8 @@ def bench_small(*, batch: int = 128, rounds: int = 5, timed: int = 20, threads: 
 
         opt.step(closure)
 
-    sec = _alternate(setups, update, rounds=rounds, timed=timed)
+    sec, cs = _alternate(setups, update, rounds=rounds, timed=timed)
     return {"model": "mlp-784-256-256-10", "batch": batch, "threads": threads, "timed_updates": timed,
             "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()), "seconds_per_update": sec,
-            "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()}}
+            "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},
+            "cpu_seconds_per_update": cs, "cpu_ratio_to_sgd": {k: v / cs["sgd"] for k, v in cs.items()}}

@@ -35,7 +35,7 @@ import torch
 import fairseq.trainer as _t
 
 out_path = sys.argv.pop(1)
-rec = {"update_seconds": [], "param_bytes": None}
+rec = {"update_seconds": [], "update_cpu_seconds": [], "param_bytes": None}
 _orig = _t.Trainer.train_step
 
 def _timed(self, samples, raise_oom=False):
@@ -47,11 +47,13 @@ def _timed(self, samples, raise_oom=False):
             torch.cuda.reset_peak_memory_stats()
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = _orig(self, samples, raise_oom)
     if cuda:
         torch.cuda.synchronize()
     rec["update_seconds"].append(time.perf_counter() - t0)
+    # This process's CPU time: with one thread, the work done even when other jobs share the cores.
+    rec["update_cpu_seconds"].append(time.process_time() - c0)
     return r
 
 _t.Trainer.train_step = _timed

@@ -91,3 +91,6 @@ def test_efficient_vision_section_on_a_small_model():
     for k, v in r["ratio_to_sgd"].items():
         assert v > 0 and abs(v - r["seconds_per_update"][k] / r["seconds_per_update"]["sgd"]) < 1e-12
     assert r["ratio_to_asam"]["asam"] == 1.0
+    cpu = r["cpu_seconds_per_update"]
+    assert set(cpu) == set(r["seconds_per_update"]) and all(v > 0 for v in cpu.values())
+    assert all(abs(r["cpu_ratio_to_sgd"][k] - cpu[k] / cpu["sgd"]) < 1e-12 for k in cpu)
