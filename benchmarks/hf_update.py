@@ -110,13 +110,14 @@ def run_process(order: list[str], *, config: dict, batch: int, src_len: int, tgt
 
 
 def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: bool = False,
-                  memory: bool = True, threads: int | None = 1, batch: int = 16, src_len: int = 64,
-                  tgt_len: int = 64) -> dict:
+                  memory: bool = True, memory_reps: int = 3, threads: int | None = 1, batch: int = 16,
+                  src_len: int = 64, tgt_len: int = 64) -> dict:
     """Seconds per update of each method and ratios to the plain AdamW update: one process runs the methods in
     turn, ``rounds`` times (rotating the order), ``updates`` each; the median over the timed updates of all
     rounds, of wall time and of the process's CPU time (``threads`` torch threads; 1 by default, so that the
     CPU time is the work done even when other jobs share the cores). Peak memory: one process per method
-    (its own peak RSS), over AdamW's in parameter bytes."""
+    and repetition (its own peak RSS; the same process varies by about 0.1x the parameter bytes from run to
+    run with glibc's allocator), the median of ``memory_reps``, over AdamW's in parameter bytes."""
     config = TINY if quick else OPUS_MT_DE_EN
     # 16 pairs of 64 + 64 tokens: a fine-tuning batch of 1024 target tokens (the fixed cost of the ascent and
     # the restore is a larger share of a smaller batch's update).
@@ -131,10 +132,12 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
         for run in rec["runs"]:
             per[run["method"]] += run["update_seconds"][warmup:]
             cpu[run["method"]] += run["update_cpu_seconds"][warmup:]
-        peak = {}
+        peaks: dict[str, list[int]] = {m: [] for m in methods}
         if memory:
-            for m in methods:
-                peak[m] = run_process([m], config=config, updates=2, tmp=tmp, **shape)["peak_rss_bytes"]
+            for _ in range(memory_reps):
+                for m in methods:
+                    peaks[m].append(run_process([m], config=config, updates=2, tmp=tmp, **shape)["peak_rss_bytes"])
+        peak = {m: statistics.median(v) for m, v in peaks.items() if v}
     if not all(per.values()):
         raise RuntimeError(f"too few updates timed ({updates} per run, {warmup} warm-up)")
     sec = {m: statistics.median(v) for m, v in per.items()}
@@ -154,6 +157,10 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
     }
     if memory:
         out["peak_rss_bytes"] = peak
+        out["peak_rss_bytes_per_rep"] = peaks
         out["extra_memory_over_adamw_in_param_bytes"] = {m: (peak[m] - peak["adamw"]) / rec["param_bytes"]
                                                          for m in METHODS}
+        out["extra_memory_range_in_param_bytes"] = {
+            m: [(min(v) - peak["adamw"]) / rec["param_bytes"], (max(v) - peak["adamw"]) / rec["param_bytes"]]
+            for m, v in peaks.items()}
     return out

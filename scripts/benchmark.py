@@ -173,18 +173,20 @@ def efficient_section(args, devices):
 
 def hf_section(args, devices):
     """Hugging Face Trainer: plain AdamW vs ASAM vs one-pass ASAM on a Marian-size model (CPU, one thread)."""
-    r = hf_update.bench_trainer(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick)
+    r = hf_update.bench_trainer(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick,
+                                memory_reps=1 if args.quick else 3)
     sec, cpu, q, qc = (r["seconds_per_update"], r["cpu_seconds_per_update"], r["ratio_to_adamw"],
                        r["cpu_ratio_to_adamw"])
-    extra = r["extra_memory_over_adamw_in_param_bytes"]
+    extra, span = r["extra_memory_over_adamw_in_param_bytes"], r["extra_memory_range_in_param_bytes"]
     rows = [f"| {m} | {cpu[m] * 1e3:.0f} | {qc[m]:.3f}x | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | "
-            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} |" for m in hf_update.METHODS]
+            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} ({span[m][0]:+.2f} to {span[m][1]:+.2f}) |"
+            for m in hf_update.METHODS]
     return r, [
         f"### Hugging Face Trainer update ({r['model']}, {r['n_params'] / 1e6:.1f}M parameters, batch {r['batch']} x "
         f"{r['src_len']}/{r['tgt_len']} tokens, cpu, {r['threads']} thread)",
         "",
-        "| update | CPU ms / update | CPU ratio to adamw | wall ms / update | wall ratio | peak RSS | "
-        "extra over adamw / parameter bytes |",
+        "| update | CPU ms / update | CPU ratio to adamw | wall ms / update | wall ratio | peak RSS (median) | "
+        "extra over adamw / parameter bytes (median, range over the processes) |",
         "|---|---|---|---|---|---|---|",
         *rows,
     ]

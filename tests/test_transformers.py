@@ -280,8 +280,14 @@ def test_bench_section_runs_on_a_tiny_marian():
     """`make bench`'s hf section (here with the tiny config): every method ran real Trainer updates."""
     from benchmarks.hf_update import METHODS, bench_trainer
 
-    r = bench_trainer(rounds=1, updates=3, warmup=1, quick=True)
+    r = bench_trainer(rounds=1, updates=3, warmup=1, quick=True, memory_reps=2)
     assert all(len(v) == 2 for v in r["update_seconds"].values())
+    # Peak memory: the median of one process per method and repetition, and its range, over AdamW's median.
+    for m, peaks in r["peak_rss_bytes_per_rep"].items():
+        assert len(peaks) == 2 and r["peak_rss_bytes"][m] == (peaks[0] + peaks[1]) / 2
+        lo, hi = r["extra_memory_range_in_param_bytes"][m]
+        assert abs(lo * r["param_bytes"] - (min(peaks) - r["peak_rss_bytes"]["adamw"])) < 1e-6 * r["param_bytes"]
+        assert lo <= r["extra_memory_over_adamw_in_param_bytes"][m] <= hi
     assert set(r["seconds_per_update"]) == set(METHODS)
     assert all(v > 0 for v in r["seconds_per_update"].values())
     assert r["ratio_to_adamw"]["adamw"] == 1.0
