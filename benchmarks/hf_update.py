@@ -47,6 +47,22 @@ from transformers import MarianConfig, MarianMTModel, TrainerCallback
 from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainer, ASAMSeq2SeqTrainingArguments
 
 out_path, spec = sys.argv[1], json.loads(sys.argv[2])
+heap_peak = [0]
+if spec.get("heap_sampling"):
+    # The bytes glibc's malloc has handed out and not had back (mallinfo2: uordblks + hblkhd), sampled every
+    # millisecond by a thread: the live allocations, without the freed memory the allocator keeps resident.
+    import ctypes, ctypes.util, threading
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    _libc.mallinfo2.restype = _MallInfo2
+    def _sample():
+        while True:
+            m = _libc.mallinfo2()
+            heap_peak[0] = max(heap_peak[0], m.uordblks + m.hblkhd)
+            time.sleep(0.001)
+    threading.Thread(target=_sample, daemon=True).start()
 if spec["threads"]:
     torch.set_num_threads(spec["threads"])
 torch.manual_seed(0)
@@ -87,17 +103,19 @@ with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrs
     hwm = [line for line in f if line.startswith("VmHWM:")]
 rec = {"runs": runs, "n_params": sum(p.numel() for p in model.parameters()),
        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-       "peak_rss_bytes": int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+       "peak_rss_bytes": int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+       "peak_heap_in_use_bytes": heap_peak[0] or None}
 with open(out_path, "w") as f:
     json.dump(rec, f)
 """
 
 
 def run_process(order: list[str], *, config: dict, batch: int, src_len: int, tgt_len: int, updates: int,
-                tmp: Path, threads: int | None = None) -> dict:
+                tmp: Path, threads: int | None = None, heap_sampling: bool = False) -> dict:
     out = tmp / f"rec-{len(list(tmp.iterdir()))}.json"
     spec = {"config": config, "batch": batch, "src_len": src_len, "tgt_len": tgt_len, "updates": updates,
-            "methods": METHODS, "order": order, "out_dir": str(tmp / "run"), "threads": threads}
+            "methods": METHODS, "order": order, "out_dir": str(tmp / "run"), "threads": threads,
+            "heap_sampling": heap_sampling}
     env = dict(os.environ)
     for k in [k for k in env if k.startswith("MALLOC_")]:
         del env[k]  # glibc's default allocator settings, as users run
@@ -116,8 +134,10 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
     turn, ``rounds`` times (rotating the order), ``updates`` each; the median over the timed updates of all
     rounds, of wall time and of the process's CPU time (``threads`` torch threads; 1 by default, so that the
     CPU time is the work done even when other jobs share the cores). Peak memory: one process per method
-    and repetition (its own peak RSS; the same process varies by about 0.1x the parameter bytes from run to
-    run with glibc's allocator), the median of ``memory_reps``, over AdamW's in parameter bytes."""
+    and repetition: its own peak RSS (the same process varies by up to 0.2x the parameter bytes from run to
+    run: freed memory that glibc's allocator keeps resident) and, with glibc, the peak of the bytes malloc has
+    handed out and not had back (the live allocations, sampled every millisecond; the same in every run);
+    the median of ``memory_reps`` of each, over AdamW's, in parameter bytes."""
     config = TINY if quick else OPUS_MT_DE_EN
     # 16 pairs of 64 + 64 tokens: a fine-tuning batch of 1024 target tokens (the fixed cost of the ascent and
     # the restore is a larger share of a smaller batch's update).
@@ -133,10 +153,14 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
             per[run["method"]] += run["update_seconds"][warmup:]
             cpu[run["method"]] += run["update_cpu_seconds"][warmup:]
         peaks: dict[str, list[int]] = {m: [] for m in methods}
+        heap: dict[str, list[int]] = {m: [] for m in methods}
         if memory:
             for _ in range(memory_reps):
                 for m in methods:
-                    peaks[m].append(run_process([m], config=config, updates=2, tmp=tmp, **shape)["peak_rss_bytes"])
+                    r = run_process([m], config=config, updates=2, tmp=tmp, heap_sampling=True, **shape)
+                    peaks[m].append(r["peak_rss_bytes"])
+                    if r["peak_heap_in_use_bytes"]:
+                        heap[m].append(r["peak_heap_in_use_bytes"])
         peak = {m: statistics.median(v) for m, v in peaks.items() if v}
     if not all(per.values()):
         raise RuntimeError(f"too few updates timed ({updates} per run, {warmup} warm-up)")
@@ -163,4 +187,9 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
         out["extra_memory_range_in_param_bytes"] = {
             m: [(min(v) - peak["adamw"]) / rec["param_bytes"], (max(v) - peak["adamw"]) / rec["param_bytes"]]
             for m, v in peaks.items()}
+        if all(heap.values()):  # glibc's mallinfo2 (not on other C libraries)
+            hp = {m: statistics.median(v) for m, v in heap.items()}
+            out["peak_heap_in_use_bytes"] = hp
+            out["extra_heap_in_use_over_adamw_in_param_bytes"] = {m: (hp[m] - hp["adamw"]) / rec["param_bytes"]
+                                                                  for m in METHODS}
     return out

@@ -178,16 +178,18 @@ def hf_section(args, devices):
     sec, cpu, q, qc = (r["seconds_per_update"], r["cpu_seconds_per_update"], r["ratio_to_adamw"],
                        r["cpu_ratio_to_adamw"])
     extra, span = r["extra_memory_over_adamw_in_param_bytes"], r["extra_memory_range_in_param_bytes"]
+    heap = r.get("extra_heap_in_use_over_adamw_in_param_bytes")
     rows = [f"| {m} | {cpu[m] * 1e3:.0f} | {qc[m]:.3f}x | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | "
-            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} ({span[m][0]:+.2f} to {span[m][1]:+.2f}) |"
-            for m in hf_update.METHODS]
+            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} ({span[m][0]:+.2f} to {span[m][1]:+.2f}) | "
+            f"{f'{heap[m]:+.2f}' if heap else '-'} |" for m in hf_update.METHODS]
     return r, [
         f"### Hugging Face Trainer update ({r['model']}, {r['n_params'] / 1e6:.1f}M parameters, batch {r['batch']} x "
         f"{r['src_len']}/{r['tgt_len']} tokens, cpu, {r['threads']} thread)",
         "",
         "| update | CPU ms / update | CPU ratio to adamw | wall ms / update | wall ratio | peak RSS (median) | "
-        "extra over adamw / parameter bytes (median, range over the processes) |",
-        "|---|---|---|---|---|---|---|",
+        "extra peak RSS over adamw / parameter bytes (median, range) | extra peak of live allocations / "
+        "parameter bytes |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
