@@ -91,8 +91,7 @@ def _cost_table(runs: list[dict], methods: list[str]) -> tuple[list[str], list[d
         got = [(get(r), r["seed"]) for r in runs if r["method"] == m]
         return [v for v, _ in got if v is not None], [s for v, s in got if v is not None]
 
-    lines, rows = [], []
-    body = []
+    lines, rows, body = [], [], []
     passes = {m: values(m, lambda r: r["cost"] and r["cost"]["passes_per_update"]) for m in methods}
     ms = {m: values(m, lambda r: r["cost"] and r["cost"]["seconds_per_update"] * 1000) for m in methods}
     sharp = {m: values(m, lambda r: r["sharpness"] and r["sharpness"]["value"]) for m in methods}
@@ -129,9 +128,10 @@ def _cost_table(runs: list[dict], methods: list[str]) -> tuple[list[str], list[d
         s0 = reports[0]
         same = all((x["rho"], x["steps"], x["num_batches"], x["split"]) == (s0["rho"], s0["steps"], s0["num_batches"],
                                                                           s0["split"]) for x in reports)
-        lines.append(f"Adaptive sharpness: max L(w + eps) - L(w) over ||T_w^-1 eps||_2 <= {s0['rho']:g} (eta {s0['eta']:g}; "
-                     f"{s0['steps']} ascent steps; the label-smoothed loss per target token) on {s0['num_batches']} "
-                     f"{s0['split']} batches, measured by asam-sharpness on {Path(s0['checkpoint']).name}"
+        lines.append(f"Adaptive sharpness: max L(w + eps) - L(w) over ||T_w^-1 eps||_{s0['p']} <= {s0['rho']:g} "
+                     f"(eta {s0['eta']:g}; {s0['steps']} ascent steps; L: {s0.get('criterion')}, "
+                     f"{s0.get('loss_unit')}) on {s0['num_batches']} {s0['split']} batches, measured by "
+                     f"asam-sharpness on {Path(s0['checkpoint']).name}"
                      + ("" if same else " (settings differ between runs: see each run's sharpness.json)") + ".")
     lines.append("")
     return lines, rows
