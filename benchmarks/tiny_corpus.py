@@ -20,8 +20,11 @@ from pathlib import Path
 __all__ = ["make_tiny_corpus", "make_tiny_lm_corpus", "write_tiny_raw_corpus"]
 
 # The "translation" the corpus encodes: every source word has one target word, and the target
-# sentence is the source sentence mapped word by word and reversed. Learnable by a tiny
-# transformer in a few hundred updates, so BLEU and losses move in runs that train longer.
+# sentence is the source sentence mapped word by word, in the same order. A one-layer transformer of
+# width 64 learns it in 300 updates (docs/fairseq.md's "Try it": test BLEU about 75). The target used
+# to be reversed as well; 200 updates of that model then gave BLEU 15 (the right words, mostly in the
+# wrong order), against 65 in the same order. The random draws are the same as then, so every
+# sentence kept its length and its batch.
 _SRC_WORDS = [f"s{i}" for i in range(24)]
 _TGT_WORDS = [f"t{i}" for i in range(24)]
 
@@ -29,7 +32,7 @@ _TGT_WORDS = [f"t{i}" for i in range(24)]
 def _sentence_pair(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(3, 9)
     idx = [rng.randrange(len(_SRC_WORDS)) for _ in range(n)]
-    return " ".join(_SRC_WORDS[i] for i in idx), " ".join(_TGT_WORDS[i] for i in reversed(idx))
+    return " ".join(_SRC_WORDS[i] for i in idx), " ".join(_TGT_WORDS[i] for i in idx)
 
 
 def write_tiny_raw_corpus(raw_dir, *, n_train: int = 240, n_valid: int = 24, n_test: int = 16, seed: int = 1) -> Path:

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fairseq --user-dir to import before loading (default: the fairseq_asam package)")
     fs.add_argument("--max-tokens", type=_int_at_least("--max-tokens", 1), default=4096, help="tokens per batch")
     fs.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=None, help="sentences per batch")
+    fs.add_argument("--batch-seed", type=_int_at_least("--batch-seed", 0), default=None,
+                    help="take the batches in a random order drawn with this seed, so that --max-batches is a sample "
+                    "of the whole split (default: fairseq's order, which sorts by length: the first batches hold the "
+                    "shortest sentences)")
     vi = sub.add_parser("vision", parents=[common], help="an asam-vision-train checkpoint on its data set")
     vi.add_argument("checkpoint", help="checkpoint .pt written by asam-vision-train (or its --fsdp checkpoint_*.dcp folder)")
     vi.add_argument("--split", choices=("train", "test"), default="test", help="default test")
@@ -167,6 +171,9 @@ def load_fairseq(args: argparse.Namespace, device: torch.device):
     # the frozen batch sampler with the dataset's collater), once per pass instead of once: the same
     # batches in the same order, and only one of them in memory at a time.
     index_batches = epoch_itr.frozen_batches
+    if getattr(args, "batch_seed", None) is not None:
+        order = torch.randperm(len(index_batches), generator=torch.Generator().manual_seed(args.batch_seed))
+        index_batches = [index_batches[i] for i in order.tolist()]
 
     def make_batches():
         for idx in index_batches:
@@ -192,6 +199,7 @@ def load_fairseq(args: argparse.Namespace, device: torch.device):
         data=cfg.task.data,
         split=args.split,
         num_batches=len(batches),
+        batch_seed=getattr(args, "batch_seed", None),
         loss_unit="criterion loss per target token",
     )
     return model, loss_fn, batches, info

@@ -5,10 +5,15 @@ No download, no GPU. The synthetic German-English corpus in ``data-prep/demo-de-
 the layout of the real ``de-en.tgz`` and goes through the same code as the real data:
 
 1. ``prepare.py`` (the prepare-iwslt14 recipe: tokenize, clean, lowercase, split, BPE, fairseq-preprocess);
-2. ``train.py`` for Adam, Adam+SAM (rho 0.1) and Adam+ASAM (rho 0.2), i.e. the paper's settings, with
-   a small Transformer and a short schedule (the overrides in ``DEMO_TRAIN_ARGS``) so it runs in minutes;
+2. ``train.py`` for Adam, Adam+SAM (rho 0.1) and Adam+ASAM (rho 0.2), i.e. the paper's settings, and
+   the cheap mode, ASAM with one pass per update along Adam's momentum (rho 0.2), with a small
+   Transformer and a short schedule (the overrides in ``DEMO_TRAIN_ARGS``) so it runs in minutes;
 3. ``evaluate.py`` (fairseq-generate, beam 5; tokenized BLEU and detokenized sacreBLEU);
-4. ``summarize.py``: ``demo-out/table5.md``, ``table5.csv`` and ``curves.png``; the table is printed.
+4. the adaptive sharpness (paper Eq. 4) of each evaluated checkpoint on a few training batches, by
+   ``asam-sharpness`` (:func:`fairseq_asam.sharpness.measure_sharpness`) with the settings in
+   ``DEMO_SHARPNESS``; the report goes to ``<run>/sharpness.json``;
+5. ``summarize.py``: ``demo-out/table5.md``, ``table5.csv`` and ``curves.png``; the table, with each
+   method's passes and milliseconds per update (from its training log) and the sharpness, is printed.
 
 Everything lands in ``demo-out/``; a second ``make demo`` reuses finished steps and runs::
 
@@ -32,7 +37,7 @@ from pathlib import Path
 from fairseq_asam.iwslt import evaluate, prepare, summarize, train
 from scripts.demo_corpus import DEMO_DIR
 
-__all__ = ["DEMO_TRAIN_ARGS", "pack_archive", "run_demo"]
+__all__ = ["DEMO_SHARPNESS", "DEMO_TRAIN_ARGS", "measure_run_sharpness", "pack_archive", "run_demo"]
 
 # A Transformer small enough for 2 CPU cores, and a schedule short enough for a few minutes per
 # method: the paper's optimizer settings otherwise (Adam betas 0.9/0.98, inverse_sqrt, wd 1e-4,
@@ -53,6 +58,12 @@ DEMO_TRAIN_ARGS = [
     "--validate-interval", "1000000", "--save-interval", "1000000",
 ]
 DEMO_BPE_TOKENS = 1000  # the synthetic lexicon is small; 10,000 merges would make every word one token
+# Adaptive sharpness (Eq. 4) of each final model: ASAM's own radius and eta, on a fixed random sample of
+# the training batches (fairseq's own order sorts by length), in the batch size the runs trained with.
+# 5 ascent steps: on these models the value grows by about 10% from the first step to the tenth (0.018 to
+# 0.020 on Adam's), and each step is a forward and backward pass over the 4 batches.
+DEMO_SHARPNESS = ["--split", "train", "--rho", "0.2", "--eta", "0.01", "--p", "2", "--steps", "5", "--seed", "0",
+                  "--max-batches", "4", "--batch-seed", "0", "--max-tokens", "1024"]
 
 
 def pack_archive(src: Path, out: Path) -> Path:
@@ -80,7 +91,7 @@ def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], 
     """train.py's command in a subprocess, with fairseq's output condensed to one line per validation."""
     args = train.fairseq_train_args(method, seed, data=data, run_dir=run_dir, max_update=10**9, extra=extra)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "seed": seed, "data": str(data), "rho": train.PAPER_RHO.get(method),
+    meta = {"method": method, "seed": seed, "data": str(data), "rho": train.DEFAULT_RHO.get(method),
             "fairseq_train_args": args}
     tmp = run_dir / f"run.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -107,6 +118,32 @@ def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], 
         raise RuntimeError(f"fairseq-train ({method}) failed with exit code {rc}; see {run_dir / 'stdout.log'}")
 
 
+def measure_run_sharpness(run_dir: Path, data: Path, *, checkpoint: str = "checkpoint_best.pt",
+                          settings: list[str] = DEMO_SHARPNESS) -> dict:
+    """``asam-sharpness fairseq <run>/checkpoints/<checkpoint> --data DATA <settings>``, in this process;
+    the report is written to ``<run>/sharpness.json`` (atomically) and returned."""
+    import torch
+
+    from fairseq_asam import sharpness_cli
+
+    run_dir = Path(run_dir)
+    args = sharpness_cli.build_parser().parse_args(
+        ["fairseq", str(run_dir / "checkpoints" / checkpoint), "--data", str(data), "--no-progress", *settings])
+    # One thread: the model is tiny, and on 2 cores shared with other work two threads made each pass
+    # up to 50 times slower (measured); it also makes the value independent of the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = sharpness_cli.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    out = run_dir / "sharpness.json"
+    tmp = out.with_name(f"sharpness.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out)
+    return report
+
+
 def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=train.METHODS, seeds=(1,),
              max_update: int = 400, validate_every: int = 50, bpe_tokens: int = DEMO_BPE_TOKENS,
              extra: list[str] = (), log=print) -> dict:
@@ -115,9 +152,9 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
         raise ValueError(f"--max-update and --validate-every must be >= 1, got {max_update} and {validate_every}")
     t_start = time.time()
     out = Path(out)
-    log(f"[demo] 1/4 corpus: synthetic German-English pairs from {corpus} (generated by a grammar, not IWSLT)")
+    log(f"[demo] 1/5 corpus: synthetic German-English pairs from {corpus} (generated by a grammar, not IWSLT)")
     tgz = pack_archive(corpus, out / "de-en.tgz")
-    log(f"[demo] 2/4 preparation: the prepare-iwslt14 recipe on {tgz}")
+    log(f"[demo] 2/5 preparation: the prepare-iwslt14 recipe on {tgz}")
     data = out / "data-bin"
     prepare.prepare(tgz, dest=data, work=out / "prep", bpe_tokens=bpe_tokens, workers=1,
                     log=lambda m: log(f"  {m}"))
@@ -127,8 +164,8 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
     for seed in seeds:
         for method in methods:
             run_dir = runs_root / f"{method}-seed{seed}"
-            rho = f" (rho {train.PAPER_RHO[method]})" if method in train.PAPER_RHO else ""
-            log(f"[demo] 3/4 training {method}{rho}, seed {seed}, {max_update} updates -> {run_dir}")
+            rho = f" (rho {train.DEFAULT_RHO[method]})" if method in train.DEFAULT_RHO else ""
+            log(f"[demo] 3/5 training {method}{rho}, seed {seed}, {max_update} updates -> {run_dir}")
             t0 = time.time()
             args = [*DEMO_TRAIN_ARGS, *sched, *extra]
             if train.finished_updates(run_dir) >= max_update:
@@ -141,7 +178,16 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
                 log(f"  {method}: already evaluated, reused {ev}")
             else:
                 evaluate.evaluate_run(run_dir, data=data, log=lambda m: log(f"  {m}"))
-    log("[demo] 4/4 summary")
+            sh = run_dir / "sharpness.json"
+            if sh.exists() and sh.stat().st_mtime >= best.stat().st_mtime:
+                log(f"  {method}: adaptive sharpness already measured, reused {sh}")
+            else:
+                t0 = time.time()
+                rep = measure_run_sharpness(run_dir, data)
+                log(f"[demo] 4/5 {method}: adaptive sharpness (Eq. 4, rho {rep['rho']:g}) on {rep['num_batches']} "
+                    f"training batches: {rep['value']:.4f} (loss {rep['loss']:.3f} -> {rep['max_loss']:.3f}) "
+                    f"[{time.time() - t0:.0f}s]")
+    log("[demo] 5/5 summary")
     res = summarize.write_summary([runs_root], out)
     log("")
     log(res["markdown"])
@@ -151,12 +197,13 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="The IWSLT'14 pipeline (prepare, train Adam/SAM/ASAM, BLEU, Table 5) "
+    ap = argparse.ArgumentParser(description="The IWSLT'14 pipeline (prepare, train Adam/SAM/ASAM/ASAM one-pass, BLEU, "
+                                 "sharpness, Table 5) "
                                  "on the embedded synthetic corpus. Unknown arguments go to fairseq-train.",
                                  allow_abbrev=False)
     ap.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: %(default)s)")
     ap.add_argument("--corpus", type=Path, default=DEMO_DIR, help="folder holding de-en/ (default: the embedded corpus)")
-    ap.add_argument("--methods", default="adam,sam,asam", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--methods", default=",".join(train.METHODS), help="comma-separated (default: %(default)s)")
     ap.add_argument("--seeds", default="1", help="comma-separated seeds (default: %(default)s)")
     ap.add_argument("--max-update", type=int, default=int(os.environ.get("DEMO_MAX_UPDATE", 400)),
                     help="updates per run (env DEMO_MAX_UPDATE; default: %(default)s)")
@@ -165,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in train.METHODS]
     if bad or not methods:
-        ap.error(f"--methods must be a comma-separated subset of adam,sam,asam; got {args.methods!r}")
+        ap.error(f"--methods must be a comma-separated subset of {','.join(train.METHODS)}; got {args.methods!r}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:

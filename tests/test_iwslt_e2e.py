@@ -50,15 +50,20 @@ def test_each_method_trained_evaluated_and_summarized(pipeline):
     out = pipeline["out"]
     rows = list(csv.DictReader(open(out / "table5.csv", encoding="utf-8")))
     md = (out / "table5.md").read_text(encoding="utf-8")
-    assert "| BLEU score | Adam | Adam+SAM | Adam+ASAM |" in md
+    assert "| BLEU score | Adam | Adam+SAM | Adam+ASAM | Adam+ASAM one-pass |" in md
+    assert train.METHODS == ("adam", "sam", "asam", "asam-onepass")
     for method in train.METHODS:
         run = out / "runs" / f"{method}-seed1"
         meta = json.loads((run / "run.json").read_text())
         args = meta["fairseq_train_args"]
-        assert args[args.index("--optimizer") + 1] == {"adam": "adam", "sam": "sam_adam", "asam": "asam_adam"}[method]
+        optimizer = {"adam": "adam", "sam": "sam_adam", "asam": "asam_adam", "asam-onepass": "asam_adam"}[method]
+        assert args[args.index("--optimizer") + 1] == optimizer
+        assert ("--asam-one-pass" in args) == (method == "asam-onepass")
         if method != "adam":
-            assert args[args.index("--asam-rho") + 1] == str(train.PAPER_RHO[method])
+            assert args[args.index("--asam-rho") + 1] == str(train.DEFAULT_RHO[method])
             assert args[args.index("--task") + 1] == "translation_sam"
+        if method == "asam-onepass":
+            assert args[args.index("--asam-one-pass") + 1] == "momentum"
         ev = json.loads((run / "eval.json").read_text())
         for split in ("valid", "test"):
             gen = (run / f"generate-{split}.txt").read_text(encoding="utf-8")
@@ -82,7 +87,7 @@ def test_each_method_trained_evaluated_and_summarized(pipeline):
         assert (run / "checkpoints" / "checkpoint_best.pt").exists()
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert any("[demo] 4/4 summary" in m for m in pipeline["log"])
+    assert any("[demo] 5/5 summary" in m for m in pipeline["log"])
 
 
 @pytest.mark.slow
@@ -91,13 +96,85 @@ def test_sam_and_asam_take_the_perturbed_pass(pipeline):
         text = (pipeline["out"] / "runs" / f"{method}-seed1" / "stdout.log").read_text(encoding="utf-8")
         return [json.loads(x.split("| train_inner |", 1)[1]) for x in text.splitlines() if "| train_inner |" in x]
 
-    adam, sam, asam = inner("adam"), inner("sam"), inner("asam")
+    adam, sam, asam, one = inner("adam"), inner("sam"), inner("asam"), inner("asam-onepass")
     assert [int(r["num_updates"]) for r in adam] == [1, 2, 3, 4] == [int(r["num_updates"]) for r in sam]
     assert all("eps_norm" not in r for r in adam)
     # SAM (T = I, p = 2): ||eps||_2 = rho exactly (logged to 4 decimals).
     assert [float(r["eps_norm"]) for r in sam] == [train.PAPER_RHO["sam"]] * 4
     # ASAM: ||eps||_2 = rho ||T^2 g|| / ||T g||, which depends on the weights: logged, positive, not rho.
     assert all(0 < float(r["eps_norm"]) != train.PAPER_RHO["asam"] for r in asam) and len(asam) == 4
+    # The one-pass mode never runs a second pass; the two-pass updates always do.
+    assert [float(r["second_pass"]) for r in one] == [0.0] * 4 and len(one) == 4
+    assert all(float(r["second_pass"]) == 1.0 for r in sam + asam)
+
+
+def _direct_sharpness(checkpoint, data, settings: dict) -> float:
+    """Adaptive sharpness of a checkpoint on the demo's training batches, built here with fairseq's own
+    loading and batching and measured by a direct call of measure_sharpness (not through asam-sharpness)."""
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq import utils as fs_utils
+
+    from fairseq_asam.sharpness import measure_sharpness
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)],
+                                                                      arg_overrides={"data": str(data)})
+    model, criterion = models[0], task.build_criterion(cfg.criterion)
+    task.load_dataset("train", combine=False, epoch=1, task_cfg=cfg.task)
+    dataset = task.dataset("train")
+    itr = task.get_batch_iterator(dataset=dataset, max_tokens=int(settings["--max-tokens"]),
+                                  max_positions=fs_utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+                                  ignore_invalid_inputs=True, seed=1, num_workers=0)
+    order = torch.randperm(len(itr.frozen_batches), generator=torch.Generator().manual_seed(int(settings["--batch-seed"])))
+    picked = [itr.frozen_batches[i] for i in order.tolist()[: int(settings["--max-batches"])]]
+    batches = [dataset.collater([dataset[i] for i in idx]) for idx in picked]
+
+    def loss_fn(m, sample):
+        loss, sample_size, _ = criterion(m, sample)
+        return loss / sample_size, float(sample_size)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo measures
+    try:
+        return measure_sharpness(model, loss_fn, batches, rho=float(settings["--rho"]), eta=float(settings["--eta"]),
+                                 p=float(settings["--p"]), steps=int(settings["--steps"]),
+                                 seed=int(settings["--seed"])).value
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_cost_and_sharpness_columns(pipeline):
+    """The table's sharpness is measure_sharpness called directly on the same checkpoint and batches; the
+    cost columns come from each run's log: passes 1 / 2 / 2 / 1, milliseconds per update > 0."""
+    out = pipeline["out"]
+    rows = list(csv.DictReader(open(out / "table5.csv", encoding="utf-8")))
+    md = (out / "table5.md").read_text(encoding="utf-8")
+    settings = dict(zip(demo.DEMO_SHARPNESS[::2], demo.DEMO_SHARPNESS[1::2]))
+    assert settings["--split"] == "train"
+
+    def row(metric, method):
+        got = [r for r in rows if (r["metric"], r["split"], r["method"]) == (metric, "train", method)]
+        assert len(got) == 1, (metric, method)
+        return got[0]
+
+    sharp_cells, passes = [], []
+    for method in train.METHODS:
+        run = out / "runs" / f"{method}-seed1"
+        rep = json.loads((run / "sharpness.json").read_text())
+        assert rep["checkpoint"] == str((run / "checkpoints" / "checkpoint_best.pt").absolute())
+        assert rep["measure"] == "adaptive sharpness (Eq. 4)" and rep["split"] == "train" and rep["batch_seed"] == 0
+        direct = _direct_sharpness(run / "checkpoints" / "checkpoint_best.pt", out / "data-bin", settings)
+        assert rep["value"] == direct > 0, method  # two code paths, the same number
+        assert float(row("adaptive_sharpness", method)["mean"]) == round(direct, 8)
+        sharp_cells.append(f"{direct:.4f} ± n/a")
+        passes.append(float(row("passes_per_update", method)["mean"]))
+        assert float(row("ms_per_update", method)["mean"]) > 0
+        cost = summarize.read_update_cost(run / "train.log")
+        assert cost["seconds_per_update"] > 0 and cost["intervals"] == 2  # updates 2 and 4: 1 is start-up, 3 follows a validation
+    assert passes == [1.0, 2.0, 2.0, 1.0]
+    assert "| Adaptive sharpness (Eq. 4) | " + " | ".join(sharp_cells) + " |" in md
+    assert "| Passes per update | 1 | 2 | 2 | 1 |" in md
 
 
 @pytest.mark.slow
@@ -108,7 +185,9 @@ def test_rerun_reuses_and_finished_run_is_not_extended(pipeline, capsys):
     log: list[str] = []
     demo.run_demo(out, corpus=out.parent / "corpus", max_update=4, validate_every=2, extra=TINY, log=log.append)
     text = "\n".join(log)
-    assert text.count("already trained to 4 updates, reused") == 3 and text.count("already evaluated") == 3
+    n = len(train.METHODS)
+    assert text.count("already trained to 4 updates, reused") == n and text.count("already evaluated") == n
+    assert text.count("adaptive sharpness already measured") == n
     assert "binarize: reused" in text
     rc = train.main(["adam", "1", "--data", str(out / "data-bin"), "--run-dir", str(run), "--max-update", "4"])
     assert rc == 0 and "already reached 4 updates" in capsys.readouterr().out

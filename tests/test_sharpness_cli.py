@@ -78,6 +78,12 @@ def test_fairseq_checkpoint(fairseq_ckpt, tmp_path, capsys):
     _, plain = _run(capsys, base[:-1] + ["0.01", "--steps", "2", "--no-adaptive", "--p", "inf", "--max-batches", "1"])
     assert plain["measure"] == "sharpness (Eq. 2)" and plain["p"] == "inf" and plain["num_batches"] == 1
     assert plain["num_sentences"] < 24 and plain["value"] > 0
+    # --batch-seed: the same batches in a seeded random order, so one batch is another sample of the split.
+    _, first = _run(capsys, base + ["--steps", "1", "--max-batches", "1"])
+    _, shuffled = _run(capsys, base + ["--steps", "1", "--max-batches", "1", "--batch-seed", "1"])
+    _, again = _run(capsys, base + ["--steps", "1", "--max-batches", "1", "--batch-seed", "1"])
+    assert first["batch_seed"] is None and shuffled["batch_seed"] == 1 and again == shuffled | {"seconds": again["seconds"]}
+    assert (shuffled["num_sentences"], shuffled["loss"]) != (first["num_sentences"], first["loss"])
 
 
 def test_vision_checkpoint(vision_run, tmp_path, capsys):
@@ -99,6 +105,7 @@ def test_vision_checkpoint(vision_run, tmp_path, capsys):
     [
         (["fairseq", "{ckpt}", "--rho", "-1"], "--rho must be > 0, got -1"),
         (["fairseq", "{ckpt}", "--rho", "0.1", "--steps", "-3"], "--steps must be >= 0"),
+        (["fairseq", "{ckpt}", "--rho", "0.1", "--batch-seed", "-1"], "--batch-seed must be >= 0"),
         (["fairseq", "{ckpt}", "--rho", "0.1", "--p", "3"], "--p"),
         (["fairseq", "{ckpt}"], "--rho"),
         (["fairseq", "/no/such/checkpoint.pt", "--rho", "0.1"], "checkpoint: no file"),

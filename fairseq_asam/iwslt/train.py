@@ -4,6 +4,8 @@ The paper's settings: transformer_iwslt_de_en with shared decoder input/output e
 (lr 5e-4, betas 0.9/0.98), inverse_sqrt schedule with 4000 warm-up updates, dropout 0.3, weight
 decay 1e-4, label smoothing 0.1, max-tokens 4096; rho = 0.1 for SAM and 0.2 for ASAM (picked by the
 paper's grid search on validation BLEU; eta = 0.01, p = 2, element-wise, no bias normalization).
+A fourth method, ``asam-onepass``, is not in the paper: ASAM with one forward/backward pass per update,
+perturbed along Adam's first moment (``--asam-one-pass momentum``, docs/efficiency.md), at ASAM's rho.
 Validation BLEU is computed during training (``--eval-bleu``, as fairseq's IWSLT'14 example) and
 picks checkpoint_best.pt. The paper does not give a training length; the default here is 50,000
 updates (about 40 epochs at max-tokens 4096), overridable.
@@ -30,11 +32,15 @@ from pathlib import Path
 
 from ..checks import argparse_type, check_int, check_rho
 
-__all__ = ["METHODS", "PAPER_RHO", "fairseq_train_args", "main"]
+__all__ = ["DEFAULT_RHO", "METHODS", "PAPER_RHO", "fairseq_train_args", "main"]
 
-METHODS = ("adam", "sam", "asam")
+METHODS = ("adam", "sam", "asam", "asam-onepass")
 PAPER_RHO = {"sam": 0.1, "asam": 0.2}  # paper Section 5.3
-_OPTIMIZER = {"adam": "adam", "sam": "sam_adam", "asam": "asam_adam"}
+# One pass along the momentum at ASAM's own rho: the efficiency study found that a stale direction wants
+# the same or a smaller rho than the two-pass update with ASAM's T_w, never MSAM's larger one.
+DEFAULT_RHO = {**PAPER_RHO, "asam-onepass": PAPER_RHO["asam"]}
+_OPTIMIZER = {"adam": "adam", "sam": "sam_adam", "asam": "asam_adam", "asam-onepass": "asam_adam"}
+_POLICY = {"asam-onepass": ["--asam-one-pass", "momentum"]}
 DEFAULT_DATA = "data-bin/iwslt14.tokenized.de-en"
 DEFAULT_RUNS = "runs/iwslt14"
 DEFAULT_MAX_UPDATE = 50000
@@ -84,8 +90,8 @@ def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str
         "--log-format", "json", "--log-interval", "100", "--log-file", str(run_dir / "train.log"),
     ]
     if method != "adam":
-        r = check_rho(PAPER_RHO[method] if rho is None else rho, "RHO")
-        args += ["--asam-rho", str(r)]
+        r = check_rho(DEFAULT_RHO[method] if rho is None else rho, "RHO")
+        args += ["--asam-rho", str(r), *_POLICY.get(method, [])]
     if eval_bleu:
         args += [
             "--eval-bleu", "--eval-bleu-args", '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}',
@@ -130,7 +136,7 @@ def _env_int(name: str, default):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="asam-iwslt-train", allow_abbrev=False,
-        description="Train Adam / Adam+SAM / Adam+ASAM on IWSLT'14 DE-EN with the paper's settings. "
+        description="Train Adam / Adam+SAM / Adam+ASAM (or ASAM one-pass) on IWSLT'14 DE-EN with the paper's settings. "
         "Unknown arguments are passed to fairseq-train after the defaults (so they override them).",
     )
     ap.add_argument("method", choices=METHODS)
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run directory (env RUN_DIR; default: $RUNS/<method>-seed<seed>)")
     ap.add_argument("--runs", default=os.environ.get("RUNS", DEFAULT_RUNS), help="root of run directories (env RUNS; default: %(default)s)")
     ap.add_argument("--rho", type=argparse_type(check_rho, "--rho (RHO)"), default=os.environ.get("RHO") or None,
-                    help="SAM/ASAM radius (env RHO; default: the paper's 0.1 for sam, 0.2 for asam)")
+                    help="SAM/ASAM radius (env RHO; default: the paper's 0.1 for sam, 0.2 for asam and asam-onepass)")
     ap.add_argument("--no-eval-bleu", action="store_true", help="skip BLEU during validation (faster; best = lowest loss)")
     ap.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
     args, extra = ap.parse_known_args(argv)
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"method": args.method, "seed": args.seed, "data": str(args.data),
-            "rho": (args.rho or PAPER_RHO[args.method]) if args.method != "adam" else None,
+            "rho": (args.rho or DEFAULT_RHO[args.method]) if args.method != "adam" else None,
             "fairseq_train_args": fs_args}
     tmp = run_dir / f"run.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
