@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-pairs", type=int, default=500, help="generated training pairs (default %(default)s)")
     ap.add_argument("--test-pairs", type=int, default=100, help="pairs per dev/test file (default %(default)s)")
     ap.add_argument("--noise", type=float, default=0.4, help="fraction of swapped targets (default %(default)s)")
-    ap.add_argument("--seeds", default="1,2,3", help="paired seeds (default %(default)s)")
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="paired seeds (default %(default)s)")
     ap.add_argument("--grid-seeds", default="1", help="seeds that run the whole rho grid (default %(default)s)")
     ap.add_argument("--rho-grid", default=",".join(f"{r:g}" for r in RHO_GRID))
     ap.add_argument("--max-epoch", type=int, default=250, help="epochs per run (default %(default)s)")
