@@ -12,22 +12,23 @@ test set, re-binarized with the prepared dictionaries (:func:`build_data`); the 
 
 Model and optimizer: the demo's Transformer (``scripts.demo.DEMO_TRAIN_ARGS``: 64-dim, 2+2 layers) with
 ``fairseq_asam.iwslt.train.fairseq_train_args`` (Adam betas 0.9/0.98, inverse_sqrt, wd 1e-4, label
-smoothing 0.1), trained for a fixed number of updates, far past the point where validation BLEU stops
-rising (the JSON keeps each run's validation curve). Every method is read at the last checkpoint; the
-"+avg" rows average the last :data:`AVG_N` epoch checkpoints (:func:`average_checkpoints`, the
-arithmetic of fairseq's ``scripts/average_checkpoints.py``: parameters summed in fp32 and divided by N,
-everything else from the first file).
+smoothing 0.1), trained for a fixed number of epochs (--max-epoch, 250 = 1500 updates; the JSON keeps
+each run's validation curve, which at 250 epochs still improves slowly). Every method is read at the
+last checkpoint; the "+avg" rows average the last :data:`AVG_N` epoch checkpoints
+(:func:`average_checkpoints`, the arithmetic of fairseq's ``scripts/average_checkpoints.py``: parameters
+summed in fp32 and divided by N, everything else from the first file).
 
 Methods (:data:`METHODS`): ``adam``; ``asam`` (``--optimizer asam_adam``, the two-pass update);
 ``onepass`` (``asam_adam --asam-one-pass momentum``: one pass per update, perturbed along Adam's first
 moment). rho for the two ASAM methods comes from :data:`RHO_GRID`, chosen by mean validation BLEU (beam 5,
 tokenized, last checkpoint) over the grid seeds, never the test set (:func:`choose_rho`); the other seeds
-run at the chosen rho only, and the "+avg" rows average the checkpoints of the same runs. Power check: full ASAM's gain over Adam per seed (paired), SE = paired std / sqrt(seeds),
-and gain / SE (:func:`paired`); under 3 SE the task is reported as not powered.
+run at the chosen rho only, and the "+avg" rows average the checkpoints of the same runs. Power check:
+full ASAM's gain over Adam per seed (paired), SE = paired std / sqrt(seeds), and gain / SE
+(:func:`paired`); under 3 SE the task is reported as not powered.
 
 Command (docs/efficiency.md, "Translation", gives the numbers and timings)::
 
-    PYTHONPATH=. nice -n 19 python -m studies.mt_convergence --out mt-out --jobs 2 \\
+    PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 19 python -m studies.mt_convergence --out mt-out --jobs 2 \\
         --json docs/efficiency-mt.json
 """
 
