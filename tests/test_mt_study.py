@@ -1,0 +1,112 @@
+"""The translation study (issue 19, items 6 and 4): checkpoint averaging as fairseq's average_checkpoints.py,
+the paired power check, and studies/mt_convergence.py end to end at a toy size (real fairseq-train and
+fairseq-generate on a corpus of 80 generated pairs, 4 updates per run)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from studies import mt_convergence as M  # noqa: E402
+
+
+def test_average_checkpoints_is_the_fp32_mean_of_the_models_and_keeps_the_first_files_other_state(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    paths, models = [], []
+    for i in range(3):
+        model = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64), "h": torch.randn(5, generator=g).half(),
+                 "n": torch.tensor([i + 1])}
+        models.append(model)
+        paths.append(tmp_path / f"c{i}.pt")
+        torch.save({"model": model, "extra_state": {"i": i}}, paths[-1])
+    avg = M.average_checkpoints(paths)
+    assert avg["extra_state"] == {"i": 0}
+    assert torch.equal(avg["model"]["w"], (models[0]["w"] + models[1]["w"] + models[2]["w"]) / 3)
+    assert avg["model"]["h"].dtype == torch.float32
+    assert torch.equal(avg["model"]["h"], (models[0]["h"].float() + models[1]["h"].float() + models[2]["h"].float()) / 3)
+    assert torch.equal(avg["model"]["n"], torch.tensor([2]))  # integer buffers: floor division, as div_ does
+    torch.save({"model": {"other": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(KeyError, match="differ"):
+        M.average_checkpoints([paths[0], tmp_path / "bad.pt"])
+
+
+def test_epoch_checkpoints_are_the_last_n_by_epoch(tmp_path):
+    for name in ("checkpoint5.pt", "checkpoint15.pt", "checkpoint10.pt", "checkpoint_last.pt", "checkpoint_best.pt",
+                 "checkpoint_avg.pt", "checkpoint_3_300.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in M.epoch_checkpoints(tmp_path, 2)] == ["checkpoint15.pt", "checkpoint10.pt"]
+    with pytest.raises(ValueError, match="3 epoch checkpoints, need 4"):
+        M.epoch_checkpoints(tmp_path, 4)
+
+
+def test_paired_gain_in_standard_errors():
+    p = M.paired({1: 50.0, 2: 52.0, 3: 51.0, 4: 9.0}, {1: 52.0, 2: 53.0, 3: 54.0})
+    assert p["seeds"] == [1, 2, 3] and p["diffs"] == [2.0, 1.0, 3.0]
+    assert p["gain"] == pytest.approx(2.0) and p["paired_std"] == pytest.approx(1.0)
+    assert p["se"] == pytest.approx(1 / math.sqrt(3)) and p["ratio"] == pytest.approx(2 * math.sqrt(3))
+    assert p["powered"]
+    assert not M.paired({1: 0.0, 2: 0.0}, {1: 1.0, 2: 0.0})["powered"]  # 0.5 / 0.5 = 1 SE
+
+
+def _rec(method, rho, seed, valid, test=0.0):
+    scores = {"valid": {"bleu_tokenized": valid}, "test": {"bleu_tokenized": test}}
+    return {"method": method, "rho": rho, "seed": seed, "last": scores, "avg": scores}
+
+
+def test_rho_is_chosen_by_mean_validation_bleu_over_the_grid_seeds_never_test():
+    runs = [_rec("asam", 0.1, 1, 30.0, test=99.0), _rec("asam", 0.1, 2, 20.0, test=99.0),
+            _rec("asam", 0.5, 1, 26.0), _rec("asam", 0.5, 2, 26.0),
+            _rec("asam", 0.2, 1, 40.0)]  # rho 0.2 lacks seed 2: not a candidate
+    rho, means = M.choose_rho(runs, "asam", "last", [1, 2])
+    assert rho == 0.5 and means == {0.1: 25.0, 0.5: 26.0}
+    assert M.choose_rho(runs, "asam", "last", [1])[0] == 0.2
+    with pytest.raises(ValueError, match="no onepass runs"):
+        M.choose_rho(runs, "onepass", "last", [1])
+
+
+def test_toy_study_end_to_end(tmp_path):
+    out, js = tmp_path / "out", tmp_path / "mt.json"
+    p = subprocess.run([sys.executable, "-m", "studies.mt_convergence", "--out", str(out), "--json", str(js),
+                        "--train-pairs", "80", "--test-pairs", "3", "--noise", "0.25", "--seeds", "1,2",
+                        "--grid-seeds", "1", "--rho-grid", "0.3", "--max-epoch", "4", "--interval", "1",
+                        "--avg", "2", "--jobs", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    res = json.loads(js.read_text())
+    assert res["data"]["valid_pairs"] == 6 and res["data"]["test_pairs"] == 9 and res["data"]["swapped"] == 20
+    s = res["summary"]
+    assert set(s["rows"]) == {"adam", "adam+avg", "asam", "asam+avg", "onepass", "onepass+avg"}
+    assert s["chosen_rho"] == {"asam": 0.3, "onepass": 0.3} and set(s["rho_grid_valid_bleu"]["asam"]) == {"0.3"}
+    runs = res["runs"]
+    # adam on both seeds, the grid on seed 1, then seed 2 at the chosen rho
+    assert sorted((r["method"], r["seed"]) for r in runs) == [(m, k) for m in ("adam", "asam", "onepass") for k in (1, 2)]
+    for r in runs:
+        assert r["averaged"] == ["checkpoint4.pt", "checkpoint3.pt"]
+        assert len(r["valid_curve"]) == 2 and r["valid_curve"][-1]["update"] == r["updates"]
+        assert r["second_pass_frac"] == {"adam": None, "asam": 1.0, "onepass": 0.0}[r["method"]]
+    # the averaged checkpoint on disk is the mean of the two it names
+    from fairseq_asam.fairseq_ext.checkpoint import allow_fairseq_checkpoints
+
+    allow_fairseq_checkpoints()
+    run = out / "runs" / "adam-seed1" / "checkpoints"
+    a, b, avg = (torch.load(run / n, map_location="cpu")["model"] for n in
+                 (*json.loads((out / "runs" / "adam-seed1" / "record.json").read_text())["averaged"], "checkpoint_avg.pt"))
+    for k in avg:
+        assert torch.equal(avg[k], (a[k].float() + b[k].float()) / 2) if a[k].is_floating_point() else True
+    # the power check is the asam row's paired gain over adam on test, recomputed here from the runs
+    adam = {r["seed"]: r["last"]["test"]["bleu_tokenized"] for r in runs if r["method"] == "adam"}
+    rho = s["chosen_rho"]["asam"]
+    asam = {r["seed"]: r["last"]["test"]["bleu_tokenized"] for r in runs if r["method"] == "asam" and r["rho"] == rho}
+    d = [asam[k] - adam[k] for k in (1, 2)]
+    sd = abs(d[0] - d[1]) / math.sqrt(2)
+    assert s["power"]["gain"] == pytest.approx(sum(d) / 2) and s["power"]["paired_std"] == pytest.approx(sd)
+    assert s["power"]["se"] == pytest.approx(sd / math.sqrt(2))
+    assert "Power check: full ASAM - Adam" in p.stdout and "| onepass+avg |" in p.stdout
