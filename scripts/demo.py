@@ -121,7 +121,7 @@ def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], 
 def measure_run_sharpness(run_dir: Path, data: Path, *, checkpoint: str = "checkpoint_best.pt",
                           settings: list[str] = DEMO_SHARPNESS) -> dict:
     """``asam-sharpness fairseq <run>/checkpoints/<checkpoint> --data DATA <settings>``, in this process;
-    the report is written to ``<run>/sharpness.json`` (atomically) and returned."""
+    the report is written to ``<run>/sharpness.json`` as the command's ``--out`` writes it, and returned."""
     import torch
 
     from fairseq_asam import sharpness_cli
@@ -137,10 +137,7 @@ def measure_run_sharpness(run_dir: Path, data: Path, *, checkpoint: str = "check
         report = sharpness_cli.run(args)
     finally:
         torch.set_num_threads(threads)
-    out = run_dir / "sharpness.json"
-    tmp = out.with_name(f"sharpness.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out)
+    sharpness_cli._write_json_atomic(str(run_dir / "sharpness.json"), report)  # what its --out writes
     return report
 
 

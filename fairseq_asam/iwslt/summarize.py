@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -228,11 +229,8 @@ def read_update_cost(log: Path) -> dict | None:
         prev = u
     if not seconds:
         return None
-    seconds.sort()
-    k = len(seconds)
-    median = seconds[k // 2] if k % 2 else (seconds[k // 2 - 1] + seconds[k // 2]) / 2
     last = inner[max(inner)]
-    return {"seconds_per_update": median, "intervals": k,
+    return {"seconds_per_update": statistics.median(seconds), "intervals": len(seconds),
             "passes_per_update": round(1.0 + float(last.get("second_pass_frac", 0.0)), 3)}
 
 
