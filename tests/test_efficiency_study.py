@@ -108,3 +108,26 @@ def test_quick_study_writes_power_check_table_json_and_plot(tmp_path):
                         "--heldout-from", str(out / "results.json")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "[study] 1/" not in p.stdout and (out2 / "table.md").read_text() == table
+    # A wider rho grid from the same files runs only what is new: the grid's new value on validation, then
+    # the study runs of any (variant, policy) whose choice moved; every earlier run is reused as it was.
+    out3 = tmp_path / "wider"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "efficiency_study.py"), "--quick", "--out", str(out3),
+                        "--rho-grid", "1.0,0.5", "--val-from", str(out / "val.json"), "--runs-from",
+                        str(out / "runs.json"), "--heldout-from", str(out / "results.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[study] 4 of 8 runs reused, 4 to run" in p.stdout  # 2 tasks x 2 policies at the new rho x0.5
+    res3 = json.loads((out3 / "results.json").read_text())
+    assert res3["rho_grid"] == [1.0, 0.5]
+
+    def key(r):
+        return (r["task"], r["method"], r["seed"], r["noise"], r["split"], r["rho_scale"])
+
+    old = {key(r): r for r in res["val_runs"] + runs}
+    new_val = [r for r in res3["val_runs"] if key(r) not in old]
+    assert sorted(r["rho_scale"] for r in new_val) == [0.5] * 4
+    assert all(r == old[key(r)] for r in res3["val_runs"] + res3["runs"] if key(r) in old)
+    moved = [r for r in res3["runs"] if key(r) not in old]
+    assert all(r["rho_scale"] == 0.5 for r in moved)
+    assert len(moved) == 2 * sum(m.name.split("+")[0] == pol for m in E.METHODS for v in res3["chosen"].values()
+                                 for pol, c in v.items() if c["rho_scale"] == 0.5)

@@ -4,6 +4,7 @@ the davda54/sam constructor, one argument checker, the private reaches."""
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -345,6 +346,20 @@ def test_private_reaches_exist_and_a_missing_one_says_what_and_why():
     assert math.isfinite(scaler.get_scale())
 
 
+
+
+def test_compat_version_guard_warns_once_per_process_about_a_newer_library(monkeypatch):
+    # It runs on every update (mark_optimizer_stepped): the comparison is made once, the warning given once.
+    monkeypatch.setitem(_compat.CHECKED, "torch", "1.0")
+    monkeypatch.setattr(_compat, "_guarded", set())
+    monkeypatch.setattr(_compat, "_warned", set())
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"checked up to 1\.0; torch .* is newer"):
+        _compat.mark_optimizer_stepped(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _compat.mark_optimizer_stepped(opt)
+    assert opt._opt_called and _compat._guarded == {"torch"}
 @pytest.mark.parametrize("foreach", [False, True])
 def test_ascend_can_keep_the_gradient_memory_for_the_second_pass(foreach):
     """set_to_none=False: the same grad tensors, zeroed, receive the second backward; same update."""
