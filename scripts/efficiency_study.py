@@ -87,15 +87,18 @@ def main(argv=None) -> int:
     t0 = time.time()
 
     # Phase 1: rho and the BatchNorm mode of the one-pass policies, on validation data.
-    val_runs = E.complete(E.val_jobs(tasks, noises, epochs=epochs, **val), _prior(a.val_from, "val_runs"), a.jobs)
-    E.write_json({"val_runs": val_runs}, os.path.join(a.out, "val.json"))
+    # Each phase's JSON is rewritten after every run: a stopped study is resumed with --val-from/--runs-from.
+    val_path, runs_path = os.path.join(a.out, "val.json"), os.path.join(a.out, "runs.json")
+    val_runs = E.complete(E.val_jobs(tasks, noises, epochs=epochs, **val), _prior(a.val_from, "val_runs"), a.jobs,
+                          save=lambda rs: E.write_json({"val_runs": rs}, val_path))
+    E.write_json({"val_runs": val_runs}, val_path)
     chosen = E.choose_settings(val_runs)
     print(f"[study] chosen on validation: {json.dumps(chosen)[:2000]}", flush=True)
 
     # Phase 2: every method on every variant, paired seeds.
     runs = E.complete(E.study_jobs(tasks, noises, seeds, E.METHODS, chosen, epochs=epochs),
-                      _prior(a.runs_from, "runs"), a.jobs)
-    E.write_json({"runs": runs}, os.path.join(a.out, "runs.json"))
+                      _prior(a.runs_from, "runs"), a.jobs, save=lambda rs: E.write_json({"runs": rs}, runs_path))
+    E.write_json({"runs": runs}, runs_path)
     summary = E.summarize(runs, chosen)
     rec = E.recommend(summary)
     print("\n".join(["[study] power check:"] + E.power_lines(summary)), flush=True)

@@ -323,11 +323,14 @@ def _job(args):
     return run_one(task, method, seed, noise, split=split, rho_scale=rho_scale, epochs=epochs)
 
 
-def run_jobs(jobs: list[tuple], n_proc: int, log=print) -> list[dict]:
+def run_jobs(jobs: list[tuple], n_proc: int, log=print, on_run=None) -> list[dict]:
+    """Every job's run record, in the jobs' order; ``on_run(record)`` after each."""
     if n_proc <= 1:
         out = []
         for i, j in enumerate(jobs):
             out.append(_job(j))
+            if on_run is not None:
+                on_run(out[-1])
             log(f"[study] {i + 1}/{len(jobs)} {j[0]} {j[1].name} seed {j[2]} noise {j[3]:.0%} {j[4]}")
         return out
     import multiprocessing as mp
@@ -337,6 +340,8 @@ def run_jobs(jobs: list[tuple], n_proc: int, log=print) -> list[dict]:
         out = []
         for i, r in enumerate(pool.imap(_job, jobs)):
             out.append(r)
+            if on_run is not None:
+                on_run(r)
             log(f"[study] {i + 1}/{len(jobs)} {r['task']} {r['method']} seed {r['seed']} noise {r['noise']:.0%} "
                 f"{r['split']} rho x{r['rho_scale']} {r['wall_s']:.0f}s")
     return out
@@ -352,16 +357,24 @@ def _run_key(r: dict) -> tuple:
     return (r["task"], r["method"], r["seed"], float(r["noise"]), r["split"], float(r["rho_scale"]), r["epochs"])
 
 
-def complete(jobs: list[tuple], prior: list[dict], n_proc: int, log=print) -> list[dict]:
+def complete(jobs: list[tuple], prior: list[dict], n_proc: int, log=print, save=None) -> list[dict]:
     """The runs of ``jobs``, in their order: a run of ``prior`` with the same task, method, seed, noise,
     split, rho scale and epochs is reused (runs are deterministic: the same job gives the same record), the
-    missing ones run now. Runs of ``prior`` that no job asks for are left out."""
+    missing ones run now. Runs of ``prior`` that no job asks for are left out. ``save(runs)`` is called with
+    ``prior`` and every run finished so far after each one, so that a stopped study keeps them."""
     have = {_run_key(r): r for r in prior}
     missing = [j for j in jobs if _job_key(j) not in have]
     if missing:
         log(f"[study] {len(jobs) - len(missing)} of {len(jobs)} runs reused, {len(missing)} to run")
-        for j, r in zip(missing, run_jobs(missing, n_proc, log=log)):
-            have[_job_key(j)] = r
+        done = list(prior)
+
+        def finished(r):
+            done.append(r)
+            if save is not None:
+                save(done)
+
+        for r in run_jobs(missing, n_proc, log=log, on_run=finished):
+            have[_run_key(r)] = r
     return [have[_job_key(j)] for j in jobs]
 
 
