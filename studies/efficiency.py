@@ -385,9 +385,15 @@ def _init_worker(source):
 
 
 def choose_settings(val_runs: list[dict]) -> dict:
-    """Per variant and tuned method: the (rho scale, BN mode) with the best mean validation accuracy."""
+    """Per variant and tuned method: the (rho scale, BN mode) with the best mean validation accuracy, and
+    SGD's mean validation accuracy (``sgd_val_acc``, the rho -> 0 end of every grid) where SGD ran there."""
     out: dict = {}
+    sgd: dict = {}
     for r in val_runs:
+        if r["method"] not in TUNED:
+            if r["method"] == "sgd":
+                sgd.setdefault(_variant(r["task"], r["noise"]), []).append(r["acc"]["sgd"]["trained"])
+            continue
         key = (r["task"], r["noise"], r["method"])
         for bn, a in r["acc"][r["method"]].items():
             out.setdefault(key, {}).setdefault((r["rho_scale"], bn), []).append(a)
@@ -398,6 +404,7 @@ def choose_settings(val_runs: list[dict]) -> dict:
         best = max(means, key=lambda k: (means[k], -k[0], k[1] == "trained"))
         chosen.setdefault(_variant(task, noise), {})[m] = {
             "rho_scale": best[0], "bn": best[1],
+            "sgd_val_acc": statistics.fmean(sgd[_variant(task, noise)]) if _variant(task, noise) in sgd else None,
             "grid": [{"rho_scale": k[0], "bn": k[1], "val_acc": means[k]} for k in sorted(means)]}
     return chosen
 
@@ -416,9 +423,11 @@ def study_jobs(tasks, noises, seeds, methods, chosen, epochs=None, split="test")
 
 
 def val_jobs(tasks, noises, epochs=None, seeds=VAL_SEEDS, grid=RHO_GRID) -> list[tuple]:
+    """The tuned policies at every rho scale of ``grid``, and SGD (rho 0: where a grid ends below), on validation."""
     tuned = [m for m in METHODS if m.name in TUNED]
+    sgd = next(m for m in METHODS if m.name == "sgd")
     return [(task, m, seed, noise, "val", s, epochs) for task in tasks for noise in noises for seed in seeds
-            for m in tuned for s in grid]
+            for m, scales in ((sgd, (1.0,)), *((m, grid) for m in tuned)) for s in scales]
 
 
 # ---- summary, power, rule -------------------------------------------------------------------------
@@ -585,11 +594,13 @@ def markdown(summary: dict, rec: dict | None = None, chosen: dict | None = None,
     if chosen:
         lines += ["#### rho and BatchNorm mode chosen on validation (last 800 training images, seeds "
                   f"{', '.join(map(str, VAL_SEEDS))}; rho = scale x the task's rho)", "",
-                  "| variant | method | grid: val acc % (rho scale, bn) | chosen |", "|---|---|---|---|"]
+                  "| variant | method | grid: val acc % (rho scale, bn) | SGD's val acc % | chosen |",
+                  "|---|---|---|---|---|"]
         for v, ms in chosen.items():
             for m, c in ms.items():
                 grid = ", ".join(f"{g['val_acc']:.2f} (x{g['rho_scale']:g}, {g['bn']})" for g in c["grid"])
-                lines.append(f"| {v} | {m} | {grid} | x{c['rho_scale']:g}, bn {c['bn']} |")
+                base = "-" if c.get("sgd_val_acc") is None else f"{c['sgd_val_acc']:.2f}"
+                lines.append(f"| {v} | {m} | {grid} | {base} | x{c['rho_scale']:g}, bn {c['bn']} |")
         lines.append("")
     if rec:
         powered = rec["powered"]

@@ -91,8 +91,12 @@ def test_quick_study_writes_power_check_table_json_and_plot(tmp_path):
         # BatchNorm runs are read both ways; the MLP has no statistics to recompute.
         assert all(set(a) == ({"trained", "at_w"} if r["task"] == "mnist-cnn" else {"trained"}) for a in r["acc"].values())
     # Validation runs train on 4/5 of the training images and never see the test set.
-    assert len(res["val_runs"]) == 2 * 2 and all(r["split"] == "val" and r["updates"] == math.ceil(1150 / 64)
+    # (2 tasks x 2 tuned policies at the one rho of --quick, and SGD per task: the grid's rho -> 0 end)
+    assert len(res["val_runs"]) == 2 * 3 and all(r["split"] == "val" and r["updates"] == math.ceil(1150 / 64)
                                                  for r in res["val_runs"])
+    sgd_val = {r["task"]: r["acc"]["sgd"]["trained"] for r in res["val_runs"] if r["method"] == "sgd"}
+    assert {v: c["sgd_val_acc"] for v, c in ((v, ms["onepass-mom"]) for v, ms in res["chosen"].items())} == {
+        f"{t} 40% noise": a for t, a in sgd_val.items()}
     assert set(res["chosen"]) == {"mnist-mlp 40% noise", "mnist-cnn 40% noise"}
     s = res["summary"]["mnist-cnn 40% noise"]["rows"]
     assert s["asam"]["diff_to_asam_mean"] == 0.0 and s["asam"]["n_seeds"] == 2
@@ -116,7 +120,7 @@ def test_quick_study_writes_power_check_table_json_and_plot(tmp_path):
                         str(out / "runs.json"), "--heldout-from", str(out / "results.json")],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "[study] 4 of 8 runs reused, 4 to run" in p.stdout  # 2 tasks x 2 policies at the new rho x0.5
+    assert "[study] 6 of 10 runs reused, 4 to run" in p.stdout  # 2 tasks x 2 policies at the new rho x0.5
     res3 = json.loads((out3 / "results.json").read_text())
     assert res3["rho_grid"] == [1.0, 0.5]
 
