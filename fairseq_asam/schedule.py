@@ -536,9 +536,11 @@ class OnePass(Schedule):
     ``exp_avg``), as in MSAM (Becker et al., "Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead", TMLR 2024), where the normalized momentum points up the loss like g.
     ``direction="previous"``: d = the previous update's descent gradient (one stored tensor per
-    parameter). The first update (no direction yet) is a plain base step. d is older than g and
-    smoother, so a larger rho than the two-pass update's may pay off (MSAM uses a several times
-    larger rho than SAM); the study in ``docs/efficiency.md`` measures both.
+    parameter). The first update (no direction yet) is a plain base step. MSAM uses a several times
+    larger rho than SAM; with ASAM's element-wise T_w the study in ``docs/efficiency.md`` found the
+    same rho as the two-pass update's best on an MLP and a much smaller one on conv nets with
+    BatchNorm (1/16-1/4 of it, chosen on validation), where one pass then stays close to the base
+    optimizer.
     """
 
     name = "one_pass"
