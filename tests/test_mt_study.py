@@ -64,8 +64,9 @@ def test_paired_gain_in_standard_errors():
 def _rec(method, rho, seed, valid, test=0.0):
     scores = {"valid": {"bleu_tokenized": valid, "bleu_detok": valid},
               "test": {"bleu_tokenized": test, "bleu_detok": test}}
+    curve = [{"epoch": e, "loss": {10 * seed - 2: 2.0, 10 * seed: 2.0}.get(e, 3.0)} for e in range(1, 10 * seed + 6)]
     return {"method": method, "rho": rho, "seed": seed, "best": scores, "avg": scores, "early_stopped": True,
-            "best_epoch": 10 * seed, "stop_epoch": 10 * seed + 5}
+            "best_epoch": 10 * seed, "stop_epoch": 10 * seed + 5, "valid_curve": curve, "train_wall_s": 6.0}
 
 
 def test_rho_is_chosen_by_mean_validation_bleu_over_the_grid_seeds_never_test():
@@ -90,8 +91,9 @@ def test_summary_flags_a_rho_at_the_edge_of_its_grid_and_reads_the_other_seeds_a
     assert s["rho_at_grid_edge"] == {"asam": "highest", "onepass": None}
     assert s["rows"]["asam"]["seeds"] == [1, 2, 3] and s["rows"]["asam+avg"]["rho"] == 0.2
     assert s["rows"]["onepass"]["test_bleu_tokenized"] == {1: 0.0, 2: 0.0, 3: 40.0}
-    assert s["convergence"] == {"runs": 17, "early_stopped": 17, "best_epoch": [10, 30], "stop_epoch": [15, 35],
-                                "epochs_after_best": [5, 5]}
+    # a tie at the lowest loss: patience counts from the first (epoch 10 * seed - 2), checkpoint_best.pt is the last
+    assert s["convergence"] == {"runs": 17, "early_stopped": 17, "best_epoch": [10, 30], "first_best_epoch": [8, 28],
+                                "stop_epoch": [15, 35], "epochs_after_first_best": [7, 7], "train_min_total": 1.7}
     assert "(the highest value of the grid)" in M.markdown(s)
 
 
@@ -118,10 +120,12 @@ def test_toy_study_end_to_end(tmp_path):
         # (--patience 1), or at --max-epoch
         assert [c["epoch"] for c in curve] == list(range(1, r["stop_epoch"] + 1)) and curve[-1]["update"] == r["updates"]
         losses = [c["loss"] for c in curve]
-        assert r["best_valid_loss"] == min(losses) and r["best_epoch"] == losses.index(min(losses)) + 1
+        # checkpoint_best.pt: the last epoch at the lowest (logged) loss; patience counts from the first
+        assert r["best_valid_loss"] == min(losses) and r["best_epoch"] == len(losses) - losses[::-1].index(min(losses))
         assert r["early_stopped"] == (r["stop_epoch"] < 4)
         if r["early_stopped"]:
-            assert r["stop_epoch"] == r["best_epoch"] + 1 and losses[-1] >= losses[-2]
+            assert r["stop_epoch"] == M.first_best_epoch(r) + 1 and losses[-1] >= min(losses)
+        assert r["train_wall_s"] > 0
         # "+avg": the two epoch checkpoints up to the best
         assert r["averaged"] == [f"checkpoint{e}.pt" for e in (r["best_epoch"], r["best_epoch"] - 1) if e >= 1]
         assert r["second_pass_frac"] == {"adam": None, "asam": 1.0, "onepass": 0.0}[r["method"]]
@@ -151,6 +155,6 @@ def test_toy_study_end_to_end(tmp_path):
     # validations; checkpoint_best.pt is the last of the equal ones (fairseq's save_checkpoint keeps a tie)
     r = M.train_one(out, "asam", 0.3, 9, max_epoch=6, patience=2, validate_interval=1, dropout=0.1, avg_n=2,
                     extra=["--lr", "0"])
-    assert r["early_stopped"] and r["stop_epoch"] == 3 and r["best_epoch"] == 3
+    assert r["early_stopped"] and r["stop_epoch"] == 3 and r["best_epoch"] == 3 and M.first_best_epoch(r) == 1
     assert len({c["loss"] for c in r["valid_curve"]}) == 1
     assert r["averaged"] == ["checkpoint3.pt", "checkpoint2.pt"]
