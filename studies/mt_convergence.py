@@ -76,6 +76,7 @@ AVG_N = 5  # epoch checkpoints averaged (--avg), 5 as in fairseq's translation e
 # (best 430, 0.7% above the pilot's minimum); the cap, twice the plateau's start, only guards.
 PATIENCE = 50
 MAX_EPOCH = 1000
+PLATEAU_WINDOW = PATIENCE  # epochs either side of the first best that the plateau check compares
 N_DEV_SETS = 2  # the first two of prepare.TEST_SETS (dev2010, tedx.dev2012) validate; the rest test
 
 
@@ -329,6 +330,18 @@ def first_best_epoch(rec: dict) -> int:
     return next(p["epoch"] for p in curve if p["loss"] == low)
 
 
+def plateau(rec: dict, window: int) -> float | None:
+    """How flat the curve is at the stop: the mean validation loss of the ``window`` epochs after the first
+    best validation b, in percent above (+) or below (-) the mean of the ``window`` epochs before b. Near 0 or
+    above, the loss has stopped falling; clearly below 0, the stop came on a curve that still falls."""
+    curve, b = rec["valid_curve"], first_best_epoch(rec)
+    before = [p["loss"] for p in curve if b - window <= p["epoch"] < b]
+    after = [p["loss"] for p in curve if b < p["epoch"] <= b + window]
+    if not before or not after:
+        return None
+    return round(100 * (sum(after) / len(after) / (sum(before) / len(before)) - 1), 2)
+
+
 def _second_pass_frac(log: Path) -> float | None:
     """The last second_pass_frac fairseq logged (None for plain Adam, which logs none)."""
     val = None
@@ -413,8 +426,14 @@ def summarize(runs: list[dict], grid_seeds: list[int]) -> dict:
             "stop_epoch": span(lambda r: r["stop_epoch"]),
             "epochs_after_first_best": span(lambda r: r["stop_epoch"] - first_best_epoch(r)),
             "train_min_total": round(sum(r.get("train_wall_s") or 0 for r in runs) / 60, 1)}
+    flat = [v for v in (plateau(r, PLATEAU_WINDOW) for r in runs) if v is not None]
+    conv["loss_after_vs_before_best_pct"] = [min(flat), max(flat)] if flat else None
     return {"chosen_rho": chosen, "rho_at_grid_edge": edge, "rho_grid_valid_bleu": grid, "rows": rows,
             "power": power, "convergence": conv}
+
+
+def _span(v, sign=False) -> str:
+    return "-" if v is None else f"{_f(v[0], 1, sign)} to {_f(v[1], 1, sign)}"
 
 
 def _f(x, nd=2, sign=False):
@@ -428,7 +447,8 @@ def markdown(summary: dict) -> str:
              f"--patience validations); first epoch at the lowest loss {c['first_best_epoch'][0]}-"
              f"{c['first_best_epoch'][1]}, checkpoint_best.pt epochs {c['best_epoch'][0]}-{c['best_epoch'][1]}, "
              f"stop epochs {c['stop_epoch'][0]}-{c['stop_epoch'][1]}; training {c['train_min_total']} min in all",
-             "",
+             f"Plateau: mean validation loss of the {PLATEAU_WINDOW} epochs after the first best vs the {PLATEAU_WINDOW} "
+             f"before it: {_span(c['loss_after_vs_before_best_pct'], sign=True)}%", "",
              f"Power check: full ASAM - Adam (test, tokenized BLEU, paired over seeds {p['seeds']}): "
              f"{_f(p['gain'], sign=True)} ± {_f(p['se'])} SE (paired std {_f(p['paired_std'])}), "
              f"{_f(p['ratio'], 1)} SE: " + ("powered (>= 3 SE)" if p["powered"] else "NOT powered (< 3 SE)"), "",
@@ -509,7 +529,7 @@ def main(argv=None) -> int:
     md = markdown(summary)
     res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "generate"},
            "data": info, "checkpoint": f"checkpoint_best.pt (lowest validation loss); +avg: the mean of the {a.avg} "
-                                      f"epoch checkpoints up to the best ({a.validate_interval} epochs apart)",
+                                      f"epoch checkpoints up to the best (saved every {a.validate_interval} epoch(s))",
            "summary": summary, "markdown": md, "runs": runs, "wall_min": round((time.time() - t0) / 60, 1)}
     for path in {a.out / "mt.json", a.json or a.out / "mt.json"}:
         path.parent.mkdir(parents=True, exist_ok=True)

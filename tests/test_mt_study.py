@@ -80,6 +80,13 @@ def test_rho_is_chosen_by_mean_validation_bleu_over_the_grid_seeds_never_test():
         M.choose_rho(runs, "onepass", "best", [1])
 
 
+def test_plateau_compares_the_mean_loss_after_the_first_best_with_the_mean_before():
+    curve = [{"epoch": e, "loss": loss} for e, loss in ((1, 4.0), (2, 2.2), (3, 2.0), (4, 2.1), (5, 2.0), (6, 2.3))]
+    # first best: epoch 3; window 2: epochs 1-2 (mean 3.1) against 4-5 (mean 2.05)
+    assert M.plateau({"valid_curve": curve}, 2) == round(100 * (2.05 / 3.1 - 1), 2)
+    assert M.plateau({"valid_curve": curve[:3]}, 2) is None  # nothing after the best
+
+
 def test_summary_flags_a_rho_at_the_edge_of_its_grid_and_reads_the_other_seeds_at_the_choice():
     runs = [_rec("adam", None, k, 30.0, test=30.0 + k) for k in (1, 2, 3)]
     for k in (1, 2):
@@ -93,7 +100,8 @@ def test_summary_flags_a_rho_at_the_edge_of_its_grid_and_reads_the_other_seeds_a
     assert s["rows"]["onepass"]["test_bleu_tokenized"] == {1: 0.0, 2: 0.0, 3: 40.0}
     # a tie at the lowest loss: patience counts from the first (epoch 10 * seed - 2), checkpoint_best.pt is the last
     assert s["convergence"] == {"runs": 17, "early_stopped": 17, "best_epoch": [10, 30], "first_best_epoch": [8, 28],
-                                "stop_epoch": [15, 35], "epochs_after_first_best": [7, 7], "train_min_total": 1.7}
+                                "stop_epoch": [15, 35], "epochs_after_first_best": [7, 7], "train_min_total": 1.7,
+                                "loss_after_vs_before_best_pct": [-4.76, -4.76]}  # 20 / 7 against 3.0
     assert "(the highest value of the grid)" in M.markdown(s)
 
 
