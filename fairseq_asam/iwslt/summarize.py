@@ -166,7 +166,7 @@ def table5(runs: list[dict]) -> tuple[str, list[dict]]:
 
 
 def read_valid_log(log: Path) -> list[dict]:
-    """(num_updates, valid_loss, valid_bleu) of each validation in fairseq's JSON log; a resumed run's
+    """(num_updates, epoch, valid_loss, valid_bleu) of each validation in fairseq's JSON log; a resumed run's
     repeated validations keep the last entry per update."""
     points: dict[int, dict] = {}
     if not Path(log).exists():
@@ -182,8 +182,8 @@ def read_valid_log(log: Path) -> list[dict]:
         if not isinstance(rec, dict) or "valid_num_updates" not in rec:
             continue
         u = int(float(rec["valid_num_updates"]))
-        points[u] = {"update": u, "loss": float(rec["valid_loss"]),
-                     "bleu": float(rec["valid_bleu"]) if "valid_bleu" in rec else None}
+        points[u] = {"update": u, "epoch": int(rec["epoch"]) if "epoch" in rec else None,
+                     "loss": float(rec["valid_loss"]), "bleu": float(rec["valid_bleu"]) if "valid_bleu" in rec else None}
     return [points[u] for u in sorted(points)]
 
 
