@@ -79,9 +79,6 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-_warned: set[str] = set()
-
-
 def _installed(lib: str) -> str:
     if lib == "python":
         return ".".join(map(str, sys.version_info[:3]))
@@ -99,8 +96,7 @@ def _version_guard(lib: str) -> None:
         return
     _guarded.add(lib)
     v = _installed(lib)
-    if lib not in _warned and v != "unknown" and _version_tuple(v)[:2] > _version_tuple(CHECKED[lib])[:2]:
-        _warned.add(lib)
+    if v != "unknown" and _version_tuple(v)[:2] > _version_tuple(CHECKED[lib])[:2]:
         warnings.warn(
             f"fairseq-asam reaches into private attributes of {lib}, checked up to {CHECKED[lib]}; "
             f"{lib} {v} is newer. Run its tests (tests/test_perturbation.py -k compat) if anything fails.",

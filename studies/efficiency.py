@@ -364,20 +364,18 @@ def complete(jobs: list[tuple], prior: list[dict], n_proc: int, log=print, save=
     """The runs of ``jobs``, in their order: a run of ``prior`` with the same task, method, seed, noise,
     split, rho scale and epochs is reused (runs are deterministic: the same job gives the same record), the
     missing ones run now. Runs of ``prior`` that no job asks for are left out. ``save(runs)`` is called with
-    ``prior`` and every run finished so far after each one, so that a stopped study keeps them."""
+    the runs of ``prior`` and every run finished so far after each one, so that a stopped study keeps them."""
     have = {_run_key(r): r for r in prior}
     missing = [j for j in jobs if _job_key(j) not in have]
     if missing:
         log(f"[study] {len(jobs) - len(missing)} of {len(jobs)} runs reused, {len(missing)} to run")
-        done = list(prior)
 
         def finished(r):
-            done.append(r)
-            if save is not None:
-                save(done)
-
-        for r in run_jobs(missing, n_proc, log=log, on_run=finished):
             have[_run_key(r)] = r
+            if save is not None:
+                save(list(have.values()))
+
+        run_jobs(missing, n_proc, log=log, on_run=finished)
     return [have[_job_key(j)] for j in jobs]
 
 

@@ -258,7 +258,7 @@ def train_one(out: Path, method: str, rho: float | None, seed: int, *, max_epoch
     run_dir = Path(out) / "runs" / name
     if (run_dir / "record.json").exists():
         rec = json.loads((run_dir / "record.json").read_text())
-        return {**rec, "train_wall_s": _train_seconds(run_dir / "stdout.log")}
+        return {**rec, "train_wall_s": _train_seconds(_stdout(run_dir))}
     args = train_args(method, seed, data=data, run_dir=run_dir, rho=rho, max_epoch=max_epoch, patience=patience,
                       validate_interval=validate_interval, dropout=dropout, avg_n=avg_n, extra=extra)
     if not (run_dir / "trained").exists():
@@ -279,14 +279,14 @@ def train_one(out: Path, method: str, rho: float | None, seed: int, *, max_epoch
     # A run whose best epoch is under avg_n validations (only at toy sizes) averages what it has.
     inputs = epoch_checkpoints(ckpts, min(avg_n, sum(p["epoch"] <= best["epoch"] for p in curve)), upper=best["epoch"])
     torch.save(average_checkpoints(inputs), ckpts / "checkpoint_avg.pt")
-    stdout = (run_dir / "stdout.log").read_text(encoding="utf-8", errors="replace")
+    stdout = _stdout(run_dir)
     return {"method": method, "rho": rho, "seed": seed, "max_epoch": max_epoch, "patience": patience,
             "validate_interval": validate_interval, "stop_epoch": curve[-1]["epoch"], "best_epoch": best["epoch"],
             "best_update": best["update"], "best_valid_loss": best["loss"],
             "early_stopped": "early stop since valid performance hasn't improved" in stdout,
             "updates": curve[-1]["update"], "passes": METHODS[method][2],
             "second_pass_frac": _second_pass_frac(run_dir / "train.log"),
-            "train_wall_s": _train_seconds(run_dir / "stdout.log"), "averaged": [p.name for p in inputs],
+            "train_wall_s": _train_seconds(stdout), "averaged": [p.name for p in inputs],
             "valid_curve": curve, "dir": str(run_dir)}
 
 
@@ -315,10 +315,14 @@ def score_runs(out: Path, recs: list[dict], n_proc: int, log=print) -> None:
                     f"best {r['best']['test']['bleu_tokenized']:.2f}, averaged {r['avg']['test']['bleu_tokenized']:.2f}")
 
 
-def _train_seconds(stdout: Path) -> float | None:
-    """fairseq-train's own "done training in X seconds" (None if the run did not finish)."""
-    m = re.search(r"done training in ([0-9.]+) seconds", Path(stdout).read_text(encoding="utf-8", errors="replace"))
+def _train_seconds(stdout: str) -> float | None:
+    """fairseq-train's own "done training in X seconds" in its output (None if the run did not finish)."""
+    m = re.search(r"done training in ([0-9.]+) seconds", stdout)
     return float(m.group(1)) if m else None
+
+
+def _stdout(run_dir: Path) -> str:
+    return (run_dir / "stdout.log").read_text(encoding="utf-8", errors="replace")
 
 
 def first_best_epoch(rec: dict) -> int:

@@ -352,7 +352,6 @@ def test_compat_version_guard_warns_once_per_process_about_a_newer_library(monke
     # It runs on every update (mark_optimizer_stepped): the comparison is made once, the warning given once.
     monkeypatch.setitem(_compat.CHECKED, "torch", "1.0")
     monkeypatch.setattr(_compat, "_guarded", set())
-    monkeypatch.setattr(_compat, "_warned", set())
     opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
     with pytest.warns(RuntimeWarning, match=r"checked up to 1\.0; torch .* is newer"):
         _compat.mark_optimizer_stepped(opt)
