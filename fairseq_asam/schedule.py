@@ -102,9 +102,10 @@ class Option:
 class Schedule:
     """Base class and the full policy's behaviour: the second pass on every update.
 
-    The hooks, in the order :class:`fairseq_asam.core.update.UpdateDriver` runs them: :meth:`begin`,
-    :meth:`wants_second_pass`, :meth:`before_descent`. A policy declares its options (:attr:`options`,
-    :attr:`key`: the option whose value selects it) and builds itself from them (:meth:`from_options`).
+    The hooks, in the order :class:`fairseq_asam.core.update.UpdateDriver` runs them: :meth:`begin_step`,
+    :meth:`wants_second_pass`, :meth:`end_step` (the names the shell and the driver use too). A policy
+    declares its options (:attr:`options`, :attr:`key`: the option whose value selects it) and builds
+    itself from them (:meth:`from_options`).
 
     Counters: :attr:`updates` (descents done), :attr:`second_passes` (of them, with the second pass),
     :attr:`last_second_pass` (the last update's decision). :attr:`fraction` = second_passes / updates.
@@ -128,7 +129,7 @@ class Schedule:
 
     # -- the hooks, in the order the update protocol runs them -------------------------------
 
-    def begin(self, perturbation, directions=None) -> bool:
+    def begin_step(self, perturbation, directions=None) -> bool:
         """Before the update's first forward. One-pass policies move w to w + eps (returns True).
 
         ``directions``: the base optimizer's momentum, one tensor (or None) per parameter of
@@ -151,8 +152,8 @@ class Schedule:
     def _decide(self, grads, scale, reduce) -> bool:
         return True
 
-    def before_descent(self, grads: Sequence[Tensor | None], second_pass: bool | None = None, *,
-                       reduce: Reduce | None = None) -> None:
+    def end_step(self, grads: Sequence[Tensor | None], second_pass: bool | None = None, *,
+                 reduce: Reduce | None = None) -> None:
         """Right before the base optimizer's step, with the gradient it will use (g' or g).
 
         Policies with a gradient rule change ``grads`` in place (Look-ASAM); the counters advance.
@@ -215,10 +216,6 @@ class Schedule:
         """Fraction of the updates so far that ran the second pass (0 before the first)."""
         return self.second_passes / self.updates if self.updates else 0.0
 
-    def expected_passes(self, total_updates: int | None = None) -> float | None:
-        """Forward/backward passes per update relative to the base optimizer, when known in advance."""
-        return 2.0
-
     def set_total_updates(self, total: int) -> None:
         """The number of updates of the run (only :class:`LatePhase` needs it)."""
 
@@ -278,9 +275,6 @@ class EveryK(Schedule):
 
     def _decide(self, grads, scale, reduce) -> bool:
         return self.updates % self.k == 0
-
-    def expected_passes(self, total_updates=None):
-        return 1.0 + 1.0 / self.k
 
     def config(self):
         return {"k": self.k}
@@ -437,9 +431,6 @@ class LatePhase(Schedule):
     def _decide(self, grads, scale, reduce) -> bool:
         return self.updates >= self.switch
 
-    def expected_passes(self, total_updates=None):
-        return 2.0 - self.start
-
     def config(self):
         return {"start": self.start, "total_updates": self.total_updates}
 
@@ -491,7 +482,6 @@ class AdaptiveTrigger(Schedule):
         self.beta = b
         self.mean = 0.0
         self.var = 0.0
-        self.last_sq_norm: float | None = None
 
     def _decide(self, grads, scale, reduce) -> bool:
         if reduce is not None:
@@ -504,16 +494,12 @@ class AdaptiveTrigger(Schedule):
         else:
             sq = _sq_norm(grads)
         sq = sq / (float(scale) ** 2)
-        self.last_sq_norm = sq
         if not math.isfinite(sq):
             return False
         b = self.beta
         self.mean = b * self.mean + (1 - b) * sq
         self.var = b * self.var + (1 - b) * (sq - self.mean) ** 2
         return sq >= self.mean + self.c * math.sqrt(self.var)
-
-    def expected_passes(self, total_updates=None):
-        return None  # depends on the gradients
 
     def config(self):
         return {"c": self.c, "beta": self.beta}
@@ -574,11 +560,11 @@ class OnePass(Schedule):
         self._begun = False
 
     @torch.no_grad()
-    def begin(self, perturbation, directions=None) -> bool:
+    def begin_step(self, perturbation, directions=None) -> bool:
         self._begun = True
         if self.direction == "previous":
             # The stored gradient is the kernels' scratch (no copy per update): it is used up here, refilled
-            # in before_descent, and an update begun again before that (a retried batch) runs unperturbed.
+            # in end_step, and an update begun again before that (a retried batch) runs unperturbed.
             directions, self._fresh = (self.previous if self._fresh else None), False
             scratch = True
         else:
@@ -597,9 +583,9 @@ class OnePass(Schedule):
         self._begun = False
         return False
 
-    def before_descent(self, grads, second_pass=None, *, reduce=None) -> None:
+    def end_step(self, grads, second_pass=None, *, reduce=None) -> None:
         self._begun = False
-        super().before_descent(grads, False, reduce=reduce)
+        super().end_step(grads, False, reduce=reduce)
 
     @torch.no_grad()
     def _descend(self, grads, second_pass, reduce) -> None:
@@ -618,9 +604,6 @@ class OnePass(Schedule):
                     self.previous[i] = g.detach().clone()
                 else:
                     self.previous[i].copy_(g)
-
-    def expected_passes(self, total_updates=None):
-        return 1.0
 
     def config(self):
         return {"direction": self.direction}

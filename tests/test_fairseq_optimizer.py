@@ -21,7 +21,9 @@ from fairseq_asam.fairseq_ext.optimizer import FairseqASAMAdam, FairseqSAMAdam, 
 
 def _parse(*extra, tmp="/nonexistent/save"):
     parser = options.get_training_parser()
-    return options.parse_args_and_arch(parser, tiny_train_args("/nonexistent/data-bin", tmp, *extra))
+    # --task translation_sam: asam_adam/sam_adam refuse a task that does not run the two-pass update.
+    return options.parse_args_and_arch(parser, tiny_train_args("/nonexistent/data-bin", tmp, "--task",
+                                                               "translation_sam", *extra))
 
 
 def _cfg(*extra):
@@ -125,25 +127,38 @@ class _Net(torch.nn.Module):
         (["--asam-normalize-bias"], {"lin.weight": "element", "lin.bias": "element", "norm.weight": "element", "norm.bias": "element"}),
     ],
 )
-def test_perturber_uses_parameter_names_for_biases(extra, want):
+def test_perturbation_uses_parameter_names_for_biases(extra, want):
     net = _Net()
     cfg = _cfg("--optimizer", "asam_adam", *extra)
     opt = build_optimizer(cfg.optimizer, list(net.parameters()))
-    core = opt.perturber(net)
+    core = opt.make_perturbation(net)
     assert isinstance(core, Perturbation) and core.adaptive
     assert core.param_groups[0]["rho"] == 0.2 and core.param_groups[0]["eta"] == 0.01
     assert {s.name: s.kind for _, s in core.named_specs()} == want
-    assert opt.perturber(net) is core  # cached while the parameters stay the same
+    drv = opt.build_driver(opt, net)
+    assert drv.schedule is opt.schedule and {s.name: s.kind for _, s in drv.perturbation.named_specs()} == want
 
 
-def test_sam_perturber_is_identity_normalized():
+def test_sam_perturbation_is_identity_normalized():
     net = _Net()
     opt = build_optimizer(_cfg("--optimizer", "sam_adam", "--asam-p", "inf").optimizer, list(net.parameters()))
-    core = opt.perturber(net)
+    core = opt.make_perturbation(net)
     assert isinstance(core, Perturbation) and not core.adaptive
     assert core.param_groups[0]["p"] == math.inf and core.param_groups[0]["rho"] == 0.1
     assert {s.kind for _, s in core.named_specs()} == {"none"}
     assert isinstance(opt, FairseqSAMAdam)
+
+
+@pytest.mark.parametrize("opt", ["asam_adam", "sam_adam"])
+def test_a_task_without_the_two_pass_update_is_refused_when_the_optimizer_is_built(opt):
+    # The Trainer's config names the task: translation (registered, plain) cannot run the update.
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(
+        parser, tiny_train_args("/nonexistent/data-bin", "/nonexistent/save", "--task", "translation",
+                                "--optimizer", opt)))
+    with pytest.raises(SystemExit, match=f"--optimizer {opt} needs the two-pass sharpness-aware train step, "
+                                         "which --task translation does not run: use --task translation_sam"):
+        build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
 
 
 def test_step_outside_the_two_pass_task_is_refused():

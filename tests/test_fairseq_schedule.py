@@ -20,7 +20,7 @@ from test_fairseq_update import _build, _snapshot, _train
 
 from fairseq_asam.fairseq_ext.optimizer import find_sharpness_optimizer
 from fairseq_asam.fairseq_ext.scheduled import descent_grads
-from fairseq_asam.fairseq_ext.task import TranslationSAMTask
+from fairseq_asam.fairseq_ext.task import FairseqUpdate, TranslationSAMTask
 
 tiny_data_bin = tiny_data_bin_fixture()
 
@@ -50,12 +50,16 @@ def test_every_1_equals_the_default_update(tiny_data_bin, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+class _RecordGUpdate(FairseqUpdate):
+    def before_ascent(self):
+        self.task.g = [None if t is None else t.detach().clone() for t in descent_grads(self.optimizer, self.model)]
+        super().before_ascent()
+
+
 class _RecordG(TranslationSAMTask):
     """Keeps the final first-pass gradient g of each update that runs the ascent."""
 
-    def sam_ascent(self, sam, optimizer, model):
-        self.g = [None if t is None else t.detach().clone() for t in descent_grads(optimizer, model)]
-        return super().sam_ascent(sam, optimizer, model)
+    update_adapter = _RecordGUpdate
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

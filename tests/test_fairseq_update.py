@@ -24,7 +24,7 @@ from fairseq.optim.adam import Adam as FairseqAdamKernel
 from fairseq_helpers import build_trainer, tiny_data_bin_fixture, train_batches
 
 from fairseq_asam.core import perturbation, resolve_params
-from fairseq_asam.fairseq_ext.task import TranslationSAMTask
+from fairseq_asam.fairseq_ext.task import FairseqUpdate, TranslationSAMTask
 
 tiny_data_bin = tiny_data_bin_fixture()
 
@@ -171,19 +171,27 @@ def _clone_module(model):
 # ---- precision modes: exact restore, what gets perturbed, rho -> 0 equals Adam -------------------------
 
 
+class _RecordingUpdate(FairseqUpdate):
+    """fairseq's side of the update, keeping copies of the weights around the ascent and before the descent."""
+
+    def before_ascent(self):
+        self.task.rec = {"w": _snapshot(self.model), "masters": _masters(self.optimizer)}
+        super().before_ascent()
+
+    def after_ascent(self):
+        super().after_ascent()
+        self.task.rec["w_eps"] = _snapshot(self.model)
+
+    def after_second_pass(self):
+        self.task.rec["restored"] = _snapshot(self.model)
+        self.task.rec["masters_at_descent"] = _masters(self.optimizer)
+        super().after_second_pass()
+
+
 class RecordingTask(TranslationSAMTask):
     """translation_sam that keeps copies of the weights around the ascent and before the descent."""
 
-    def sam_ascent(self, sam, optimizer, model):
-        self.rec = {"w": _snapshot(model), "masters": _masters(optimizer)}
-        perturber = super().sam_ascent(sam, optimizer, model)
-        self.rec["w_eps"] = _snapshot(model)
-        return perturber
-
-    def sam_descent(self, sam, optimizer, model, update_num, sums):
-        self.rec["restored"] = _snapshot(model)
-        self.rec["masters_at_descent"] = _masters(optimizer)
-        return super().sam_descent(sam, optimizer, model, update_num, sums)
+    update_adapter = _RecordingUpdate
 
 
 def _masters(optimizer):
@@ -314,7 +322,7 @@ def test_sam_optimizer_without_two_pass_task_stops_before_the_first_update(tiny_
 def test_second_pass_failure_restores_weights(tiny_data_bin, tmp_path):
     class FailingSecondPass(TranslationSAMTask):
         def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kw):
-            if self._sam_replaying:
+            if self.sam_driver is not None and self.sam_driver.replaying:
                 self.w_eps = _snapshot(model)
                 raise RuntimeError("boom in the second pass")
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kw)
@@ -342,19 +350,23 @@ def test_phase_times_are_recorded(tiny_data_bin, tmp_path, monkeypatch):
 
 
 def test_mixin_wraps_another_task(tmp_path_factory, tmp_path):
-    # The same two-pass update around fairseq's language_modeling task (make_sharpness_aware, not
-    # registered): --asam-rho 1e-12 with dropout equals plain Adam, a real rho moves away from it.
-    from fairseq.tasks.language_modeling import LanguageModelingTask
+    # The same two-pass update around fairseq's language_modeling task (make_sharpness_aware):
+    # --asam-rho 1e-12 with dropout equals plain Adam, a real rho moves away from it.
+    from fairseq.tasks import TASK_REGISTRY
+    from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
     from fairseq_helpers import USER_DIR, make_tiny_lm_corpus
 
     from fairseq_asam.fairseq_ext import make_sharpness_aware
 
     data = make_tiny_lm_corpus(tmp_path_factory.mktemp("lm-corpus"))
-    lm_sam = make_sharpness_aware(LanguageModelingTask)
+    # Registered under its own name, as fairseq-train needs it (--task language_modeling_sam).
+    lm_sam = TASK_REGISTRY.get("language_modeling_sam") or make_sharpness_aware(
+        LanguageModelingTask, name="language_modeling_sam", dataclass=LanguageModelingConfig)
 
     def lm(save, task_cls, *opt):
         args = [
-            data, "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "transformer_lm",
+            data, "--user-dir", USER_DIR, "--task", "language_modeling_sam" if task_cls else "language_modeling",
+            "--arch", "transformer_lm",
             "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
             "--decoder-attention-heads", "2", "--dropout", "0.1", "--tokens-per-sample", "16",
             "--max-tokens", "128", "--lr", "5e-3", "--adam-eps", "0.1", "--update-freq", "2", "--seed", "3",
@@ -407,13 +419,17 @@ class FaultySecondPass(TranslationSAMTask):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.passes = 0
+        task = self
 
-    def sam_second_pass(self, *a, **kw):
-        self.passes += 1
-        return super().sam_second_pass(*a, **kw)
+        class Counting(FairseqUpdate):
+            def before_second_pass(self):
+                task.passes += 1
+                super().before_second_pass()
+
+        self.update_adapter = Counting
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kw):
-        if self._sam_replaying and self.passes <= self.fail_passes:
+        if self.sam_driver is not None and self.sam_driver.replaying and self.passes <= self.fail_passes:
             if self.fault == "oom":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
 

@@ -23,13 +23,13 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _compat
 from ..checks import check_bool, check_eta, check_p, check_rho
 from ..schedule import Full, Schedule
 from .perturb import _HYPER, Perturbation
-from .update import UpdateDriver
+from .update import UpdateAdapter, UpdateDriver
 
 __all__ = ["ASAM", "SAM"]
 
@@ -51,6 +51,20 @@ def _tensors_only(params) -> list:
             out.append(g)
         return out
     return [e[1] if isinstance(e, tuple) else e for e in items]
+
+
+class _Closure(UpdateAdapter):
+    """``step(closure)``'s side of the update: the closure runs a pass, the base optimizer steps."""
+
+    def __init__(self, base, closure, model):
+        self.base, self.closure, self.model = base, closure, model
+
+    def rerun(self, item, last: bool) -> None:
+        with torch.enable_grad():
+            self.closure()
+
+    def base_step(self) -> None:
+        self.base.step()
 
 
 class ASAM(torch.optim.Optimizer):
@@ -102,8 +116,6 @@ class ASAM(torch.optim.Optimizer):
 
     def _init(self, params, base_optimizer, *, rho, eta, p, normalization, normalize_bias, adaptive, foreach,
               base_kwargs, schedule=None):
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule= must be a fairseq_asam.schedule.Schedule (EveryK(5), ...), got {schedule!r}")
         params = list(params) if not isinstance(params, Tensor) else params
         pert = Perturbation(params, rho=rho, eta=eta, p=p, normalization=normalization,
                             normalize_bias=normalize_bias, adaptive=adaptive, foreach=foreach)
@@ -122,40 +134,45 @@ class ASAM(torch.optim.Optimizer):
                         "with a base optimizer instance, set per-group options on the base optimizer's param "
                         f"groups (opt.param_groups[i]['rho'] = ...), not in the groups given to {type(self).__name__}"
                     )
-        base_groups = getattr(base_optimizer, "param_groups", None)
-        if base_groups is None or not callable(getattr(base_optimizer, "step", None)):
-            raise ValueError(
-                f"base_optimizer= must be an optimizer: {type(base_optimizer).__name__} has no param_groups/step(); "
-                "pass an instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1), or a class with its arguments"
-            )
-        mine = {id(t) for g in pert.param_groups for t in g["params"]}
-        theirs = {id(t) for g in base_groups for t in g["params"]}
-        if mine != theirs:
-            raise ValueError(
-                f"the base optimizer must hold the same parameters as {type(self).__name__}: "
-                f"{len(mine - theirs)} of the {len(mine)} parameters given are not in the base optimizer, "
-                f"and {len(theirs - mine)} of its {len(theirs)} parameters were not given"
-            )
-        # rho/eta/p move into the base's groups (per group, where the user gave them per group).
-        hyper = {id(t): {k: g[k] for k in _HYPER} for g in pert.param_groups for t in g["params"]}
-        for g in base_groups:
-            vals = {tuple(sorted(hyper[id(t)].items())) for t in g["params"]}
-            if len(vals) > 1:
-                raise ValueError("the parameters of one base optimizer group were given different rho/eta/p")
-            g.update(dict(vals.pop()) if vals else pert.defaults)
+        # One list of groups from here on: the base optimizer's, holding rho/eta/p next to lr.
+        pert._bind(base_optimizer)
         defaults = dict(getattr(base_optimizer, "defaults", {}), **pert.defaults)
-        super().__init__([t for g in pert.param_groups for t in g["params"]], defaults)
+        super().__init__(pert.params(), defaults)
+        # Set after torch's __init__, whose param_groups/add_param_group calls must not reach the base.
+        self.__dict__.pop("_init_groups", None)
         self.base_optimizer = base_optimizer
-        self.perturbation = pert  # set after torch's __init__, whose add_param_group calls must not reach the base
+        self.perturbation = pert
         self.driver = UpdateDriver(pert, schedule, momenta=self._momenta)
-        self._share()
 
-    def _share(self) -> None:
-        # Share, not copy: a scheduler or a user changing lr or rho on either object changes what is used.
-        self.param_groups = self.base_optimizer.param_groups
-        self.perturbation.param_groups = self.base_optimizer.param_groups
-        if isinstance(getattr(self.base_optimizer, "state", None), dict):
-            self.state = self.base_optimizer.state
+    # param_groups and state are the base optimizer's own (not copies): a scheduler or a user changing lr
+    # or rho on either object changes what is used, also after load_state_dict() replaced the base's list.
+    @property
+    def param_groups(self) -> list[dict]:
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self.__dict__.setdefault("_init_groups", [])
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_init_groups"] = groups
+        else:
+            base.param_groups = groups
+
+    @property
+    def state(self):
+        base = self.__dict__.get("base_optimizer")
+        if base is not None and isinstance(getattr(base, "state", None), dict):
+            return base.state
+        return self.__dict__.setdefault("_own_state", {})
+
+    @state.setter
+    def state(self, value) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is not None and isinstance(getattr(base, "state", None), dict):
+            base.state = value
+        else:
+            self.__dict__["_own_state"] = value
 
     # -- hyper-parameters as attributes (the first group's), for convenience ------------------
 
@@ -207,8 +224,11 @@ class ASAM(torch.optim.Optimizer):
 
         ``directions``: the base optimizer's momentum per parameter when it is not in the base optimizer's
         state (``momentum_buffer``, ``exp_avg``), which is where it is read by default.
+
+        The random state is saved here: :meth:`ascent_step` replays it, so the loop's second forward draws
+        the same dropout masks as its first, and the end of the update puts back what the first left.
         """
-        return self.driver.begin(directions)
+        return self.driver.begin_step(directions, record=True)
 
     def wants_second_pass(self, grads=None, *, scale: float = 1.0, reduce=None) -> bool:
         """After the first backward: w goes back to w if :meth:`begin_step` moved it, and the schedule
@@ -228,7 +248,7 @@ class ASAM(torch.optim.Optimizer):
         Called without :meth:`wants_second_pass` (the paper's loop), the update is the full one; a
         schedule that skips second passes refuses that at once, naming the loop to use instead.
         """
-        return self.driver.ascend()
+        return self.driver.ascent_step()
 
     first_step = ascent_step  # the name used by the davda54/sam wrapper
 
@@ -243,11 +263,11 @@ class ASAM(torch.optim.Optimizer):
         """Before the base optimizer's step, for front ends that step it themselves (a GradScaler):
         w restored bit for bit, the schedule's gradient rule on ``grads`` (default ``.grad``), its counters.
         False: this update found a non-finite gradient; skip the base step."""
-        return self.driver.end(grads, reduce=reduce)
+        return self.driver.end_step(grads, reduce=reduce)
 
     def skip_step(self) -> None:
         """Abandon this update (a non-finite gradient): w restored, the gradients dropped, nothing counted."""
-        self.driver.skip()
+        self.driver.skip_step()
         self.zero_grad()
 
     def restore(self) -> None:
@@ -266,21 +286,27 @@ class ASAM(torch.optim.Optimizer):
 
     second_step = descent_step
 
-    def step(self, closure: Callable[[], Tensor] | None = None):
-        """The whole update. ``closure`` must zero the grads, run forward and backward, and return the loss."""
+    def step(self, closure: Callable[[], Tensor] | None = None, *, model: nn.Module | None = None):
+        """The whole update. ``closure`` must zero the grads, run forward and backward, and return the loss.
+
+        Its second call (at w + eps) draws the same random numbers as its first (dropout masks), and the
+        random state afterwards is what the first call left. ``model``: the module the closure runs; its
+        BatchNorm layers then keep their running statistics unchanged in the second call
+        (:func:`fairseq_asam.batchnorm.frozen_bn_stats`). Returns the first call's loss (at w).
+        """
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that zeroes the grads, runs forward and "
                 "backward and returns the loss, e.g. step(lambda: (opt.zero_grad(), loss_fn(model(x), y).backward())...); "
                 "or call ascent_step() and descent_step() around your own second forward/backward."
             )
-        self.begin_step()
-        with torch.enable_grad():
+        self.driver.begin_step()
+        with self.driver.first_pass(), torch.enable_grad():
             loss = closure()
-        if self.scheduled_ascent():
-            with torch.enable_grad():
-                closure()
-        self.descent_step()
+        self.driver.finish(_Closure(self.base_optimizer, closure, model))
+        # torch's LR schedulers warn unless the optimizer's step() ran; this is that step.
+        _compat.mark_optimizer_stepped(self)
+        self.zero_grad()
         return loss
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -289,10 +315,7 @@ class ASAM(torch.optim.Optimizer):
         """Add a group to the base optimizer and to the perturbation (tensors or (name, tensor) pairs)."""
         if not hasattr(self, "perturbation"):  # torch.optim.Optimizer.__init__ adds the initial groups
             return super().add_param_group(param_group)
-        group, specs = self.perturbation._resolve_new_group(param_group, len(self.param_groups))
-        self.base_optimizer.add_param_group(group)
-        for t, s in specs:
-            self.perturbation._specs[id(t)] = s
+        self.perturbation.add_param_group(param_group)  # checked there, added to the base's groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:
@@ -318,18 +341,7 @@ class ASAM(torch.optim.Optimizer):
             hp, base_state = dict(state_dict.get("asam", {})), state_dict["base"]
         else:
             hp, base_state = {}, state_dict
-        if hp.get("adaptive", self._adaptive_now()) != self._adaptive_now():
-            raise ValueError(
-                f"this state dict was saved by {'ASAM' if hp['adaptive'] else 'SAM'}, not {type(self).__name__}; "
-                "load state_dict['base'] to move the base optimizer's state across"
-            )
-        if ("normalization" in hp and hp["normalization"] != self.normalization) or (
-                "normalize_bias" in hp and hp["normalize_bias"] != self.normalize_bias):
-            raise ValueError(
-                "the state dict's normalization/normalize_bias "
-                f"({hp.get('normalization')}/{hp.get('normalize_bias')}) differ from this optimizer's "
-                f"({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
-            )
+        self.perturbation.check_saved_rule(hp, hint="; load state_dict['base'] to move the base optimizer's state across")
         current = [{k: g[k] for k in _HYPER if k in g} for g in self.param_groups]
         legacy = {k: hp[k] for k in _HYPER if k in hp}  # state dicts written before rho moved into the groups
         for i, g in enumerate(base_state.get("param_groups", [])):
@@ -340,8 +352,6 @@ class ASAM(torch.optim.Optimizer):
         if "schedule" in state_dict:
             self.schedule.load_state_dict(copy.deepcopy(state_dict["schedule"]))
         self.base_optimizer.load_state_dict(copy.deepcopy(base_state))
-        # torch's load_state_dict replaces the base's param_groups list: share the new one.
-        self._share()
         for i, g in enumerate(self.param_groups):
             for k in _HYPER:
                 if k not in g:
@@ -349,18 +359,15 @@ class ASAM(torch.optim.Optimizer):
                                       else self.perturbation.defaults[k])
             self.perturbation._check_group(g, i)
 
-    def _adaptive_now(self) -> bool:
-        return self.perturbation.adaptive
-
     def __repr__(self) -> str:
         p = "inf" if self.p == math.inf else "2"
         name = type(self).__name__
         if not self.perturbation.adaptive:
             return f"{name}(rho={self.rho}, p={p}, base={type(self.base_optimizer).__name__})"
         extra = "" if name == "ASAM" else "adaptive=True, "
-        sched = "" if type(self.schedule) is Full else f", schedule={self.schedule!r}"
+        policy = "" if type(self.schedule) is Full else f", schedule={self.schedule!r}"
         return (f"{name}({extra}rho={self.rho}, p={p}, eta={self.eta}, normalization={self.normalization!r}, "
-                f"normalize_bias={self.normalize_bias}, base={type(self.base_optimizer).__name__}{sched})")
+                f"normalize_bias={self.normalize_bias}, base={type(self.base_optimizer).__name__}{policy})")
 
 
 class SAM(ASAM):

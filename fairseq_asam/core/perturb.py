@@ -85,6 +85,7 @@ class Perturbation:
         normalize_bias: bool = False,
         adaptive: bool = True,
         foreach: bool | None = None,
+        owner=None,
     ):
         check_bool(adaptive, "adaptive=")
         pf = check_hyperparameters(rho, eta, p, normalization)
@@ -96,14 +97,48 @@ class Perturbation:
         self.normalize_bias = normalize_bias
         self.foreach = foreach
         self.defaults = dict(rho=float(rho), eta=float(eta) if adaptive else 0.0, p=pf)
-        self.param_groups: list[dict[str, Any]] = []
+        self._groups: list[dict[str, Any]] = []
+        self._owner = None  # an optimizer whose param_groups are the one list of rho/eta/p (the shells' base)
         self._specs: dict[int, ParamSpec] = {}
         self._buffers: dict[int, Tensor] = {}  # one per parameter: scratch for |w|, then the kept w
         self._perturbed: list[Tensor] = []
         self.last_eps_norm: Tensor | None = None
         self.last_grad_finite = True
         for opts, specs in _resolve_groups(params, **self._rule()):
-            self._append(self._group_of(opts, specs, len(self.param_groups)), specs)
+            self._append(self._group_of(opts, specs, len(self._groups)), specs)
+        if owner is not None:
+            self._bind(owner)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups with rho/eta/p: this object's own, or (``owner=``) the owner optimizer's own list, so a
+        scheduler, ``load_state_dict`` or a user changing either changes what the next ascent uses."""
+        return self._owner.param_groups if self._owner is not None else self._groups
+
+    def _bind(self, owner) -> None:
+        """Make ``owner``'s param_groups the only list: rho/eta/p move into its groups (per group, where they
+        were given per group), and this object keeps no copy."""
+        base_groups = getattr(owner, "param_groups", None)
+        if base_groups is None or not callable(getattr(owner, "step", None)):
+            raise ValueError(
+                f"base_optimizer= must be an optimizer: {type(owner).__name__} has no param_groups/step(); "
+                "pass an instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1), or a class with its arguments"
+            )
+        mine = {id(t) for g in self._groups for t in g["params"]}
+        theirs = {id(t) for g in base_groups for t in g["params"]}
+        if mine != theirs:
+            raise ValueError(
+                "the base optimizer must hold the same parameters as the sharpness-aware optimizer: "
+                f"{len(mine - theirs)} of the {len(mine)} parameters given are not in the base optimizer, "
+                f"and {len(theirs - mine)} of its {len(theirs)} parameters were not given"
+            )
+        hyper = {id(t): {k: g[k] for k in _HYPER} for g in self._groups for t in g["params"]}
+        for g in base_groups:
+            vals = {tuple(sorted(hyper[id(t)].items())) for t in g["params"]}
+            if len(vals) > 1:
+                raise ValueError("the parameters of one base optimizer group were given different rho/eta/p")
+            g.update(dict(vals.pop()) if vals else self.defaults)
+        self._owner, self._groups = owner, []
 
     def _rule(self) -> dict:
         return dict(adaptive=self.adaptive, normalization=self.normalization, normalize_bias=self.normalize_bias)
@@ -115,7 +150,10 @@ class Perturbation:
             raise ValueError(f"some parameters appear in more than one group: {', '.join(dup[:3])}")
         for t, s in specs:
             self._specs[id(t)] = s
-        self.param_groups.append(group)
+        if self._owner is not None:
+            self._owner.add_param_group(group)
+        else:
+            self._groups.append(group)
 
     def _group_of(self, opts: dict, specs, index: int) -> dict:
         """A param group of tensors with rho/eta/p (the defaults where not given), checked."""
@@ -126,12 +164,6 @@ class Perturbation:
         group["params"] = [t for t, _ in specs]
         return group
 
-    def _resolve_new_group(self, param_group: dict, index: int):
-        """(the group for an optimizer, its (tensor, ParamSpec) pairs) from what add_param_group() was given."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(param_group).__name__}")
-        ((opts, specs),) = _resolve_groups([param_group], start=index, **self._rule())
-        return self._group_of(opts, specs, index), specs
 
     def _check_group(self, group: dict, i: int) -> None:
         where = f"param_groups[{i}]"
@@ -140,8 +172,13 @@ class Perturbation:
         group["p"] = check_p(group["p"], f"{where}['p']")
 
     def add_param_group(self, group: dict) -> None:
-        """Add a group (tensors or (name, tensor) pairs, optional rho/eta/p/is_bias); it is perturbed too."""
-        self._append(*self._resolve_new_group(group, len(self.param_groups)))
+        """Add a group (tensors or (name, tensor) pairs, optional rho/eta/p/is_bias); it is perturbed too.
+        With an owner optimizer the group (its tensors, lr, rho/eta/p) is added to the owner's groups."""
+        if not isinstance(group, dict):
+            raise TypeError(f"add_param_group() takes a dict with a 'params' key, got {type(group).__name__}")
+        index = len(self.param_groups)
+        ((opts, specs),) = _resolve_groups([group], start=index, **self._rule())
+        self._append(self._group_of(opts, specs, index), specs)
 
     # -- what it computes ------------------------------------------------------------------------
 
@@ -209,8 +246,7 @@ class Perturbation:
         """One buffer per parameter (its local shard for a DTensor), all carved from one flat tensor per
         (dtype, device): a block of many megabytes, which glibc serves with mmap, never from the heap, so a
         persistent buffer allocated in the middle of an update cannot pin the heap's top and keep the memory
-        freed below it resident (measured on fairseq's CPU update: peak RSS +1.43x parameter bytes over adam
-        with per-tensor buffers, see docs/performance.md). Parameters whose layout has no exact view
+        freed below it resident (docs/performance.md measures the peak memory). Parameters whose layout has no exact view
         (overlapping or non-dense strides) get a buffer of their own."""
         tensors = []
         for group in self.param_groups:
@@ -376,13 +412,13 @@ class Perturbation:
             "adaptive": self.adaptive,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if self._perturbed:
-            raise RuntimeError("load_state_dict() while the weights are perturbed (between ascend() and restore())")
+    def check_saved_rule(self, state: dict, *, hint: str = "") -> None:
+        """Raise ``ValueError`` when a saved state's rule (ASAM or SAM, normalization, bias rule) is not this
+        object's; keys missing from ``state`` are not checked. ``hint`` ends the message."""
         if state.get("adaptive", self.adaptive) != self.adaptive:
             raise ValueError(
                 f"this state was saved by {'ASAM' if state['adaptive'] else 'SAM'}, "
-                f"not {'ASAM' if self.adaptive else 'SAM'}"
+                f"not {'ASAM' if self.adaptive else 'SAM'}{hint}"
             )
         if (state.get("normalization", self.normalization), state.get("normalize_bias", self.normalize_bias)) != (
                 self.normalization, self.normalize_bias):
@@ -390,6 +426,11 @@ class Perturbation:
                 f"the state's normalization/normalize_bias ({state.get('normalization')}/{state.get('normalize_bias')}) "
                 f"differ from this object's ({self.normalization}/{self.normalize_bias}); construct it with the saved ones"
             )
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._perturbed:
+            raise RuntimeError("load_state_dict() while the weights are perturbed (between ascend() and restore())")
+        self.check_saved_rule(state)
         groups = state.get("param_groups", [])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(groups)} param groups, this object {len(self.param_groups)}")

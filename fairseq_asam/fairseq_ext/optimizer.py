@@ -2,10 +2,10 @@
 
 ASAM (Kwon et al., ICML 2021, Section 4, Algorithm 1; T_w of Eq. 5 plus eta I) and SAM (Foret et al.,
 T_w = I) around fairseq's own Adam, so every Adam flag (``--adam-betas``, ``--weight-decay``, ``--lr``,
-schedulers, ``--fp16``, ...) keeps working. The optimizer only holds the hyper-parameters and does the
-*descent* (Adam's step); the two-pass update lives in the task (``--task translation_sam``, see
-``task.py``), which calls :meth:`FairseqSharpnessAdam.perturber` for the ascent. Used alone, with a task
-that does not run the second pass, the first update stops with an error instead of silently training
+schedulers, ``--fp16``, ...) keeps working. The optimizer holds the hyper-parameters and the policy, builds
+the update's driver (:meth:`FairseqSharpnessAdam.build_driver`) and does the *descent* (Adam's step); the
+task (``--task translation_sam``, see ``task.py``) holds the driver and runs the update. With a task that
+does not run the second pass, fairseq-train stops at startup with one line instead of silently training
 plain Adam. Example (from the repository root, after ``make install``)::
 
     fairseq-train data-bin/iwslt14.tokenized.de-en --user-dir fairseq_asam --task translation_sam \\
@@ -25,8 +25,9 @@ from omegaconf import II
 
 from .. import _compat, checks
 from .. import schedule as _schedule
-from ..core import Perturbation
+from ..core import Perturbation, UpdateDriver
 from ..schedule import Schedule
+from . import scheduled
 
 __all__ = ["AsamAdamConfig", "SamAdamConfig", "FairseqASAMAdam", "FairseqSAMAdam", "find_sharpness_optimizer"]
 
@@ -104,6 +105,8 @@ class _SharpnessAdamConfig(_ScheduleConfig):
     amp_batch_retries: int = II("common.amp_batch_retries")
     use_bmuf: bool = II("optimization.use_bmuf")
     ddp_backend: Any = II("distributed_training.ddp_backend")
+    # The run's task (its registered name decides whether it runs the two-pass update).
+    task: Any = II("task")
 
 
 @dataclass
@@ -181,38 +184,36 @@ class FairseqSharpnessAdam(FairseqAdam):
             )
         if getattr(cfg, "tpu", False):
             raise ValueError(f"--optimizer {name} does not support --tpu")
-        _check_task(name)
+        _check_task(name, cfg)
         self.schedule = _schedule_from(cfg)
         super().__init__(cfg, params)
         self.clip_norm = float(cfg.clip_norm)
         self.amp_batch_retries = int(cfg.amp_batch_retries)
         self._descent_allowed = False
-        self._perturber = None
-        self._perturber_key = None
 
     @property
     def registry_name(self) -> str:
         return "asam_adam" if self.adaptive else "sam_adam"
 
-    def perturber(self, model) -> Perturbation:
+    def make_perturbation(self, model) -> Perturbation:
         """The core's perturbation object over the parameters the model's forward uses (fp16 ones under --fp16).
 
         Built from ``model.named_parameters()``, so the core's rule 'a name ending in bias is a bias' decides
-        which tensors get T = 1; rebuilt if the model's parameter tensors change. The descent is this
-        optimizer's own step (Adam through fairseq's fp16/AMP wrappers), run by the task.
+        which tensors get T = 1.
         """
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        key = (id(model), tuple(id(p) for _, p in named))
-        if self._perturber is None or self._perturber_key != key:
-            if self.adaptive:
-                self._perturber = Perturbation(
-                    named, rho=self.rho, eta=self.eta, p=self.p,
-                    normalization=self.normalization, normalize_bias=self.normalize_bias,
-                )  # fmt: skip
-            else:
-                self._perturber = Perturbation(named, rho=self.rho, p=self.p, adaptive=False)
-            self._perturber_key = key
-        return self._perturber
+        if self.adaptive:
+            return Perturbation(named, rho=self.rho, eta=self.eta, p=self.p, normalization=self.normalization,
+                                normalize_bias=self.normalize_bias)
+        return Perturbation(named, rho=self.rho, p=self.p, adaptive=False)
+
+    def build_driver(self, optimizer, model) -> UpdateDriver:
+        """The update's driver over the weights the model's forward uses, with this optimizer's policy, reading
+        the gradients and Adam's momentum behind fairseq's wrapper ``optimizer`` (the Trainer's). The task
+        builds it once and holds it."""
+        return UpdateDriver(self.make_perturbation(model), self.schedule,
+                            momenta=lambda: scheduled.momenta(self, optimizer, model),
+                            grads=lambda: scheduled.descent_grads(optimizer, model))
 
     def state_dict(self):
         """Adam's state dict plus the schedule's state (counters, stored direction, running statistics)."""
@@ -222,10 +223,10 @@ class FairseqSharpnessAdam(FairseqAdam):
 
     def load_state_dict(self, state_dict, optimizer_overrides=None):
         state_dict = dict(state_dict)
-        sched = state_dict.pop("asam_schedule", None)
+        policy = state_dict.pop("asam_schedule", None)
         super().load_state_dict(state_dict, optimizer_overrides)
-        if sched is not None:
-            self.schedule.load_state_dict(sched)
+        if policy is not None:
+            self.schedule.load_state_dict(policy)
 
     @contextmanager
     def descent(self):
@@ -283,28 +284,31 @@ def _schedule_from(cfg) -> Schedule:
     return policy
 
 
-def _check_task(name: str) -> None:
-    """Stop when fairseq's Trainer builds this optimizer for a task that would call Adam's step directly.
+def _check_task(name: str, cfg) -> None:
+    """Stop when the run's task (the Trainer's config: ``--task``) is a registered task that would call Adam's
+    step directly.
 
     fairseq-train builds the optimizer before training (to log the learning rate), so this is a one-line
-    message and exit status 1 at startup, not an error inside the first update. The task is the Trainer's
-    own (a wrapped, unregistered task passes); an optimizer built outside a Trainer is not checked here
-    (its step() refuses to run outside the two-pass update instead).
+    message and exit status 1 at startup, not an error inside the first update. A task registered from
+    :class:`~fairseq_asam.fairseq_ext.SharpnessAwareTask` (``translation_sam``, or one made with
+    ``make_sharpness_aware(cls, name=...)``) passes. An optimizer built from a config without a task is not
+    checked here; its step() refuses to run outside the two-pass update instead.
     """
-    trainer = _compat.calling_trainer()
-    if trainer is None:
+    try:
+        task_cfg = cfg.task
+    except Exception:  # a standalone optimizer config: nothing to resolve the interpolation against
         return
-    task = getattr(trainer, "task", None)
+    # fairseq-train's command line hands the interpolation the --task value itself; a hydra config the node.
+    task_name = task_cfg if isinstance(task_cfg, str) else _compat.config_name(task_cfg) if task_cfg is not None else ""
+    from fairseq.tasks import TASK_REGISTRY
+
+    task_cls = TASK_REGISTRY.get(task_name)
     # SharpnessAwareTask (task.py) sets the flag; read as an attribute, so this module need not import it.
-    if task is not None and not getattr(task, "runs_sharpness_aware_update", False):
-        try:
-            task_name = _compat.config_name(trainer.cfg.task)
-        except Exception:  # a config without a registered name: say the class
-            task_name = type(task).__name__
+    if task_cls is not None and not getattr(task_cls, "runs_sharpness_aware_update", False):
         raise SystemExit(
             f"fairseq-train: error: --optimizer {name} needs the two-pass sharpness-aware train step, which "
             f"--task {task_name} does not run: use --task translation_sam (or a task wrapped with "
-            "fairseq_asam.fairseq_ext.make_sharpness_aware)"
+            "fairseq_asam.fairseq_ext.make_sharpness_aware and registered under its own name)"
         )
 
 

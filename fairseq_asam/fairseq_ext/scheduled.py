@@ -1,11 +1,11 @@
 """fairseq's side of the update protocol (:mod:`fairseq_asam.core.update`): where the gradients and Adam's
 momentum live behind fairseq's optimizer wrappers.
 
-The task (``task.py``) runs the protocol through :func:`driver`: ``begin()`` before the first micro-batch's
-forward, ``wants_second_pass()`` in ``optimizer_step`` on the update's final gradient (all-reduced,
-normalised, clipped by the Trainer), ``ascend()`` and the second pass where the policy says so, ``end()``
-right before Adam's step; :func:`log` writes the metrics ``second_pass`` (1/0 per update, averaged over
-the log interval) and ``second_pass_frac`` (since the start of training).
+The optimizer builds the update's driver with :func:`descent_grads` and :func:`momenta`
+(``FairseqSharpnessAdam.build_driver``); the task holds it and runs each update through it, reading the
+update's final gradient (all-reduced, normalised, clipped by the Trainer) with the factor of
+:func:`grad_scale`; :func:`log` writes the metrics ``second_pass`` (1/0 per update, averaged over the log
+interval) and ``second_pass_frac`` (since the start of training).
 
 The gradient a policy reads is the one Adam steps with: the model's grads, or under ``--fp16`` the fp32
 master grads (split per parameter when fairseq flattened them), aligned with the model's trainable
@@ -17,9 +17,8 @@ from fairseq import metrics
 from fairseq.optim.fp16_optimizer import FP16Optimizer, MemoryEfficientFP16Optimizer
 
 from .. import _compat
-from ..core.update import UpdateDriver
 
-__all__ = ["descent_grads", "driver", "grad_scale", "log"]
+__all__ = ["descent_grads", "grad_scale", "log", "momenta"]
 
 
 def _masters(optimizer, model):
@@ -53,7 +52,7 @@ def descent_grads(optimizer, model):
     return [_view(m.grad, off, shape) for m, off, shape in masters]
 
 
-def _momenta(sam, optimizer, model):
+def momenta(sam, optimizer, model):
     """Adam's first moments (exp_avg) per trainable model parameter; None where there is none yet."""
     state = sam.optimizer.state  # the torch Adam inside fairseq's optimizer (over the masters under --fp16)
     masters = _masters(optimizer, model)
@@ -69,18 +68,6 @@ def grad_scale(optimizer) -> float:
         f = float(f) if f is not None else 1.0
         return 1.0 / f if f else 1.0
     return 1.0
-
-
-def driver(sam, optimizer, model) -> UpdateDriver:
-    """The update protocol over the weights the model's forward uses, with the policy of ``sam``
-    (``--optimizer asam_adam``/``sam_adam``), reading the gradients and momenta behind ``optimizer``."""
-    pert = sam.perturber(model)
-    key = (id(pert), id(optimizer), id(model))
-    if getattr(sam, "_driver_key", None) != key:
-        sam._driver = UpdateDriver(pert, sam.schedule, momenta=lambda: _momenta(sam, optimizer, model),
-                                   grads=lambda: descent_grads(optimizer, model))
-        sam._driver_key = key
-    return sam._driver
 
 
 def log(sam) -> None:

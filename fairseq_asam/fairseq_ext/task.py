@@ -21,8 +21,13 @@ second pass is retried at the lowered scale, then reported to the Trainer as an 
 out-of-memory error in it skips the batch, as fairseq does for the first pass (``docs/precision.md`` says
 which precision mode to use).
 
-``train_step`` only records each micro-batch (the sample and the random state before its forward) on
-top of the wrapped task's own ``train_step``. Logged through fairseq's metrics (progress bar,
+The sequence is the core's (:meth:`fairseq_asam.core.UpdateDriver.finish`, the same for every front end):
+``train_step`` runs the wrapped task's own ``train_step`` inside the driver's ``first_pass`` (which records
+the sample and the random state before its forward), and ``optimizer_step`` hands the driver a
+:class:`FairseqUpdate`, fairseq's side of the update (the second pass's ``train_step``, the fp16/AMP
+handling, the Trainer's reduce/normalise/clip, the wrapped task's optimizer step). The optimizer builds
+the driver (``FairseqSharpnessAdam.build_driver``) once, the first time an update starts; the task holds it
+as ``task.sam_driver``. Logged through fairseq's metrics (progress bar,
 tensorboard, wandb): ``loss_eps`` (the loss at w + eps, in the same base-2 units as fairseq's ``loss``,
 which is the loss at w), ``sharpness`` (loss_eps - loss: a free per-update sharpness estimate) and
 ``eps_norm`` (||eps||_2). With ``FAIRSEQ_ASAM_PHASE_TIMES=1`` in the environment, the wall time of each
@@ -55,19 +60,21 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .. import _compat
-from ..replay import random_state, set_random_state
+from ..core.update import UpdateAdapter, UpdateDriver
 from . import scheduled
 from .optimizer import find_sharpness_optimizer
 
 __all__ = [
-    "SecondPassOutOfMemory", "SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask", "fp16_grads_for_ascent",
-    "make_sharpness_aware",
+    "FairseqUpdate", "SecondPassOutOfMemory", "SharpnessAwareTask", "TranslationSAMConfig", "TranslationSAMTask",
+    "fp16_grads_for_ascent", "make_sharpness_aware",
 ]
 
 logger = logging.getLogger(__name__)
 
 _LOG2 = 0.6931471805599453  # fairseq's criteria report losses in base 2: loss / ln 2
-_TRIM_EVERY = 4  # every 4th ascent: peak RSS +1.01x parameter bytes at 1.94x adam (every one: +0.58x at 2.09x)
+# On the CPU the freed first-pass gradients are handed back to the OS every _TRIM_EVERY-th ascent: each
+# release costs a walk of the heap and page faults in the second pass, so not every time (docs/performance.md).
+_TRIM_EVERY = 4
 
 
 def _grads_cleared(model) -> bool:
@@ -81,12 +88,144 @@ def _all_finite(params) -> bool:
 
 
 class _MicroBatch:
-    __slots__ = ("sample", "ignore_grad", "kwargs", "rng", "sample_size", "loss")
+    __slots__ = ("sample", "ignore_grad", "kwargs", "sample_size", "loss")
 
-    def __init__(self, sample, ignore_grad, kwargs, rng):
-        self.sample, self.ignore_grad, self.kwargs, self.rng = sample, ignore_grad, kwargs, rng
+    def __init__(self, sample, ignore_grad, kwargs):
+        self.sample, self.ignore_grad, self.kwargs = sample, ignore_grad, kwargs
         self.sample_size = 0
         self.loss = None
+
+
+class FairseqUpdate(UpdateAdapter):
+    """fairseq's side of one update (:class:`fairseq_asam.core.UpdateAdapter`): the task's ``train_step``
+    run again per micro-batch, fairseq's optimizer wrappers (fp16, AMP) around the ascent, the Trainer's
+    reduce/normalise/clip for g', and the wrapped task's ``optimizer_step`` as the base step.
+
+    One instance per update; ``SharpnessAwareTask.update_adapter`` names the class (a subclass can record or
+    time a phase by overriding its hook).
+    """
+
+    def __init__(self, task, sam, optimizer, model, update_num, base_step):
+        self.task, self.sam, self.optimizer, self.model, self.update_num = task, sam, optimizer, model, update_num
+        self._base_step = base_step  # the wrapped task's optimizer_step (Adam, through fairseq's wrappers)
+        self.amp = isinstance(optimizer, AMPOptimizer)
+        self.world = distributed_utils.get_data_parallel_world_size()
+        self.sums = (0, None, None)  # this second pass's sample size, loss at w, loss at w + eps (local)
+        self.applied_eps_norm = None
+        self._attempt = 0
+
+    def overflowed(self) -> bool:
+        # --amp: an overflow in the first pass still reaches optimizer_step (the grad scaler must skip the step
+        # and lower its scale). No ascent, no second pass.
+        return self.amp and not _all_finite(self.model.parameters())
+
+    def skip(self) -> None:
+        if not self.amp:
+            raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
+        with self.sam.descent():
+            self._base_step()  # the grad scaler found the inf when the Trainer unscaled: it skips and backs off
+
+    def before_ascent(self) -> None:
+        # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
+        fp16_grads_for_ascent([p.grad for p in self.model.parameters()], self.sam.p)
+
+    def after_ascent(self) -> None:
+        pert = self.task.sam_driver.perturbation
+        if next(self.model.parameters()).dtype in (torch.float16, torch.bfloat16):
+            # In fp16/bf16 weights much of a small eps rounds away (docs/precision.md): log the norm that
+            # was applied next to the intended one (one extra pass, in half-precision runs only).
+            self.applied_eps_norm = pert.applied_eps_norm()
+            _warn_if_rounded_away(self.applied_eps_norm, pert.last_eps_norm)
+        if not next(self.model.parameters()).is_cuda:
+            # The ascent dropped the first-pass gradients (their memory holds the second forward's activations):
+            # give their pages back before the second pass allocates.
+            if self.task._sam_ascents % _TRIM_EVERY == 0:
+                _compat.release_freed_host_memory()
+            self.task._sam_ascents += 1
+
+    def before_second_pass(self) -> None:
+        self.optimizer.zero_grad()
+        if isinstance(self.optimizer, FP16Optimizer) and self.optimizer.scaler is None:
+            # bf16: FP16Optimizer.zero_grad() resets its pending gradient factor only when there is a loss
+            # scaler; in plain fairseq step() consumes it. The first pass's factor (1/sample_size times the
+            # clip coefficient) was never applied and must not be applied to g' on top of g's own.
+            _compat.set_fp16_multiply_factor(self.optimizer, 1.0)
+        if self.amp:
+            _amp_allow_second_unscale(self.optimizer)
+        self.sums = (0, None, None)
+
+    def rerun(self, mb, last: bool) -> None:
+        """One micro-batch's forward/backward at w + eps: the task's own train_step (the Trainer's no_sync for
+        all but the last micro-batch under DDP). Out of memory on one worker: the batch is skipped as fairseq
+        skips one whose first pass ran out of memory (:class:`SecondPassOutOfMemory`); with several workers the
+        error is raised as is (the others are inside the second pass's all-reduce and cannot be told to skip)."""
+        model = self.model
+        sync = model.no_sync() if self.world > 1 and hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        try:
+            with sync:
+                loss, _, logging_output = self.task.train_step(
+                    mb.sample, model, self.task._sam_criterion, self.optimizer, self.update_num, mb.ignore_grad,
+                    **mb.kwargs)
+        except RuntimeError as e:
+            if not _is_oom(e) or self.world > 1:
+                raise
+            self.optimizer.zero_grad()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("out of memory in the second (w + eps) pass; skipping this batch: %s", e)
+            raise SecondPassOutOfMemory(
+                f"out of memory in the sharpness-aware second pass, batch skipped (not an overflow): {e}") from e
+        n, loss_w, loss_eps = self.sums
+        le = _loss_of(loss, logging_output)
+        self.sums = (n + mb.sample_size, mb.loss if loss_w is None else loss_w + mb.loss,
+                     le if loss_eps is None else loss_eps + le)
+        if last and mb.ignore_grad:
+            self.sums = (self.sums[0] * 0, *self.sums[1:])  # as the Trainer does when the last is a dummy batch
+
+    def second_pass_ok(self) -> bool:
+        """--amp overflow at w + eps: the grad scaler skips the step and lowers its scale, as for a first-pass
+        overflow (at the minimum scale fairseq's FloatingPointError stops training); the second pass is retried
+        at the lower scale up to --amp-batch-retries times, as the Trainer retries a batch (eps stays valid: the
+        first-pass gradient was finite, and eps does not depend on its scale); after that, OverflowError: the
+        Trainer skips the batch without counting an update."""
+        if not self.amp or _all_finite(self.model.parameters()):
+            return True
+        self.optimizer.clip_grad_norm(0.0)  # the scaler's unscale_ records the inf; fairseq logs the new scale
+        with self.sam.descent():
+            self.optimizer.step()  # GradScaler.step skips Adam's step; update() lowers the scale
+        if self._attempt >= self.sam.amp_batch_retries:
+            self.optimizer.zero_grad()
+            raise OverflowError(f"AMP: gradients at w + eps overflowed {self._attempt + 1} times (the second pass "
+                                "of the sharpness-aware update); skipping this batch")
+        self._attempt += 1
+        logger.info("AMP: overflow in the second (w + eps) pass; retrying it at loss scale %g",
+                    self.optimizer.scaler.get_scale())
+        return False
+
+    def after_second_pass(self) -> None:
+        """Reduce, normalise and clip g' exactly as the Trainer did g."""
+        optimizer, model, criterion = self.optimizer, self.model, self.task._sam_criterion
+        optimizer.all_reduce_grads(model)
+        if utils.has_parameters(criterion):
+            optimizer.all_reduce_grads(criterion)
+        sample_size, loss_w, loss_eps = self.sums
+        if self.world > 1:
+            device = next(p for p in model.parameters()).device
+            buf = torch.stack([_as_tensor(x, device) for x in (sample_size, loss_w, loss_eps)])
+            buf = distributed_utils.all_reduce(buf, group=distributed_utils.get_data_parallel_group())
+            sample_size, loss_w, loss_eps = buf[0], buf[1], buf[2]
+        else:
+            sample_size = float(sample_size)
+        self.sums = (sample_size, loss_w, loss_eps)
+        # The Trainer's factor: DDP averages over workers, so numer / sample_size gives sum / sample_size.
+        optimizer.multiply_grads(self.world / (sample_size or 1.0))
+        grad_norm = optimizer.clip_grad_norm(self.sam.clip_norm)  # fp16: raises OverflowError on overflow
+        if not self.amp and not torch.isfinite(grad_norm).all():
+            raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
+
+    def base_step(self) -> None:
+        with self.sam.descent():
+            self._base_step()
 
 
 class SharpnessAwareTask:
@@ -94,42 +233,50 @@ class SharpnessAwareTask:
 
     Put it first in the bases: ``class TranslationSAMTask(SharpnessAwareTask, TranslationTask)``. With an
     optimizer that is not ``asam_adam``/``sam_adam`` the task behaves exactly like the wrapped one.
-    The phases are methods (:meth:`sam_ascent`, :meth:`sam_second_pass`, :meth:`sam_descent`) so that they
-    can be timed or overridden; ``self.sam_phase_times`` holds the last update's wall times in seconds.
+    ``self.sam_driver`` is the update's driver (built once, when the first update starts);
+    ``self.sam_phase_times`` holds the last update's wall times in seconds.
     """
 
     runs_sharpness_aware_update = True  # what --optimizer asam_adam/sam_adam check for at startup
+    update_adapter = FairseqUpdate
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._sam_pending: list[_MicroBatch] = []
-        self._sam_replaying = False
+        self.sam_driver: UpdateDriver | None = None
+        self._sam_driver_for = None  # the Trainer's optimizer the driver reads gradients and momenta behind
         self._sam_criterion = None
         self._sam_t_start = None
-        self._sam_t_base = None
         self._sam_timing = os.environ.get("FAIRSEQ_ASAM_PHASE_TIMES", "") not in ("", "0")
         self._sam_ascents = 0
         self.sam_phase_times: dict[str, float] = {}
 
+    def _sam_driver(self, sam, optimizer, model) -> UpdateDriver:
+        if self.sam_driver is None or self._sam_driver_for is not optimizer:
+            # Once per run (again only if the Trainer builds a new optimizer, e.g. --reset-optimizer on load).
+            self.sam_driver, self._sam_driver_for = sam.build_driver(optimizer, model), optimizer
+        return self.sam_driver
+
     # ---- first pass: the wrapped task's train_step, recorded -------------------------------------
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
-        if self._sam_replaying or find_sharpness_optimizer(optimizer) is None:
+        drv = self.sam_driver
+        sam = None if drv is not None and drv.replaying else find_sharpness_optimizer(optimizer)
+        if sam is None:  # the second pass's own calls, or a plain optimizer
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
-        if _grads_cleared(model):
-            # The Trainer zeroed the grads: a new update (or a retry after an overflow or OOM) starts,
-            # and only the micro-batches from here on make up its gradient.
-            self._sam_pending = []
+        if drv is None or _grads_cleared(model):
+            # The Trainer zeroed the grads: a new update (or a retry after an overflow or OOM) starts, and only
+            # the micro-batches from here on make up its gradient. A perturbation left by a skipped update is
+            # undone; a one-pass policy moves w to w + eps.
+            drv = self._sam_driver(sam, optimizer, model)
             self._sam_t_start = self._clock(model)
-            # A perturbation left by a skipped update is undone; a one-pass policy moves w to w + eps.
-            scheduled.driver(find_sharpness_optimizer(optimizer), optimizer, model).begin()
-        mb = _MicroBatch(sample, ignore_grad, kwargs, random_state())
-        loss, sample_size, logging_output = super().train_step(
-            sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
-        )
+            drv.begin_step()
+        mb = _MicroBatch(sample, ignore_grad, kwargs)
+        with drv.first_pass(mb):
+            loss, sample_size, logging_output = super().train_step(
+                sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
+            )
         mb.sample_size = sample_size
         mb.loss = _loss_of(loss, logging_output)
-        self._sam_pending.append(mb)
         self._sam_criterion = criterion
         return loss, sample_size, logging_output
 
@@ -139,196 +286,33 @@ class SharpnessAwareTask:
         sam = find_sharpness_optimizer(optimizer)
         if sam is None:
             return super().optimizer_step(optimizer, model, update_num)
-        pending, self._sam_pending = self._sam_pending, []
-        if not pending:
+        drv = self.sam_driver
+        if drv is None or not drv.recorded:
             raise RuntimeError(
                 "the sharpness-aware optimizer_step() found no recorded micro-batches: the trainer must call "
                 "task.train_step() for every micro-batch of the update before task.optimizer_step()"
             )
-        times = {}
         t0 = self._clock(model)
-        if self._sam_t_start is not None:
-            times["first"] = t0 - self._sam_t_start
-        drv = scheduled.driver(sam, optimizer, model)
-        second_pass = drv.wants_second_pass(scale=scheduled.grad_scale(optimizer))  # the policy; default: yes
-        if isinstance(optimizer, AMPOptimizer) and not _all_finite(model.parameters()):
-            # AMP overflow in the first pass: the Trainer still calls optimizer_step so that the grad
-            # scaler skips the step and lowers its scale. No ascent, no second pass.
-            with sam.descent():
-                return super().optimizer_step(optimizer, model, update_num)
-        if not second_pass:
-            return self.sam_plain_step(sam, optimizer, model, update_num)
-        perturber = self.sam_ascent(sam, optimizer, model)
-        t1 = self._clock(model)
-        try:
-            sums = self._sam_second_pass_handled(pending, sam, optimizer, model, update_num)
-        finally:
-            t_restore = self._clock(model)
-            drv.restore()  # w copied back in place, bit for bit, also if the second pass raised
-        t2 = self._clock(model)
-        sample_size, loss_w, loss_eps = self.sam_descent(sam, optimizer, model, update_num, sums)
-        t3 = self._clock(model)
-        times.update(ascent=t1 - t0, second=t_restore - t1, restore=t2 - t_restore,
-                     reduce_clip=self._sam_t_base - t2, base_step=t3 - self._sam_t_base)
-        self.sam_phase_times = times
-        self._sam_log(perturber, sample_size, loss_w, loss_eps, times)
-        scheduled.log(sam)
-
-    def sam_plain_step(self, sam, optimizer, model, update_num):
-        """An update the schedule runs without the second pass: fairseq's optimizer step with g (reduced,
-        normalised and clipped by the Trainer), after the schedule's gradient rule."""
-        scheduled.driver(sam, optimizer, model).end()
-        with sam.descent():
-            super().optimizer_step(optimizer, model, update_num)
-        scheduled.log(sam)
-
-    def sam_ascent(self, sam, optimizer, model):
-        """w -> w + eps on the tensors the forward pass uses, with the gradient fairseq finalised."""
-        drv = scheduled.driver(sam, optimizer, model)
-        perturber = drv.perturbation
-        # --fp16 / --memory-efficient-fp16: the grads are the model's fp16 ones, still times the loss scale.
-        fp16_grads_for_ascent([p.grad for p in model.parameters()], sam.p)
-        # The ascent consumes the model's grads (drops them, so the second forward's activations can use
-        # their memory: keeping them zeroed raised asam_adam's peak RSS by about one more parameter size);
-        # the fairseq optimizer's zero_grad() before the second pass clears its own state.
-        if not drv.ascend():
-            raise FloatingPointError("gradients are Nan/Inf (first pass of the sharpness-aware update)")
-        self._sam_applied = None
-        if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
-            # In fp16/bf16 weights much of a small eps rounds away (docs/precision.md): log the norm that
-            # was applied next to the intended one (one extra pass, in half-precision runs only).
-            self._sam_applied = perturber.applied_eps_norm()
-            _warn_if_rounded_away(self._sam_applied, perturber.last_eps_norm)
-        if not next(model.parameters()).is_cuda:
-            # The first-pass gradients were just freed: give their pages back before the second pass
-            # allocates (the peak-RSS cost of the two-pass update on the CPU, see the function). Every
-            # _TRIM_EVERY-th ascent: each release costs a walk of the heap and page faults in the second pass.
-            if self._sam_ascents % _TRIM_EVERY == 0:
-                _compat.release_freed_host_memory()
-            self._sam_ascents += 1
-        return perturber
-
-    def sam_second_pass(self, pending, model, optimizer, update_num):
-        """Forward/backward at w + eps over the update's micro-batches, replaying each one's random state.
-
-        Returns local (sample_size, loss at w, loss at w + eps) sums.
-        """
-        optimizer.zero_grad()
-        if isinstance(optimizer, FP16Optimizer) and optimizer.scaler is None:
-            # bf16: FP16Optimizer.zero_grad() resets its pending gradient factor only when there is a loss
-            # scaler; in plain fairseq step() consumes it. The first pass's factor (1/sample_size times the
-            # clip coefficient) was never applied and must not be applied to g' on top of g's own.
-            _compat.set_fp16_multiply_factor(optimizer, 1.0)
-        if isinstance(optimizer, AMPOptimizer):
-            _amp_allow_second_unscale(optimizer)
-        world = distributed_utils.get_data_parallel_world_size()
-        rng_after_first = random_state()
-        loss_eps = loss_w = None
-        sample_size = 0
-        self._sam_replaying = True
-        try:
-            for i, mb in enumerate(pending):
-                set_random_state(mb.rng)
-                sync = (
-                    model.no_sync()
-                    if world > 1 and hasattr(model, "no_sync") and i < len(pending) - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    loss, _, logging_output = self.train_step(
-                        mb.sample, model, self._sam_criterion, optimizer, update_num, mb.ignore_grad, **mb.kwargs
-                    )
-                le = _loss_of(loss, logging_output)
-                loss_eps = le if loss_eps is None else loss_eps + le
-                loss_w = mb.loss if loss_w is None else loss_w + mb.loss
-                sample_size += mb.sample_size
-                del loss
-        finally:
-            self._sam_replaying = False
-            set_random_state(rng_after_first)
-        if pending[-1].ignore_grad:
-            sample_size *= 0  # as the Trainer does when the last micro-batch is a dummy batch
-        return sample_size, loss_w, loss_eps
-
-    def _sam_second_pass_handled(self, pending, sam, optimizer, model, update_num):
-        """:meth:`sam_second_pass`, with fairseq's handling of an AMP overflow and of running out of memory.
-
-        The Trainer only sees what optimizer_step raises, and treats everything but an OverflowError raised
-        here as fatal; it counts the update (and steps the LR schedule) whenever optimizer_step returns.
-
-        - --amp overflow at w + eps: the grad scaler skips the step and lowers its scale, as for a
-          first-pass overflow (at the minimum scale fairseq's FloatingPointError stops training); the second
-          pass is retried at the lower scale up to --amp-batch-retries times, as the Trainer retries a batch
-          (eps stays valid: the first-pass gradient was finite, and eps does not depend on its scale); after
-          that, OverflowError: the Trainer skips the batch without counting an update.
-        - out of memory in the second pass, one worker: the grads are dropped and OverflowError (a
-          :class:`SecondPassOutOfMemory`) makes the Trainer skip the batch, as it skips one whose first
-          forward/backward ran out of memory. With several workers the error is raised as before: the others
-          are inside the second pass's all-reduce and cannot be told to skip, so going on would pair
-          mismatched collectives.
-        """
-        attempt = 0
-        while True:
-            try:
-                sums = self.sam_second_pass(pending, model, optimizer, update_num)
-            except RuntimeError as e:
-                if not _is_oom(e) or distributed_utils.get_data_parallel_world_size() > 1:
-                    raise
-                optimizer.zero_grad()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                logger.warning("out of memory in the second (w + eps) pass; skipping this batch: %s", e)
-                raise SecondPassOutOfMemory(
-                    f"out of memory in the sharpness-aware second pass, batch skipped (not an overflow): {e}"
-                ) from e
-            if not isinstance(optimizer, AMPOptimizer) or _all_finite(model.parameters()):
-                return sums
-            optimizer.clip_grad_norm(0.0)  # the scaler's unscale_ records the inf; fairseq logs the new scale
-            with sam.descent():
-                optimizer.step()  # GradScaler.step skips Adam's step; update() lowers the scale
-            if attempt >= sam.amp_batch_retries:
-                optimizer.zero_grad()
-                raise OverflowError(
-                    f"AMP: gradients at w + eps overflowed {attempt + 1} times (the second pass of the "
-                    "sharpness-aware update); skipping this batch"
-                )
-            attempt += 1
-            logger.info("AMP: overflow in the second (w + eps) pass; retrying it at loss scale %g",
-                        optimizer.scaler.get_scale())
-
-    def sam_descent(self, sam, optimizer, model, update_num, sums):
-        """Reduce, normalise and clip g' exactly as the Trainer did g, then fairseq's optimizer step."""
-        criterion = self._sam_criterion
-        optimizer.all_reduce_grads(model)
-        if utils.has_parameters(criterion):
-            optimizer.all_reduce_grads(criterion)
-        sample_size, loss_w, loss_eps = sums
-        world = distributed_utils.get_data_parallel_world_size()
-        if world > 1:
-            device = next(p for p in model.parameters()).device
-            buf = torch.stack([_as_tensor(x, device) for x in (sample_size, loss_w, loss_eps)])
-            buf = distributed_utils.all_reduce(buf, group=distributed_utils.get_data_parallel_group())
-            sample_size, loss_w, loss_eps = buf[0], buf[1], buf[2]
-        else:
-            sample_size = float(sample_size)
-        # The Trainer's factor: DDP averages over workers, so numer / sample_size gives sum / sample_size.
-        optimizer.multiply_grads(world / (sample_size or 1.0))
-        grad_norm = optimizer.clip_grad_norm(sam.clip_norm)  # fp16: raises OverflowError on overflow
-        if not isinstance(optimizer, AMPOptimizer) and not torch.isfinite(grad_norm).all():
-            raise FloatingPointError("gradients at w + eps are Nan/Inf (second pass of the sharpness-aware update)")
-        scheduled.driver(sam, optimizer, model).end()
-        self._sam_t_base = self._clock(model)
-        with sam.descent():
-            super().optimizer_step(optimizer, model, update_num)
-        return sample_size, loss_w, loss_eps
+        update = self.update_adapter(self, sam, optimizer, model, update_num,
+                                     lambda: super(SharpnessAwareTask, self).optimizer_step(optimizer, model, update_num))
+        result = drv.finish(update, scale=scheduled.grad_scale(optimizer),
+                            clock=(lambda: self._clock(model)) if self._sam_timing else None)
+        if result.second_pass and not result.skipped:
+            times = {"first": t0 - self._sam_t_start} if self._sam_t_start is not None else {}
+            times.update({_PHASES.get(k, k): v for k, v in result.times.items()})
+            self.sam_phase_times = times
+            self._sam_log(drv.perturbation, update, times)
+        if not result.skipped:
+            scheduled.log(sam)
 
     # ---- logging and timing ----------------------------------------------------------------------
 
-    def _sam_log(self, perturber, sample_size, loss_w, loss_eps, times) -> None:
-        if perturber.last_eps_norm is not None:
-            metrics.log_scalar("eps_norm", perturber.last_eps_norm, weight=1, priority=20, round=4)
-        if getattr(self, "_sam_applied", None) is not None:
-            metrics.log_scalar("eps_norm_applied", self._sam_applied, weight=1, priority=20, round=4)
+    def _sam_log(self, perturbation, update, times) -> None:
+        sample_size, loss_w, loss_eps = update.sums
+        if perturbation.last_eps_norm is not None:
+            metrics.log_scalar("eps_norm", perturbation.last_eps_norm, weight=1, priority=20, round=4)
+        if update.applied_eps_norm is not None:
+            metrics.log_scalar("eps_norm_applied", update.applied_eps_norm, weight=1, priority=20, round=4)
         if float(sample_size) > 0 and loss_eps is not None:
             metrics.log_scalar("loss_eps", loss_eps / sample_size / _LOG2, sample_size, priority=20, round=3)
             metrics.log_scalar(
@@ -342,6 +326,10 @@ class SharpnessAwareTask:
         if self._sam_timing and torch.cuda.is_available() and next(model.parameters()).is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+# The driver's phase names as fairseq's metrics call them (t_reduce_clip: the Trainer's reduce/normalise/clip).
+_PHASES = {"after_second": "reduce_clip"}
 
 
 class SecondPassOutOfMemory(OverflowError):
