@@ -6,6 +6,10 @@ step, and a version newer than the checked range logs a warning once. ``tests/te
 (``test_every_private_reach_resolves``) checks every reach against the installed versions, so an upgrade
 that removes one fails there first. fairseq is imported only by the reaches that need it.
 
+The Hugging Face integration overrides two private methods of ``transformers.Trainer`` (saving and loading
+the optimizer beside its checkpoint): an override cannot be a function here, so those methods are
+entries of :data:`REACHES` (``hf_save_optimizer``, ``hf_load_optimizer``) and the same test checks them.
+
 Not fenced here: ``torch._foreach_*`` kernels (abs, add, addcmul, copy, mul, norm, sign, zero), called
 directly by :mod:`fairseq_asam.core.kernels`, :mod:`fairseq_asam.core.perturb` and the fairseq task's
 fp16 rescale, as ``torch.optim`` itself calls them; every one of them is in :data:`REACHES`, so the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import logging
 import sys
@@ -65,7 +70,7 @@ def quiet_fairseq_import():
 
 
 # The newest release of each library these reaches were read against.
-CHECKED = {"torch": "2.14.1", "fairseq": "0.12.3.1", "python": "3.13"}
+CHECKED = {"torch": "2.14.1", "fairseq": "0.12.3.1", "python": "3.13", "transformers": "5.23"}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -163,13 +168,21 @@ REACHES = {
     "foreach_mul": Reach("torch", "torch", "_foreach_mul_", "the foreach kernel; the fp16 rescale before the ascent"),
     "foreach_sign": Reach("torch", "torch", "_foreach_sign_", "the foreach kernel (p = inf)"),
     "foreach_zero": Reach("torch", "torch", "_foreach_zero_", "zeroing the gradients in place after the ascent"),
+    "hf_save_optimizer": Reach("transformers", "transformers:Trainer", "_save_optimizer_and_scheduler",
+                               "saving the ASAM shell's state (asam.pt) beside the Trainer's optimizer.pt"),
+    "hf_load_optimizer": Reach("transformers", "transformers:Trainer", "_load_optimizer_and_scheduler",
+                               "restoring asam.pt when the Trainer resumes from a checkpoint"),
 }
+_OPTIONAL = {"transformers"}  # reaches of an extra: checked where it is installed
 
 
 def check_all() -> dict[str, str]:
     """Resolve every reach; returns {name: 'ok'} or raises the RuntimeError of the first one missing."""
     out = {}
     for name, r in REACHES.items():
+        if r.lib in _OPTIONAL and importlib.util.find_spec(r.lib) is None:
+            out[name] = "not installed"
+            continue
         r.resolve()
         out[name] = "ok"
     return out
@@ -253,10 +266,9 @@ def release_freed_host_memory() -> bool:
     Not a setting: the allocator keeps its defaults. The fairseq task calls it on the CPU right after the
     ascent dropped the first-pass gradients, before the second pass allocates its activations and
     gradients. Without it glibc's dynamic mmap threshold leaves those freed gradients on the heap, and the
-    second pass grows the heap around them: asam_adam's peak RSS is +1.23x the parameter bytes over
-    adam's on the transformer of ``make bench`` without a release, +1.01x with one every 4th update
-    (the whole update 1.94x adam's), +0.58x with one every update (2.09x: each release is paid again as
-    page faults in the second pass). See docs/performance.md.
+    second pass grows the heap around them, which raises the two-pass update's peak memory; a release on
+    every update is paid again as page faults in the second pass, so the task releases every few updates
+    (docs/performance.md has the measurements).
     """
     global _libc
     if _libc is None:

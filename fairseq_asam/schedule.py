@@ -186,7 +186,7 @@ class Schedule:
     def trains_at_perturbed_weights(self) -> bool:
         """True when every training forward runs at w + eps (one pass per update), so that BatchNorm's running
         statistics describe weights that are never kept: a front end recomputes them at w after training
-        (docs/efficiency.md measured +0.9 to +2.4 points for one pass along the momentum)."""
+        (docs/efficiency.md measures what that recompute is worth)."""
         return False
 
     def check_full_update(self) -> None:

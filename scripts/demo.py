@@ -1,7 +1,7 @@
 """``make demo``: the whole IWSLT'14 pipeline of paper Section 5.3 on the embedded synthetic corpus, on CPU.
 
 No download, no GPU. The synthetic German-English corpus in ``data-prep/demo-de-en`` (made by
-``demo_corpus.py`` from a small grammar and lexicon; not natural text) is packed into an archive with
+``studies/demo_corpus.py`` from a small grammar and lexicon; not natural text) is packed into an archive with
 the layout of the real ``de-en.tgz`` and goes through the same code as the real data:
 
 1. ``prepare.py`` (the prepare-iwslt14 recipe: tokenize, clean, lowercase, split, BPE, fairseq-preprocess);
@@ -24,67 +24,24 @@ Everything lands in ``demo-out/``; a second ``make demo`` reuses finished steps 
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 from fairseq_asam.iwslt import evaluate, prepare, summarize, train
-from scripts.demo_corpus import DEMO_DIR
+from studies.demo_corpus import DEMO_BPE_TOKENS, DEMO_DIR, DEMO_TRAIN_ARGS, pack_archive
 
 __all__ = ["DEMO_SHARPNESS", "DEMO_TRAIN_ARGS", "measure_run_sharpness", "pack_archive", "run_demo"]
 
-# A Transformer small enough for 2 CPU cores, and a schedule short enough for a few minutes per
-# method: the paper's optimizer settings otherwise (Adam betas 0.9/0.98, inverse_sqrt, wd 1e-4,
-# label smoothing 0.1, rho 0.1 / 0.2), with a larger peak lr and a short warm-up because the run
-# is a few hundred updates, not tens of thousands.
-DEMO_TRAIN_ARGS = [
-    "--arch", "transformer",
-    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "256", "--decoder-ffn-embed-dim", "256",
-    "--encoder-layers", "2", "--decoder-layers", "2",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-    "--dropout", "0.1", "--lr", "3e-3", "--warmup-updates", "100",
-    "--max-tokens", "1024", "--num-workers", "0",
-    "--log-interval", "25",
-    # Validation BLEU for the curves with greedy decoding (the final evaluation uses beam 5), and no
-    # extra validation/checkpoint at epoch ends: only every --validate-every updates.
-    "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
-    "--validate-interval", "1000000", "--save-interval", "1000000",
-]
-DEMO_BPE_TOKENS = 1000  # the synthetic lexicon is small; 10,000 merges would make every word one token
 # Adaptive sharpness (Eq. 4) of each final model: ASAM's own radius and eta, on a fixed random sample of
 # the training batches (fairseq's own order sorts by length), in the batch size the runs trained with.
 # 5 ascent steps: on these models the value grows by about 10% from the first step to the tenth (0.018 to
 # 0.020 on Adam's), and each step is a forward and backward pass over the 4 batches.
 DEMO_SHARPNESS = ["--split", "train", "--rho", "0.2", "--eta", "0.01", "--p", "2", "--steps", "5", "--seed", "0",
                   "--max-batches", "4", "--batch-seed", "0", "--max-tokens", "1024"]
-
-
-def pack_archive(src: Path, out: Path) -> Path:
-    """Pack ``src/de-en/*`` into ``out`` (a .tgz with the member names of the real archive), atomically."""
-    src = Path(src)
-    files = sorted((src / "de-en").glob("*"))
-    if not files:
-        raise ValueError(f"no corpus files in {src / 'de-en'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    # Fixed mtimes and order: the same corpus gives the same bytes, so prepare.py's fingerprint
-    # (sha256 of the archive) matches and a second demo reuses every finished step.
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for f in files:
-            data = f.read_bytes()
-            info = tarfile.TarInfo(f"de-en/{f.name}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, out)
-    return out
 
 
 def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], log) -> None:

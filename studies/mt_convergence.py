@@ -2,7 +2,7 @@
 early stopping on validation loss) on a small, noisy training set, each read at its best checkpoint and with
 fairseq-style checkpoint averaging.
 
-Data: the demo grammar (``scripts/demo_corpus.py``, synthetic German-English, not natural text) through the
+Data: the demo grammar (``studies/demo_corpus.py``, synthetic German-English, not natural text) through the
 project's IWSLT'14 preparation (``fairseq_asam.iwslt.prepare``: tokenize, clean, BPE, binarize). A fraction
 of the English training targets is replaced by other training sentences' English (a cyclic shift among the
 chosen pairs: a misaligned crawled corpus); the cleaning step's length-ratio filter drops some of the
@@ -11,7 +11,7 @@ recipe's dev sets (dev2010 + tedx.dev2012) are the validation set and its test s
 test set, re-binarized with the prepared dictionaries (:func:`build_data`); the recipe's own valid split
 (every 23rd training pair, as noisy as training) is not used.
 
-Model and optimizer: the demo's Transformer (``scripts.demo.DEMO_TRAIN_ARGS``: 64-dim, 2+2 layers) with
+Model and optimizer: the demo's Transformer (``studies.demo_corpus.DEMO_TRAIN_ARGS``: 64-dim, 2+2 layers) with
 ``fairseq_asam.iwslt.train.fairseq_train_args`` (Adam betas 0.9/0.98, inverse_sqrt, wd 1e-4, label
 smoothing 0.1). Convergence as a fairseq user gets it (:func:`train_args`): a validation every
 --validate-interval epochs on the validation loss (fairseq's default --best-checkpoint-metric), early
@@ -58,8 +58,8 @@ import torch
 
 from fairseq_asam.iwslt import evaluate, prepare, train
 from fairseq_asam.iwslt.summarize import read_valid_log
-from scripts import demo_corpus
-from scripts.demo import DEMO_BPE_TOKENS, DEMO_TRAIN_ARGS, pack_archive
+from studies import demo_corpus
+from studies.demo_corpus import DEMO_BPE_TOKENS, DEMO_TRAIN_ARGS, pack_archive
 
 # method -> (train.py's method, extra fairseq-train flags, passes per update)
 METHODS = {

@@ -99,8 +99,10 @@ def direct_updates(model0, data, states, *, batch: int, accum: int, rho: float, 
             backward(m, n_items)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         if opt.wants_second_pass(scale=scale):
-            assert opt.ascent_step()
             after = random_state(device)
+            assert opt.ascent_step()  # replays the random state saved by begin_step()
+            if not replay:
+                set_random_state(after)  # the control: the second pass draws fresh masks
             for m, s in zip(micro, seen):
                 if replay:
                     set_random_state(s)

@@ -12,7 +12,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from scripts.demo_corpus import generate_pairs, xml_lines
+from studies.demo_corpus import generate_pairs, xml_lines
 
 TEST_SETS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
              "IWSLT14.TED.tst2012")

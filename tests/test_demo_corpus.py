@@ -6,7 +6,7 @@ import tarfile
 
 from fairseq_asam.iwslt import prepare
 from scripts import demo
-from scripts.demo_corpus import DEMO_DIR, NOUNS, generate_pairs, write_corpus
+from studies.demo_corpus import DEMO_DIR, NOUNS, generate_pairs, write_corpus
 
 
 def test_committed_corpus_is_what_the_generator_writes(tmp_path):

@@ -327,6 +327,16 @@ class UpdateDriver:
         t.mark("base_step")
         return UpdateResult(second, False, t.times)
 
+    def second_pass(self, adapter: UpdateAdapter) -> None:
+        """The second pass over the micro-batches recorded since the last one, for an update that ascends
+        more than once (m-sharpness: one ascent per shard of m examples, each followed by its own second
+        pass); :meth:`finish` runs it for every other update."""
+        records, self._records = self._records, []
+        if not records:
+            raise RuntimeError("second_pass() found no recorded micro-batches: run each first forward/backward "
+                               "inside driver.first_pass(item)")
+        self._replay(records, adapter)
+
     def _replay(self, records: list[_Record], adapter: UpdateAdapter) -> None:
         """The second pass: each micro-batch again with the random state of its first pass; the state the
         first pass left is put back afterwards (training goes on drawing what one pass would have left)."""

@@ -1,8 +1,8 @@
 """ASAM and SAM in Hugging Face Transformers' ``Trainer`` and ``Seq2SeqTrainer`` (Kwon et al., ICML 2021, Section 4).
 
-:class:`ASAMTrainer` / :class:`ASAMSeq2SeqTrainer` run the project's update protocol
-(:mod:`fairseq_asam.core.update`, the public methods of :class:`fairseq_asam.ASAM`) around the Trainer's
-own passes; :class:`ASAMTrainingArguments` / :class:`ASAMSeq2SeqTrainingArguments` add the ``asam_*``
+:class:`ASAMTrainer` / :class:`ASAMSeq2SeqTrainer` run the update's one sequence
+(:meth:`fairseq_asam.core.UpdateDriver.finish`, the same for every front end) around the Trainer's own
+passes; :class:`ASAMTrainingArguments` / :class:`ASAMSeq2SeqTrainingArguments` add the ``asam_*``
 arguments (mode, rho, eta, p, normalization, biases and a cheaper-update policy of
 :mod:`fairseq_asam.schedule`, its fields generated from the policies' own declarations). The base
 optimizer is the one the Trainer builds (``optim``, AdamW by default); the LR scheduler, gradient
@@ -42,7 +42,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 
 from .. import checks, schedule
 from ..core import ASAM, SAM
-from ..replay import random_state, set_random_state
+from ..core.update import UpdateAdapter, signal_overflow
 
 __all__ = [
     "ASAMSeq2SeqTrainer", "ASAMSeq2SeqTrainingArguments", "ASAMTrainer", "ASAMTrainingArguments",
@@ -90,9 +90,9 @@ class _SharpnessChecks:
     def _check_sharpness_arguments(self) -> None:
         if self.asam_mode not in MODES:
             raise ValueError(f"asam_mode must be one of {', '.join(MODES)}, got {self.asam_mode!r}")
-        sched = self.sharpness_schedule()  # checks every policy option, naming its asam_* argument
+        policy = self.sharpness_schedule()  # checks every policy option, naming its asam_* argument
         if self.asam_mode == "none":
-            if type(sched) is not schedule.Full or self.asam_rho is not None:
+            if type(policy) is not schedule.Full or self.asam_rho is not None:
                 given = ["asam_rho"] if self.asam_rho is not None else []
                 given += [f for f in _FLAGS.values() if getattr(self, f) not in (None, _off(f))]
                 raise ValueError(f"{', '.join(given)} given with asam_mode='none' (the plain update); set "
@@ -117,7 +117,7 @@ class _SharpnessChecks:
         if "lomo" in optim:
             raise ValueError(f"optim={optim!r} with asam_mode={self.asam_mode!r}: LOMO optimizers step inside "
                              "the backward pass, so no gradient exists to take the ascent from")
-        sched.check_mode()
+        policy.check_mode()
 
     def sharpness_schedule(self, total_updates: int | None = None) -> schedule.Schedule:
         """The cheaper-update policy the asam_* options describe (:class:`~fairseq_asam.schedule.Full` if none)."""
@@ -163,8 +163,7 @@ class SharpnessAwareMixin:
                             f"ASAMSeq2SeqTrainingArguments), got {type(self.args).__name__}")
         self._sharpness: ASAM | None = None  # built over the Trainer's optimizer once Accelerate prepared it
         self._sharpness_loaded: dict | None = None  # a checkpoint's asam.pt, applied when the shell is built
-        self._micro_batches: list = []  # this update's (inputs, random state) per micro-batch
-        self._update_of = -1  # the global step the recorded micro-batches belong to
+        self._update_of = -1  # the global step the driver's recorded micro-batches belong to
 
     # -- the optimizer ---------------------------------------------------------------------------
 
@@ -196,11 +195,11 @@ class SharpnessAwareMixin:
         mine = {id(t) for g in base.param_groups for t in g["params"]}
         # Names decide the bias rule (a name ending in "bias": T = 1 unless asam_normalize_bias).
         named = [(n, t) for n, t in self.model.named_parameters() if id(t) in mine]
-        sched = a.sharpness_schedule(total_updates=self.state.max_steps or None)
+        policy = a.sharpness_schedule(total_updates=self.state.max_steps or None)
         if a.asam_mode == "sam":
-            return SAM(named, base, rho=a.sharpness_rho(), p=a.asam_p, schedule=sched)
+            return SAM(named, base, rho=a.sharpness_rho(), p=a.asam_p, schedule=policy)
         return ASAM(named, base, rho=a.sharpness_rho(), eta=a.asam_eta, p=a.asam_p,
-                    normalization=a.asam_normalization, normalize_bias=a.asam_normalize_bias, schedule=sched)
+                    normalization=a.asam_normalization, normalize_bias=a.asam_normalize_bias, schedule=policy)
 
     @staticmethod
     def _shell_state(opt: ASAM) -> dict:
@@ -212,52 +211,23 @@ class SharpnessAwareMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         opt = self.sharpness_optimizer
-        if opt is None:
+        if opt is None or opt.driver.replaying:  # mode none, or the second pass's own calls
             return super().training_step(model, inputs, num_items_in_batch)
-        if not self._micro_batches or self._update_of != self.state.global_step:
+        drv = opt.driver
+        if not drv.recorded or self._update_of != self.state.global_step:
             # An update starts (micro-batches left by an update that raised are dropped; begin_step undoes
             # a perturbation it left).
-            self._micro_batches, self._update_of = [], self.state.global_step
-            opt.begin_step()
-        state = random_state(self.args.device)
+            self._update_of = self.state.global_step
+            drv.begin_step()
         # The Trainer runs the earlier micro-batches under no_sync and lets the last one all-reduce: g is
         # then the same on every worker, and so is eps.
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._micro_batches.append((inputs, state))
+        with drv.first_pass(inputs, device=self.args.device):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the Trainer set it: this was the update's last micro-batch
-            micro, self._micro_batches = self._micro_batches, []
-            self._finish_update(opt, model, micro, num_items_in_batch)
+            scaler = self.accelerator.scaler
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            drv.finish(_TrainerUpdate(self, opt, model, num_items_in_batch), scale=scale)
         return loss
-
-    def _finish_update(self, opt: ASAM, model, micro: list, num_items_in_batch) -> None:
-        scaler = self.accelerator.scaler
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        if opt.wants_second_pass(scale=scale):
-            if not opt.ascent_step():
-                opt.skip_step()
-                self._skip_as_overflow(opt)
-                return
-            after_first = random_state(self.args.device)
-            try:
-                for i, (inputs, state) in enumerate(micro):
-                    set_random_state(state)  # the same dropout masks as this micro-batch's first pass
-                    last = i == len(micro) - 1
-                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                        super().training_step(model, inputs, num_items_in_batch)
-            finally:
-                set_random_state(after_first)  # the next batch draws what it would after one pass
-        if not opt.end_step():
-            self._skip_as_overflow(opt)
-
-    def _skip_as_overflow(self, opt: ASAM) -> None:
-        """A non-finite first-pass gradient: the Trainer's own step must be skipped. Under a GradScaler an
-        inf gradient makes it do exactly what it does after an fp16 overflow (no optimizer step, the scale
-        backed off, no LR scheduler step); without one, no gradient is left and the base step moves nothing."""
-        opt.zero_grad()
-        scaler = self.accelerator.scaler
-        if scaler is not None and scaler.is_enabled():
-            smallest = min(opt.perturbation.params(), key=lambda t: t.numel())
-            smallest.grad = torch.full_like(smallest, float("inf"))
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """The Trainer's training logs, plus ||eps|| of the last ascent and the fraction of updates that ran
@@ -287,6 +257,33 @@ class SharpnessAwareMixin:
                                     "so the sharpness-aware state (the schedule's) cannot be resumed")
         self._sharpness_loaded = torch.load(path, map_location="cpu", weights_only=True)
         self._sharpness = None
+
+
+class _TrainerUpdate(UpdateAdapter):
+    """The Trainer's side of the update: a micro-batch's ``training_step`` again at w + eps (the earlier ones
+    under Accelerate's ``no_sync``, the last one all-reduced); the Trainer steps the optimizer itself after
+    the update's last ``training_step`` returns (clipping, GradScaler, LR scheduler), so the base step here
+    is nothing."""
+
+    def __init__(self, trainer, opt: ASAM, model, num_items_in_batch):
+        self.trainer, self.opt, self.model, self.num_items_in_batch = trainer, opt, model, num_items_in_batch
+
+    def rerun(self, inputs, last: bool) -> None:
+        t = self.trainer
+        with contextlib.nullcontext() if last else t.accelerator.no_sync(self.model):
+            t.training_step(self.model, inputs, self.num_items_in_batch)
+
+    def base_step(self) -> None:
+        pass
+
+    def skip(self) -> None:
+        """A non-finite first-pass gradient: the Trainer's own step must be skipped. Under a GradScaler an inf
+        gradient makes it do exactly what it does after an fp16 overflow (no optimizer step, the scale backed
+        off, no LR scheduler step); without one, no gradient is left and the base step moves nothing."""
+        self.opt.zero_grad()
+        scaler = self.trainer.accelerator.scaler
+        if scaler is not None and scaler.is_enabled():
+            signal_overflow(self.opt.perturbation.params())
 
 
 class ASAMTrainer(SharpnessAwareMixin, Trainer):

@@ -50,9 +50,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _compat
+from ..batchnorm import frozen_bn_stats
 from ..core import ASAM
-from ..replay import random_state, set_random_state
+from ..core.update import UpdateAdapter, UpdateDriver, signal_overflow
 from .fsdp import is_fsdp
 
 __all__ = ["StepResult", "frozen_bn_stats", "train_step"]
@@ -64,23 +64,6 @@ class StepResult:
     logits: torch.Tensor  # first-pass logits, detached (for the training accuracy)
     skipped: bool  # True when the update was skipped (non-finite gradient)
     eps_norm: torch.Tensor | None  # ||eps||_2 of the last shard's perturbation
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module):
-    """BatchNorm layers in training mode use batch statistics but leave running_mean/var/num_batches alone.
-
-    With ``track_running_stats`` off in training mode, torch's BatchNorm passes no running buffers to
-    ``F.batch_norm``: the output is the same as with it on, and nothing is written.
-    """
-    mods = [m for m in model.modules() if isinstance(m, _compat.batchnorm_base()) and m.training and m.track_running_stats]
-    for m in mods:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.track_running_stats = True
 
 
 def _is_ddp(model) -> bool:
@@ -129,22 +112,6 @@ def _base_step(base, scaler):
         base.step()
 
 
-def _skip(opt, scaler):
-    opt.skip_step()
-    if scaler is not None and scaler.is_enabled():
-        # Back off exactly as scaler.update() does after an overflow: lower the scale *and* restart its growth
-        # count (update(new_scale) sets the scale only, so the next good steps grew it straight back). The
-        # skipped step recorded no inf check, and on some ranks the local gradient may even be finite (every
-        # rank must take the same decision), so record one through the public API: an inf gradient on the
-        # smallest parameter, unscale_, update.
-        params = [p for g in opt.base_optimizer.param_groups for p in g["params"] if p.requires_grad]
-        smallest = min(params, key=lambda p: p.numel())
-        smallest.grad = torch.full_like(smallest, float("inf"))
-        scaler.unscale_(opt.base_optimizer)
-        scaler.update()
-        opt.zero_grad()
-
-
 def _micro_batches(x, y, size: int) -> list:
     return list(zip(x.split(size), y.split(size)))
 
@@ -155,48 +122,56 @@ def _weighted(loss, k: int, n: int):
     return loss if k == n else loss * (k / n)
 
 
-def _first_pass(model, criterion, pieces, scaler, ac, *, sync_last: bool = False):
+def _first_pass(model, criterion, pieces, scaler, ac, *, driver: UpdateDriver | None = None, sync_last: bool = False):
     """Forward/backward at w over the micro-batches, under no_sync (eps is this worker's own); with
-    ``sync_last`` the last micro-batch's backward all-reduces (a plain one-pass update under DDP).
+    ``sync_last`` the last micro-batch's backward all-reduces (a plain one-pass update under DDP). With a
+    ``driver`` each micro-batch is recorded for the second pass, with the random state before its forward.
 
-    Returns (the random state before each forward, the mean loss over all examples, the logits).
+    Returns (the mean loss over all examples, the logits).
     """
     n = sum(len(ys) for _, ys in pieces)
-    states, losses, logits = [], [], []
+    losses, logits = [], []
     for i, (xs, ys) in enumerate(pieces):
-        states.append(random_state(xs.device))
-        with contextlib.nullcontext() if sync_last and i == len(pieces) - 1 else _no_sync(model):
-            with ac():
-                out = model(xs)
-                loss = criterion(out, ys)
-            _backward(_weighted(loss, len(ys), n), scaler)
+        with driver.first_pass((xs, ys), device=xs.device) if driver is not None else contextlib.nullcontext():
+            with contextlib.nullcontext() if sync_last and i == len(pieces) - 1 else _no_sync(model):
+                with ac():
+                    out = model(xs)
+                    loss = criterion(out, ys)
+                _backward(_weighted(loss, len(ys), n), scaler)
         losses.append(loss.detach())
         logits.append(out.detach())
     if len(pieces) == 1:
-        return states, losses[0], logits[0]
+        return losses[0], logits[0]
     loss = sum(ls * len(ys) for ls, (_, ys) in zip(losses, pieces)) / n
-    return states, loss, torch.cat(logits)
+    return loss, torch.cat(logits)
 
 
-def _second_pass(model, criterion, pieces, states, scaler, ac, *, sync_last: bool) -> None:
-    """Forward/backward at w + eps over the same micro-batches, each with its first pass's random state.
+class _VisionUpdate(UpdateAdapter):
+    """The vision step's side of the update: a micro-batch's forward/backward at w + eps (under DDP the last
+    one all-reduces the accumulated gradient when ``sync_last``), the base step through the GradScaler."""
 
-    ``sync_last``: under DDP the last micro-batch's backward all-reduces the accumulated gradient; the
-    others (and all of them when False) run under no_sync. BatchNorm statistics are left alone.
-    """
-    n = sum(len(ys) for _, ys in pieces)
-    after_first = random_state(pieces[0][0].device)
-    try:
-        for i, ((xs, ys), state) in enumerate(zip(pieces, states)):
-            set_random_state(state)  # ShakeDrop/dropout: the draws of this micro-batch's first pass
-            sync = sync_last and i == len(pieces) - 1
-            with contextlib.nullcontext() if sync else _no_sync(model):
-                with frozen_bn_stats(model), ac():
-                    loss2 = criterion(model(xs), ys)
-                _backward(_weighted(loss2, len(ys), n), scaler)
-    finally:
-        # Training continues from where one pass would have left the generators (next batch's draws).
-        set_random_state(after_first)
+    def __init__(self, model, criterion, opt, scaler, ac, n: int, *, sync_last: bool = True):
+        self.model, self.criterion, self.opt, self.scaler, self.ac, self.n = model, criterion, opt, scaler, ac, n
+        self.sync_last = sync_last
+
+    def rerun(self, piece, last: bool) -> None:
+        xs, ys = piece
+        with contextlib.nullcontext() if self.sync_last and last else _no_sync(self.model):
+            with self.ac():
+                loss2 = self.criterion(self.model(xs), ys)
+            _backward(_weighted(loss2, len(ys), self.n), self.scaler)
+
+    def base_step(self) -> None:
+        _base_step(self.opt.base_optimizer, self.scaler)
+
+    def skip(self) -> None:
+        self.opt.zero_grad()
+        if self.scaler is not None:
+            # Every rank skips (some may have a finite local gradient): the scaler must record an overflow
+            # and back off as after one, through its own step.
+            signal_overflow(self.opt.perturbation.params())
+            _base_step(self.opt.base_optimizer, self.scaler)
+            self.opt.zero_grad()
 
 
 def _check_accum_steps(accum_steps) -> None:
@@ -249,42 +224,36 @@ def train_step(
 def _base_update(model, optimizer, criterion, pieces, scaler, ac) -> StepResult:
     optimizer.zero_grad()
     # Under DDP only the last micro-batch's backward all-reduces the accumulated gradient.
-    _, loss, logits = _first_pass(model, criterion, pieces, scaler, ac, sync_last=True)
+    loss, logits = _first_pass(model, criterion, pieces, scaler, ac, sync_last=True)
     _base_step(optimizer, scaler)
     optimizer.zero_grad()
     return StepResult(loss, logits, False, None)
 
 
 def _update(model, opt, criterion, pieces, scaler, ac) -> StepResult:
-    """The update protocol (fairseq_asam.core.update) around this step's passes, for every schedule.
+    """The update's sequence (:meth:`fairseq_asam.core.UpdateDriver.finish`) around this step's passes.
 
     The first pass runs under ``no_sync``: eps comes from this worker's own gradient (per-worker
-    m-sharpness). When the schedule runs no second pass, that gradient is averaged across workers here
-    (one flat all-reduce, what DDP would have done), and the schedule reads the workers' average, so every
-    worker takes the same decision. Under FSDP both passes reduce-scatter: g is global already.
+    m-sharpness); the driver averages g across workers where no second pass runs (what DDP would have
+    done), and the policy reads the workers' average, so every worker takes the same decision. Under FSDP
+    both passes reduce-scatter: g is global already.
     """
     fsdp = is_fsdp(model)
     reduce = _all_reduce_mean if _distributed() and not fsdp else None
+    drv = opt.driver
     opt.zero_grad()
-    opt.begin_step()  # a one-pass schedule moves w to w + eps here
-    states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
+    drv.begin_step()  # a one-pass schedule moves w to w + eps here
+    loss, logits = _first_pass(model, criterion, pieces, scaler, ac, driver=drv)
     eps_norm = opt.last_eps_norm if opt.perturbation.perturbed else None
     scale = float(scaler.get_scale()) if scaler is not None else 1.0
-    if opt.wants_second_pass(scale=scale, reduce=reduce):
-        ok = opt.ascent_step()
-        if not fsdp:  # under FSDP the norm is global already: the same answer on every rank
-            ok = _all_ranks_true(ok, logits.device)
-        if not ok:
-            _skip(opt, scaler)
-            return StepResult(loss, logits, True, None)
-        eps_norm = opt.last_eps_norm
-        _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=True)  # DDP averages across workers
-    elif reduce is not None:
-        with torch.no_grad():
-            reduce([t.grad for t in opt.perturbation.params() if t.grad is not None])
-    opt.end_step(reduce=reduce)
-    _base_step(opt.base_optimizer, scaler)
+    n = sum(len(ys) for _, ys in pieces)
+    # DDP averages the second pass's gradient across workers in its last micro-batch.
+    result = drv.finish(_VisionUpdate(model, criterion, opt, scaler, ac, n), scale=scale, reduce=reduce)
     opt.zero_grad()
+    if result.skipped:
+        return StepResult(loss, logits, True, None)
+    if result.second_pass:
+        eps_norm = opt.last_eps_norm
     return StepResult(loss, logits, False, eps_norm)
 
 
@@ -294,20 +263,21 @@ def _update_per_shard(model, opt, criterion, x, y, m, micro, scaler, ac) -> Step
     acc = [torch.zeros_like(p) for p in params]  # the averaged second-pass gradient
     n = x.shape[0]
     losses, logits_all, ok, eps_norm = [], [], True, None
+    drv = opt.driver
     opt.zero_grad()
-    opt.begin_step()
+    drv.begin_step()
     for xs, ys in zip(x.split(m), y.split(m)):
         # A shard larger than a micro-batch is accumulated over micro-batches; its eps is still its own.
         pieces = _micro_batches(xs, ys, micro)
         # Every pass runs under no_sync: shards must not all-reduce; the average is reduced once below.
-        states, loss, logits = _first_pass(model, criterion, pieces, scaler, ac)
+        loss, logits = _first_pass(model, criterion, pieces, scaler, ac, driver=drv)
         losses.append(loss * xs.shape[0])
         logits_all.append(logits)
         if not opt.ascent_step():
             ok = False
             break
         eps_norm = opt.last_eps_norm
-        _second_pass(model, criterion, pieces, states, scaler, ac, sync_last=False)
+        drv.second_pass(_VisionUpdate(model, criterion, opt, scaler, ac, xs.shape[0], sync_last=False))
         opt.restore()
         w = xs.shape[0] / n
         with torch.no_grad():
@@ -318,7 +288,8 @@ def _update_per_shard(model, opt, criterion, x, y, m, micro, scaler, ac) -> Step
     loss_mean = torch.stack(losses).sum() / sum(len(t) for t in logits_all)
     logits_cat = torch.cat(logits_all)
     if not _all_ranks_true(ok, x.device):
-        _skip(opt, scaler)
+        drv.skip_step()
+        _VisionUpdate(model, criterion, opt, scaler, ac, n).skip()
         return StepResult(loss_mean, logits_cat, True, None)
     with torch.no_grad():
         _all_reduce_mean(acc)

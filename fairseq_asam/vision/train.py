@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _compat
 from .. import schedule as _schedule
+from ..batchnorm import recompute_bn_stats
 from ..checks import check_eta, check_rho
 from ..core import ASAM, SAM
 from . import data as vdata
@@ -470,12 +470,12 @@ def load_model_from_checkpoint(path: str, map_location: str | torch.device = "cp
     return model, args
 
 
-def _save_checkpoint(path, model, opt, sched, scaler, epoch, history, best, args_dict):
+def _save_checkpoint(path, model, opt, lr_scheduler, scaler, epoch, history, best, args_dict):
     state = {
         "version": CHECKPOINT_VERSION,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
+        "scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
         "history": history,
@@ -552,7 +552,7 @@ class _Run:
     model: nn.Module
     opt: torch.optim.Optimizer
     base: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
     autocast: object
@@ -604,7 +604,7 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
     if args.fsdp:
         model = vfsdp.shard(model)  # before the optimizer: the parameters become DTensors
     opt, base = _make_optimizer(model, args)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs)
+    lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     autocast = _autocast_factory(args, device)
@@ -614,7 +614,7 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> 
                      labels_corrupted=n_noisy, train_size=len(train_ds), test_size=len(test_ds))
     return _Run(args=args, parser=parser, world=world, rank=rank, local_rank=local_rank, device=device,
                 ckpt_path=ckpt_path, train_ds=train_ds, n_noisy=n_noisy, test_ds=test_ds, num_classes=num_classes,
-                model=model, opt=opt, base=base, sched=sched, scaler=scaler, criterion=criterion, autocast=autocast,
+                model=model, opt=opt, base=base, lr_scheduler=lr_scheduler, scaler=scaler, criterion=criterion, autocast=autocast,
                 args_dict=args_dict)
 
 
@@ -687,7 +687,7 @@ def _resume(run: _Run) -> tuple[int, list[dict], dict]:
     else:
         run.model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
+    run.lr_scheduler.load_state_dict(ckpt["scheduler"])
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
     return ckpt["epoch"], list(ckpt["history"]), dict(ckpt["best"])
@@ -769,7 +769,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     sched_at_start = _schedule_counts(opt)
     sums, steps, skipped, seen = _train_batches(run, epoch)
     train_s = time.time() - t0  # images/s counts the training passes only, not the evaluation
-    run.sched.step()
+    run.lr_scheduler.step()
     if epoch + 1 == args.epochs and isinstance(opt, ASAM) and opt.schedule.trains_at_perturbed_weights:
         _recompute_batchnorm_at_w(run)
     totals = torch.cat([sums, sums.new_tensor([float(seen)])])  # loss*n, correct, eps_norm sum, n
@@ -805,9 +805,8 @@ def _recompute_batchnorm_at_w(run: _Run) -> None:
     """After the last epoch of a schedule whose only forward runs at w + eps: BatchNorm's running statistics
     recomputed at w, one forward pass over the training data (``torch.optim.swa_utils.update_bn``), before the
     final evaluation and checkpoint. Under DDP rank 0's statistics are broadcast right after, as every epoch."""
-    if not any(isinstance(m, _compat.batchnorm_base()) for m in run.model.modules()):
+    if not recompute_bn_stats(run.model, run.train_loader, device=run.device):
         return
-    torch.optim.swa_utils.update_bn(((x, y) for x, y in run.train_loader), run.model, device=run.device)
     logger.info("BatchNorm running statistics recomputed at w over the training data (the schedule trains at "
                 "w + eps)")
 
@@ -850,7 +849,7 @@ def _save(run: _Run, epochs_done: int, history: list[dict], best: dict) -> None:
     """checkpoint_last (and checkpoint_best when this epoch is the best), metrics.csv and metrics.json."""
     args = run.args
     if args.fsdp:  # every rank writes its shards
-        meta = {"version": CHECKPOINT_VERSION, "scheduler": run.sched.state_dict(), "scaler": None,
+        meta = {"version": CHECKPOINT_VERSION, "scheduler": run.lr_scheduler.state_dict(), "scaler": None,
                 "epoch": epochs_done, "history": history, "best": best, "args": run.args_dict}
         vfsdp.save_checkpoint(os.path.join(args.run_dir, _last_name(args)), run.model, run.opt, run.base, meta)
         if run.rank == 0:
@@ -861,7 +860,7 @@ def _save(run: _Run, epochs_done: int, history: list[dict], best: dict) -> None:
             _write_metrics(args.run_dir, history)
     elif run.rank == 0:
         path = os.path.join(args.run_dir, "checkpoint_last.pt")
-        _save_checkpoint(path, run.model, run.opt, run.sched, run.scaler, epochs_done, history, best, run.args_dict)
+        _save_checkpoint(path, run.model, run.opt, run.lr_scheduler, run.scaler, epochs_done, history, best, run.args_dict)
         if best["epoch"] == epochs_done:
             _atomic_write(os.path.join(args.run_dir, "checkpoint_best.pt"),
                           lambda tmp, src=path: _copy(src, tmp))
