@@ -1,6 +1,7 @@
 """fairseq-asam: ASAM and SAM for fairseq (``--user-dir fairseq_asam``) and torchvision.
 
-``from fairseq_asam import ASAM, SAM, Perturbation`` needs torch only and does not import fairseq.
+``from fairseq_asam import ASAM, SAM, Perturbation`` (and the BatchNorm helpers ``frozen_bn_stats``,
+``recompute_bn_stats``) needs torch only and does not import fairseq.
 The fairseq components (optimizers ``asam_adam``/``sam_adam``, the task ``translation_sam``, the
 allow-list of the classes fairseq checkpoints hold for ``torch.load``) are registered as soon as
 fairseq is imported: at once under ``fairseq-train --user-dir fairseq_asam`` (fairseq imports the
@@ -14,9 +15,10 @@ import sys as _sys
 import warnings as _warnings
 
 from ._compat import quiet_fairseq_import as _quiet_fairseq_import
+from .batchnorm import frozen_bn_stats, recompute_bn_stats
 from .core import ASAM, SAM, Perturbation
 
-__all__ = ["ASAM", "SAM", "Perturbation"]
+__all__ = ["ASAM", "SAM", "Perturbation", "frozen_bn_stats", "recompute_bn_stats"]
 __version__ = "0.2.0"
 
 

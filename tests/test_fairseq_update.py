@@ -527,3 +527,18 @@ def test_out_of_memory_in_second_pass_skips_the_batch(tiny_data_bin, tmp_path):
     trainer.train_step(batches[1:])
     assert trainer.get_num_updates() == 1
     assert any(not torch.equal(before[n], v) for n, v in _snapshot(trainer.model).items())
+
+
+def test_the_task_builds_its_driver_once(tiny_data_bin, tmp_path):
+    trainer, task, cfg = build_trainer(tiny_data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam",
+                                       "--asam-every", "2")
+    batches = train_batches(task, cfg, 3)
+    assert task.sam_driver is None
+    trainer.train_step(batches[0:1])
+    drv = task.sam_driver
+    trainer.train_step(batches[1:2])
+    trainer.train_step(batches[2:3])
+    assert task.sam_driver is drv and (drv.schedule.updates, drv.schedule.second_passes) == (3, 2)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(drv.perturbation.params()) == len(trainable)
+    assert all(a is b for a, b in zip(drv.perturbation.params(), trainable))

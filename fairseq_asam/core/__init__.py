@@ -13,7 +13,8 @@ The modules, from the math up (none of the first five imports a policy):
 - :mod:`.kernels`: the ascent, a per-tensor loop and a foreach kernel that do the same arithmetic;
 - :mod:`.sharded`: the same ascent on FSDP2's DTensors (norms totalled over the shards);
 - :mod:`.perturb`: :class:`Perturbation`, the object every front end uses (ascent, exact restore);
-- :mod:`.update`: the update protocol, one sequence of calls driven with a cheaper-update policy;
+- :mod:`.update`: the update's one sequence (:class:`UpdateDriver`), run by every front end through its
+  :class:`UpdateAdapter`, with a cheaper-update policy;
 - :mod:`.optim`: the ``torch.optim`` shells :class:`ASAM` and :class:`SAM`.
 
     python -c "from fairseq_asam.core import ASAM, Perturbation, UpdateDriver; print(ASAM, Perturbation, UpdateDriver)"
@@ -24,9 +25,10 @@ from .operator import filter_operator, normalization_operator
 from .optim import ASAM, SAM
 from .params import ParamSpec, resolve_params
 from .perturb import Perturbation, check_hyperparameters
-from .update import UpdateDriver
+from .update import UpdateAdapter, UpdateDriver, UpdateResult, signal_overflow
 
 __all__ = [
-    "ASAM", "SAM", "ParamSpec", "Perturbation", "UpdateDriver", "check_hyperparameters", "filter_operator",
-    "normalization_operator", "perturbation", "resolve_params",
+    "ASAM", "SAM", "ParamSpec", "Perturbation", "UpdateAdapter", "UpdateDriver", "UpdateResult",
+    "check_hyperparameters", "filter_operator", "normalization_operator", "perturbation", "resolve_params",
+    "signal_overflow",
 ]
