@@ -18,7 +18,9 @@ ASAM (Kwon et al., ICML 2021, Section 4, Algorithm 1) and SAM (Foret et al., ICL
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable
 
@@ -51,6 +53,14 @@ def _tensors_only(params) -> list:
             out.append(g)
         return out
     return [e[1] if isinstance(e, tuple) else e for e in items]
+
+
+def _from_lightning(closure) -> bool:
+    """True for a closure PyTorch Lightning's precision plugins hand to ``optimizer.step`` (no import of it)."""
+    f = closure.func if isinstance(closure, functools.partial) else closure
+    owner = getattr(f, "__self__", None)
+    module = type(owner).__module__ if owner is not None else getattr(f, "__module__", None) or ""
+    return module.split(".")[0] in ("pytorch_lightning", "lightning")
 
 
 class _Closure(UpdateAdapter):
@@ -294,11 +304,28 @@ class ASAM(torch.optim.Optimizer):
         BatchNorm layers then keep their running statistics unchanged in the second call
         (:func:`fairseq_asam.batchnorm.frozen_bn_stats`). Returns the first call's loss (at w).
         """
+        if self._descent_only:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.base_optimizer.step()
+            return loss
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that zeroes the grads, runs forward and "
                 "backward and returns the loss, e.g. step(lambda: (opt.zero_grad(), loss_fn(model(x), y).backward())...); "
-                "or call ascent_step() and descent_step() around your own second forward/backward."
+                "or call ascent_step() and descent_step() around your own second forward/backward. "
+                "(PyTorch Lightning steps it this way under precision='16-mixed': use "
+                "fairseq_asam.integrations.lightning.SharpnessAwareMixin)"
+            )
+        if _from_lightning(closure):
+            # Lightning hands over only the update's last micro-batch, and its closure fires the optimizer-step
+            # hooks and clipping: a second call would be another micro-batch's update with the hooks twice.
+            raise RuntimeError(
+                f"PyTorch Lightning stepped {type(self).__name__} directly: put "
+                "fairseq_asam.integrations.lightning.SharpnessAwareMixin first in the LightningModule's bases "
+                "(automatic optimization), or call self.sharpness_step(closure) (manual optimization)"
             )
         self.driver.begin_step()
         with self.driver.first_pass(), torch.enable_grad():
@@ -308,6 +335,19 @@ class ASAM(torch.optim.Optimizer):
         _compat.mark_optimizer_stepped(self)
         self.zero_grad()
         return loss
+
+    _descent_only = False
+
+    @contextlib.contextmanager
+    def descent_only(self):
+        """Inside this block :meth:`step` is the base optimizer's step alone (a closure given runs once first):
+        for a trainer whose precision plugin steps the optimizer after the update's sequence has run
+        (:mod:`fairseq_asam.integrations.lightning`)."""
+        self._descent_only = True
+        try:
+            yield
+        finally:
+            self._descent_only = False
 
     # -- plumbing ------------------------------------------------------------------------------
 
