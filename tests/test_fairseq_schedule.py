@@ -94,6 +94,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_equals_uninterrupted(tiny_data_bin, tmp_path, case):
     flags = [*SAM, *COMMON, *RESUME_CASES[case]]
@@ -133,6 +134,7 @@ def test_resume_equals_uninterrupted(tiny_data_bin, tmp_path, case):
     assert qa["second_passes"] == sum(flags_logged)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -150,6 +152,7 @@ def test_bad_flag_stops_before_anything_is_written(tiny_data_bin, tmp_path, flag
     assert not save.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -165,6 +168,7 @@ def test_inconsistent_flags_are_clear_errors(tiny_data_bin, tmp_path, flags, mes
     assert message in p.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_update_freq_2_and_resume(tiny_data_bin, tmp_path):
     # Look-ASAM on 2 gloo processes (stopped after 4 updates, resumed to 6) equals one process with
     # --update-freq 2: the schedule reads the all-reduced gradient, so both ranks decide and store alike.

@@ -386,6 +386,7 @@ def test_ascend_can_keep_the_gradient_memory_for_the_second_pass(foreach):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_release_freed_host_memory_returns_heap_pages_to_the_os():
     """What the fairseq task does after the ascent on the CPU: freed gradient-sized blocks that glibc kept on
     the heap (its dynamic mmap threshold rose) stop counting in RSS once released."""

@@ -24,6 +24,7 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_fairseq_tensorboard_logdir_gets_the_sharpness_metrics(tmp_path):
     data = fh.make_tiny_corpus(tmp_path / "corpus")
     tb = tmp_path / "tb"
@@ -122,6 +123,7 @@ def test_vision_wandb_offline_logs_the_same_records(cifar_dir, tmp_path, monkeyp
             assert row[key] == pytest.approx(h[key], rel=1e-9), key
 
 
+@pytest.mark.slow
 def test_fairseq_wandb_project_offline_gets_the_sharpness_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

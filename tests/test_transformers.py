@@ -214,6 +214,7 @@ def test_sam_mode_builds_sam_with_the_trainers_optimizer(tmp_path):
     assert type(opt.base_optimizer).__name__ == "AdamW"
 
 
+@pytest.mark.slow
 def test_importing_the_package_imports_no_transformers():
     code = ("import sys, fairseq_asam, fairseq_asam.integrations; "
             "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules; print('ok')")
@@ -229,6 +230,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [{}, dict(asam_one_pass="previous")], ids=["full", "one-pass"])
 def test_ddp_two_gloo_workers_equal_one_process_on_the_global_batch(tmp_path, policy):
     """2 workers x 1 example x 2 micro-batches per update against 1 process x 2 examples x 2 micro-batches:

@@ -69,6 +69,7 @@ def test_fp16_amp_on_cpu(cifar_dir, tmp_path):
     assert sum(float(t.double().square().sum()) for t in d if t is not None) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--every", "2", "--reuse-alpha", "0.7"], ["--adaptive-c", "0"]],
                          ids=["look", "adaptive"])
 def test_ddp_two_processes_gloo(cifar_dir, tmp_path, flags):
