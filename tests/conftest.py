@@ -37,6 +37,15 @@ def one_torch_thread():
 _VIOLATIONS = pytest.StashKey[list]()
 
 
+def pytest_sessionstart(session):
+    # The library looks glibc up once per process (fairseq_asam._compat.release_freed_host_memory, called
+    # by the fairseq task after each ascent on the CPU) with ctypes.util.find_library, which runs
+    # `/sbin/ldconfig -p`: a lookup of the library's, not a process the first fairseq test starts.
+    from fairseq_asam import _compat
+
+    _compat.release_freed_host_memory()
+
+
 def _phase(item):
     if item.get_closest_marker("slow") is not None:
         return contextlib.nullcontext()

@@ -28,7 +28,6 @@ _STARTERS = [
     (_posixsubprocess, "fork_exec"),
     (os, "fork"),
     (os, "forkpty"),
-    (os, "system"),
     (os, "posix_spawn"),
     (os, "posix_spawnp"),
 ]

@@ -86,6 +86,7 @@ def test_benchmark_prints_each_table_as_soon_as_it_is_measured(tmp_path):
         proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_efficient_vision_section_on_a_small_model():
     from benchmarks.efficient_update import EFFICIENT, bench_vision
 

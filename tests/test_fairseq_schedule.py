@@ -27,6 +27,7 @@ tiny_data_bin = tiny_data_bin_fixture()
 SAM = ["--task", "translation_sam", "--optimizer", "asam_adam", "--asam-rho", "0.5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "memory-efficient-fp16", "amp"])
 def test_never_triggering_equals_plain_adam(tiny_data_bin, tmp_path, precision):
     plain, task, cfg = _build(tmp_path / "a", tiny_data_bin, "cpu", precision, "--task", "translation",
@@ -42,6 +43,7 @@ def test_never_triggering_equals_plain_adam(tiny_data_bin, tmp_path, precision):
     assert (s.updates, s.second_passes) == (3, 0)
 
 
+@pytest.mark.slow
 def test_every_1_equals_the_default_update(tiny_data_bin, tmp_path):
     full, task, cfg = _build(tmp_path / "a", tiny_data_bin, "cpu", "fp32", *SAM)
     every1, _, _ = _build(tmp_path / "b", tiny_data_bin, "cpu", "fp32", *SAM, "--asam-every", "1")
@@ -58,6 +60,7 @@ class _RecordG(TranslationSAMTask):
         return super().sam_ascent(sam, optimizer, model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_look_direction_is_unit_and_orthogonal_to_g(tiny_data_bin, tmp_path, precision):
     trainer, task, cfg = _build(tmp_path, tiny_data_bin, "cpu", precision, *SAM, "--asam-every", "2",

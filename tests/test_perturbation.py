@@ -115,6 +115,7 @@ def test_tied_weights_are_perturbed_once_and_seen_by_both_uses():
     torch.testing.assert_close(model.emb.weight.detach(), w - 0.1 * ref.emb.weight.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_updates_as_eager():
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))

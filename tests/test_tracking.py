@@ -56,6 +56,7 @@ VISION = ["--dataset", "cifar10", "--model", "resnet8", "--batch-size", "32", "-
           "--test-batch-size", "50", "--epochs", "2", "--minimizer", "asam", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_vision_tensorboard_logs_every_epoch_metric_and_images_per_second(cifar_dir, tmp_path):
     run = tmp_path / "run-tb"
     assert vtrain.cli_main([*VISION, "--data-dir", cifar_dir, "--run-dir", str(run),
@@ -106,6 +107,7 @@ def _wandb_history(run_file) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_vision_wandb_offline_logs_the_same_records(cifar_dir, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

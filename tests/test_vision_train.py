@@ -13,6 +13,9 @@ from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.data import build_eval_dataset
 from fairseq_asam.vision.toydata import write_cifar
 
+# under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
+pytestmark = pytest.mark.xdist_group("vision-train")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # On the CPU on every machine: the tests compare runs with each other and with CPU evaluations, exactly or at
 # rel 1e-5, which CUDA (TF32 convolutions, other kernels) would not meet. GPU runs pass --device cuda after TINY.
@@ -103,6 +106,7 @@ def _weights(run_dir):
     return torch.load(os.path.join(run_dir, "checkpoint_last.pt"), weights_only=True)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(cifar_dir, tmp_path):
     # m-sharpness (sharded path), one loader worker, label noise: all of it must replay exactly.
     common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2", "--minimizer", "asam",
@@ -223,6 +227,7 @@ def test_reproduce_cifar_script(cifar_dir, tmp_path):
     assert p.returncode == 0 and p.stdout.count("done, skipping") == 2, p.stdout + p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_run_on_cpu(cifar_dir, tmp_path, amp):
     # CPU autocast runs both precisions; fp16 carries a GradScaler whose state goes into the checkpoint.
@@ -344,6 +349,7 @@ def test_cutmix_batch_and_soft_label_loss():
     torch.testing.assert_close(ce(logits, y0.double()), ce(logits, y), rtol=0, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_with_accumulation_cutmix_autoaugment(cifar_dir, tmp_path, capsys):
     # Every new source of randomness (AutoAugment in the loader, CutMix in the loop) and the micro-batches
     # must replay across a resume.
