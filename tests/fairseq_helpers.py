@@ -199,11 +199,10 @@ class _ForkServer:
                 line += chunk
         return json.loads(line)
 
-    def run(self, code, args, *, env, cwd, timeout, input=None):
+    def submit(self, code, args, *, env, cwd, input=None):
+        """Start one run (forked by the server); returns its handle for ``collect``."""
         import json
-        import shutil
         import tempfile
-        import time
 
         import process_guard
 
@@ -211,33 +210,70 @@ class _ForkServer:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         tmp = Path(tempfile.mkdtemp(prefix="fairseq-run-"))
+        (tmp / "in").write_text(input or "")
+        (tmp / "out").touch()
+        (tmp / "err").touch()
+        req = dict(code=code, args=[str(a) for a in args], env=env, cwd=cwd,
+                   stdin=str(tmp / "in"), stdout=str(tmp / "out"), stderr=str(tmp / "err"))
+        os.write(self.requests, (json.dumps(req) + "\n").encode())
+        return dict(tmp=tmp, pid=self._reply(None)["pid"], cmd=[sys.executable, "-c", code, *map(str, args)])
+
+    def collect(self, run, deadline):
+        """Wait for the run until ``deadline`` (time.monotonic); its CompletedProcess, or TimeoutExpired."""
+        import shutil
+        import time
+
+        tmp = run["tmp"]
         try:
-            (tmp / "in").write_text(input or "")
-            (tmp / "out").touch()
-            (tmp / "err").touch()
-            req = dict(code=code, args=[str(a) for a in args], env=env, cwd=cwd,
-                       stdin=str(tmp / "in"), stdout=str(tmp / "out"), stderr=str(tmp / "err"))
-            os.write(self.requests, (json.dumps(req) + "\n").encode())
-            pid = self._reply(None)["pid"]
-            done = self._reply(time.monotonic() + timeout)
-            cmd = [sys.executable, "-c", code, *args]
+            done = self._reply(deadline)
             if done is None:
-                os.kill(pid, 9)
+                os.kill(run["pid"], 9)
                 self._reply(None)
-                raise subprocess.TimeoutExpired(cmd, timeout, (tmp / "out").read_text(), (tmp / "err").read_text())
-            return subprocess.CompletedProcess(cmd, done["returncode"], (tmp / "out").read_text(errors="replace"),
+                raise subprocess.TimeoutExpired(run["cmd"], deadline - time.monotonic(),
+                                                (tmp / "out").read_text(), (tmp / "err").read_text())
+            return subprocess.CompletedProcess(run["cmd"], done["returncode"], (tmp / "out").read_text(errors="replace"),
                                                (tmp / "err").read_text(errors="replace"))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def run(self, code, args, *, env, cwd, timeout, input=None):
+        import time
+
+        return self.collect(self.submit(code, args, env=env, cwd=cwd, input=input), time.monotonic() + timeout)
 
 
 _FORK_SERVERS: dict = {}
 
 
-def _fork_server(preload: str) -> _ForkServer:
-    if preload not in _FORK_SERVERS:
-        _FORK_SERVERS[preload] = _ForkServer(preload)
-    return _FORK_SERVERS[preload]
+def _fork_server(preload: str, slot: int = 0) -> _ForkServer:
+    """The server for ``preload``; ``slot`` > 0 gives more of them, for runs that must run at once (DDP ranks)."""
+    if (preload, slot) not in _FORK_SERVERS:
+        _FORK_SERVERS[preload, slot] = _ForkServer(preload)
+    return _FORK_SERVERS[preload, slot]
+
+
+def run_fairseq_at_once(tool: str, arg_lists: list[list[str]], *, timeout: float = 240):
+    """``run_fairseq`` for several argument lists at the same time (e.g. the ranks of a DDP run), each from
+    its own fork server; their CompletedProcess list, in order. A timeout kills every run still going."""
+    import time
+
+    preload = f"from fairseq_cli.{tool} import cli_main"
+    code = f"import sys; {preload}; sys.argv[0] = 'fairseq-{tool}'; cli_main()"
+    servers = [_fork_server(preload, slot=i) for i in range(len(arg_lists))]
+    runs = [srv.submit(code, args, env=_env(), cwd=str(REPO)) for srv, args in zip(servers, arg_lists)]
+    deadline = time.monotonic() + timeout
+    out = []
+    try:
+        for srv, run in zip(servers, runs):
+            out.append(srv.collect(run, deadline))
+    finally:
+        for srv, run in zip(servers[len(out):], runs[len(out):]):
+            try:
+                os.kill(run["pid"], 9)
+                srv.collect(run, None)
+            except (ProcessLookupError, RuntimeError):
+                pass
+    return out
 
 
 # ---- in-process: fairseq's own Trainer, for tests that look inside one update ------------------------
