@@ -12,6 +12,7 @@ catches the error.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import process_guard  # tests/ is on sys.path under pytest
 import pytest
@@ -30,6 +31,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_fork_servers():
+    """The warm fairseq fork servers a module started (tests/fairseq_helpers.py) end with the module."""
+    yield
+    fairseq_helpers = sys.modules.get("fairseq_helpers")
+    if fairseq_helpers is not None:
+        fairseq_helpers.close_fork_servers()
 
 
 # ---- the fast tier's guard: no process starts in a test that is not marked slow ---------------------

@@ -242,7 +242,22 @@ class _ForkServer:
         return self.collect(self.submit(code, args, env=env, cwd=cwd, input=input), time.monotonic() + timeout)
 
 
+    def close(self):
+        if self.proc is not None:
+            os.close(self.requests)  # end of input: the server exits
+            os.close(self.replies)
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
 _FORK_SERVERS: dict = {}
+
+
+def close_fork_servers() -> None:
+    """Stop this process's fork servers (tests/conftest.py does at the end of each test module: each holds
+    torch and fairseq in memory)."""
+    while _FORK_SERVERS:
+        _FORK_SERVERS.popitem()[1].close()
 
 
 def _fork_server(preload: str, slot: int = 0) -> _ForkServer:
