@@ -42,7 +42,9 @@ lint: install
 
 # Two tiers (tests/conftest.py): test-fast is the unit and equality tests, in-process, no test that
 # starts a process or trains for more than about a second (those are marked slow); test is everything,
-# on up to PYTEST_WORKERS xdist workers (tests sharing one expensive run go to one worker: loadgroup).
+# on PYTEST_WORKERS xdist workers, one test file per worker at a time (--dist loadfile): a module's tests
+# share its module-scoped runs. (Not loadgroup: xdist 3.8's xdist_group does nothing under pytest 9.2,
+# which no longer reads the item._nodeid it sets.)
 PYTEST_WORKERS ?= 2
 
 test-fast: install
@@ -51,7 +53,7 @@ test-fast: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -ra -n $(PYTEST_WORKERS) --dist loadgroup tests
+	$(VENV)/bin/pytest -ra -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh

@@ -36,7 +36,7 @@ from fairseq_helpers import (
 
 import fairseq_asam.fairseq_ext  # noqa: F401  (the checkpoint allow-list: torch.load below runs with weights_only=True)
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fairseq-cli")]  # under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
+pytestmark = pytest.mark.slow
 tiny_data_bin = tiny_data_bin_fixture()
 
 SAM = ["--task", "translation_sam", "--optimizer", "asam_adam"]

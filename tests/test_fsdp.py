@@ -48,7 +48,6 @@ def _maxdiff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
-@pytest.mark.xdist_group("fsdp-sharded-run")  # one torchrun run shared (sharded_run)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(fh.CONFIGS))
 def test_two_sharded_workers_equal_one_process(sharded_run, name):
@@ -76,7 +75,6 @@ def _chunk(t, rank, world=2):
     return parts[rank] if rank < len(parts) else t[:0]
 
 
-@pytest.mark.xdist_group("fsdp-sharded-run")  # one torchrun run shared (sharded_run)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sam", "asam-element", "asam-filter", "asam-filter-foreach"])
 def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, name):
@@ -101,7 +99,6 @@ def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, 
         assert got["collectives"] == {"c10d.allreduce_": 1}  # the norm and ||eps||^2: one all-reduce
 
 
-@pytest.mark.xdist_group("fsdp-sharded-run")  # one torchrun run shared (sharded_run)
 @pytest.mark.slow
 def test_sharded_checkpoint_reloads_on_another_number_of_workers(sharded_run):
     # Saved by 2 workers after 4 ASAM (filter) updates, loaded by 1: weights, momentum and rho/eta/p exact.

@@ -18,9 +18,6 @@ from iwslt_helpers import write_archive
 from fairseq_asam.iwslt import evaluate, summarize, train
 from scripts import demo
 
-# under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
-pytestmark = pytest.mark.xdist_group("iwslt-e2e")
-
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
         "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
         "--decoder-attention-heads", "2", "--max-tokens", "512", "--log-interval", "1"]

@@ -27,9 +27,6 @@ from iwslt_helpers import (
 
 from fairseq_asam.iwslt import prepare as prep
 
-# under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
-pytestmark = pytest.mark.xdist_group("iwslt-prepare")
-
 REPO = Path(__file__).resolve().parent.parent
 N_PAIRS = 60
 BPE_TOKENS = 200

@@ -23,7 +23,7 @@ from benchmarks.precision import (
 from fairseq_asam.fairseq_ext.task import fp16_grads_for_ascent
 
 # Every test reads the gradients of the full-size transformer_iwslt_de_en (built once per module, seconds).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("precision")]  # under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,6 @@ import torch
 from fairseq_asam.sharpness import measure_sharpness
 from fairseq_asam.sharpness_cli import build_parser, cli_main, load_fairseq, load_vision
 
-# under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
-pytestmark = pytest.mark.xdist_group("sharpness-cli")
-
 
 @pytest.fixture(scope="module")
 def fairseq_ckpt(tmp_path_factory):

@@ -13,9 +13,6 @@ from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.data import build_eval_dataset
 from fairseq_asam.vision.toydata import write_cifar
 
-# under xdist (make test: --dist loadgroup) the tests sharing the module's runs go to one worker
-pytestmark = pytest.mark.xdist_group("vision-train")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # On the CPU on every machine: the tests compare runs with each other and with CPU evaluations, exactly or at
 # rel 1e-5, which CUDA (TF32 convolutions, other kernels) would not meet. GPU runs pass --device cuda after TINY.
