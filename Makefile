@@ -1,4 +1,4 @@
-# One entry point for everything: `make install`, `make test`, `make demo`, `make bench`.
+# One entry point for everything: `make install`, `make test`, `make test-fast`, `make demo`, `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ REQS := requirements/torch.txt requirements/build.txt requirements/fairseq.txt r
 DEPS := $(VENV)/.deps-installed
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 install: $(STAMP)
 
@@ -40,9 +40,20 @@ $(STAMP): $(DEPS) pyproject.toml setup.py
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two tiers (tests/conftest.py): test-fast is the unit and equality tests, in-process, no test that
+# starts a process or trains for more than about a second (those are marked slow); test is everything,
+# on PYTEST_WORKERS xdist workers, one test file per worker at a time (--dist loadfile): a module's tests
+# share its module-scoped runs. (Not loadgroup: xdist 3.8's xdist_group does nothing under pytest 9.2,
+# which no longer reads the item._nodeid it sets.)
+PYTEST_WORKERS ?= 2
+
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -ra -m "not slow" tests
+
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -ra tests
+	$(VENV)/bin/pytest -ra -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh

@@ -50,27 +50,59 @@ def write_tiny_raw_corpus(raw_dir, *, n_train: int = 240, n_valid: int = 24, n_t
     return raw
 
 
-def make_tiny_lm_corpus(tmpdir) -> str:
+def make_tiny_lm_corpus(tmpdir, *, in_process: bool = False) -> str:
     """The English side of the tiny corpus binarized for fairseq's language_modeling task; returns data-bin."""
     tmp = Path(tmpdir)
     raw = write_tiny_raw_corpus(tmp / "raw")
     return _preprocess(tmp / "lm-data-bin", "--only-source",
-                       "--trainpref", str(raw / "train.en"), "--validpref", str(raw / "valid.en"))
+                       "--trainpref", str(raw / "train.en"), "--validpref", str(raw / "valid.en"),
+                       in_process=in_process)
 
 
-def make_tiny_corpus(tmpdir, **corpus_kwargs) -> str:
-    """Write the raw corpus under ``tmpdir/raw`` and binarize it into ``tmpdir/data-bin``; returns data-bin."""
+def make_tiny_corpus(tmpdir, *, in_process: bool = False, **corpus_kwargs) -> str:
+    """Write the raw corpus under ``tmpdir/raw`` and binarize it into ``tmpdir/data-bin``; returns data-bin.
+
+    ``in_process=True`` runs fairseq-preprocess's ``main`` in this process (the same files, without a new
+    Python and a fresh fairseq import: what the tests' fast tier needs).
+    """
     tmp = Path(tmpdir)
     raw = write_tiny_raw_corpus(tmp / "raw", **corpus_kwargs)
     return _preprocess(
         tmp / "data-bin", "--source-lang", "de", "--target-lang", "en",
         "--trainpref", str(raw / "train"), "--validpref", str(raw / "valid"), "--testpref", str(raw / "test"),
+        in_process=in_process,
     )  # fmt: skip
 
 
-def _preprocess(dest, *args: str) -> str:
+def _preprocess_here(argv: list[str]) -> None:
+    """fairseq-preprocess's main in this process, leaving the process's logging as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from fairseq import options
+        from fairseq_cli import preprocess  # its first import calls logging.basicConfig(stream=sys.stdout)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    log = logging.getLogger("fairseq_cli.preprocess")
+    before = list(log.handlers)
+    try:
+        preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+    finally:
+        for h in log.handlers[len(before):]:  # the preprocess.log FileHandler main adds on every call
+            log.removeHandler(h)
+            h.close()
+
+
+def _preprocess(dest, *args: str, in_process: bool = False) -> str:
     """Run the real fairseq-preprocess into ``dest``; returns it."""
-    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *args, "--destdir", str(dest), "--workers", "1"]
+    argv = [*args, "--destdir", str(dest), "--workers", "1"]
+    if in_process:
+        _preprocess_here(argv)
+        return str(dest)
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *argv]
     # One thread: the corpus is tiny and thread start-up only costs on a shared machine.
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

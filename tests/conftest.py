@@ -1,5 +1,20 @@
-"""Shared pytest setup."""
+"""Shared pytest setup: one torch thread per test, and the guard that keeps the fast tier honest.
 
+Two tiers (README "Tests"): ``make test-fast`` runs ``pytest -m "not slow"``, ``make test`` runs all. A test
+that starts a process (subprocess, fairseq-train/-generate, torchrun, multiprocessing workers, a venv,
+pip) or trains for more than about a second is marked ``@pytest.mark.slow``. The guard below makes the
+first half of that rule checked, in both tiers: while a test that is not marked slow is set up, runs and
+is torn down (including the session and module fixtures it is the first to request), every way of
+starting a process raises ``StartsAProcess`` (tests/process_guard.py), and the test fails even if it
+catches the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import process_guard  # tests/ is on sys.path under pytest
 import pytest
 import torch
 
@@ -16,3 +31,54 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_fork_servers():
+    """The warm fairseq fork servers a module started (tests/fairseq_helpers.py) end with the module."""
+    yield
+    fairseq_helpers = sys.modules.get("fairseq_helpers")
+    if fairseq_helpers is not None:
+        fairseq_helpers.close_fork_servers()
+
+
+# ---- the fast tier's guard: no process starts in a test that is not marked slow ---------------------
+
+_VIOLATIONS = pytest.StashKey[list]()
+
+
+def pytest_sessionstart(session):
+    # The library looks glibc up once per process (fairseq_asam._compat.release_freed_host_memory, called
+    # by the fairseq task after each ascent on the CPU) with ctypes.util.find_library, which runs
+    # `/sbin/ldconfig -p`: a lookup of the library's, not a process the first fairseq test starts.
+    from fairseq_asam import _compat
+
+    _compat.release_freed_host_memory()
+
+
+def _phase(item):
+    if item.get_closest_marker("slow") is not None:
+        return contextlib.nullcontext()
+    return process_guard.guard(item, item.stash.setdefault(_VIOLATIONS, []))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _phase(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _phase(item):
+        outcome = yield
+    # A test that caught the error (pytest.raises(Exception), a helper's try/except) still fails.
+    violations = item.stash.get(_VIOLATIONS, [])
+    if violations and outcome.excinfo is None:
+        outcome.force_exception(process_guard.StartsAProcess(violations[0]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    with _phase(item):
+        yield

@@ -55,6 +55,7 @@ def test_reference_loop_uses_the_cores_bias_rule_and_matches_its_ascent():
     opt.restore()
 
 
+@pytest.mark.slow
 def test_benchmark_cli_rejects_bad_arguments():
     for args, msg in ((["--sections", "gpu"], "--sections: unknown"), (["--updates", "3"], "--updates must be >= 6")):
         p = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], capture_output=True,
@@ -62,6 +63,7 @@ def test_benchmark_cli_rejects_bad_arguments():
         assert p.returncode == 2 and msg in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_prints_each_table_as_soon_as_it_is_measured(tmp_path):
     # vision (seconds with --quick) first, then fairseq (real fairseq-train processes, many seconds):
     # the vision table must arrive while the fairseq section is still running.
@@ -84,6 +86,7 @@ def test_benchmark_prints_each_table_as_soon_as_it_is_measured(tmp_path):
         proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_efficient_vision_section_on_a_small_model():
     from benchmarks.efficient_update import EFFICIENT, bench_vision
 

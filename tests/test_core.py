@@ -446,6 +446,7 @@ def test_bad_base_optimizer_and_step_without_closure():
         opt.step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,rho", [(SAM, 0.05), (ASAM, 0.5)])
 def test_short_training_run_decreases_loss(cls, rho):
     torch.manual_seed(0)

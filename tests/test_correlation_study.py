@@ -64,6 +64,7 @@ def test_granulated_coefficients_by_hand():
     assert "| learning rate | n/a | 1.000 | -1.000 | n/a |" in table
 
 
+@pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "study"
     assert cs.main(["--quick", "--out-dir", str(out), "--no-progress"]) == 0

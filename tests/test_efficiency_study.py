@@ -72,6 +72,7 @@ def test_recompute_bn_gives_the_batch_statistics_at_the_current_weights():
     assert model.training
 
 
+@pytest.mark.slow
 def test_quick_study_writes_power_check_table_json_and_plot(tmp_path):
     out, plot = tmp_path / "out", tmp_path / "eff.png"
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "efficiency_study.py"), "--quick", "--jobs", "2",

@@ -30,8 +30,10 @@ def test_allow_list_is_registered_at_import():
         assert entry in registered
 
 
-@pytest.fixture
-def real_checkpoint(tiny_data_bin, tmp_path):
+@pytest.fixture(scope="module")
+def real_checkpoint(tiny_data_bin, tmp_path_factory):
+    # One trainer and checkpoint for the tests that only read them.
+    tmp_path = tmp_path_factory.mktemp("real-checkpoint")
     trainer, task, cfg = build_trainer(tiny_data_bin, tmp_path, "--task", "translation_sam", "--optimizer", "asam_adam")
     trainer.train_step(train_batches(task, cfg, 1))
     path = tmp_path / "checkpoint_last.pt"

@@ -28,6 +28,7 @@ from fairseq_helpers import (
     USER_DIR,
     _env,
     run_fairseq,
+    run_fairseq_at_once,
     tiny_data_bin_fixture,
     tiny_train_args,
     train_logs,
@@ -267,22 +268,8 @@ def _ddp_train(data_bin, save_dir, *extra, timeout=240):
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--ddp-backend", "legacy_ddp",
         "--distributed-backend", "gloo",
     )  # fmt: skip
-    code = "import sys; from fairseq_cli.train import cli_main; sys.argv[0] = 'fairseq-train'; cli_main()"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, *args, "--distributed-rank", str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(REPO),
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = run_fairseq_at_once("train", [[*args, "--distributed-rank", str(rank)] for rank in range(2)], timeout=timeout)
+    outs = [(p.stdout, p.stderr) for p in procs]
     failed = [f"rank {r} (exit {p.returncode}):\n{err[-3000:]}" for r, (p, (_, err)) in enumerate(zip(procs, outs)) if p.returncode]
     assert not failed, "\n".join(failed)
     return outs

@@ -27,6 +27,7 @@ tiny_data_bin = tiny_data_bin_fixture()
 SAM = ["--task", "translation_sam", "--optimizer", "asam_adam", "--asam-rho", "0.5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "memory-efficient-fp16", "amp"])
 def test_never_triggering_equals_plain_adam(tiny_data_bin, tmp_path, precision):
     plain, task, cfg = _build(tmp_path / "a", tiny_data_bin, "cpu", precision, "--task", "translation",
@@ -42,6 +43,7 @@ def test_never_triggering_equals_plain_adam(tiny_data_bin, tmp_path, precision):
     assert (s.updates, s.second_passes) == (3, 0)
 
 
+@pytest.mark.slow
 def test_every_1_equals_the_default_update(tiny_data_bin, tmp_path):
     full, task, cfg = _build(tmp_path / "a", tiny_data_bin, "cpu", "fp32", *SAM)
     every1, _, _ = _build(tmp_path / "b", tiny_data_bin, "cpu", "fp32", *SAM, "--asam-every", "1")
@@ -62,6 +64,7 @@ class _RecordG(TranslationSAMTask):
     update_adapter = _RecordGUpdate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_look_direction_is_unit_and_orthogonal_to_g(tiny_data_bin, tmp_path, precision):
     trainer, task, cfg = _build(tmp_path, tiny_data_bin, "cpu", precision, *SAM, "--asam-every", "2",
@@ -98,6 +101,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_equals_uninterrupted(tiny_data_bin, tmp_path, case):
     flags = [*SAM, *COMMON, *RESUME_CASES[case]]
@@ -137,6 +141,7 @@ def test_resume_equals_uninterrupted(tiny_data_bin, tmp_path, case):
     assert qa["second_passes"] == sum(flags_logged)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -154,6 +159,7 @@ def test_bad_flag_stops_before_anything_is_written(tiny_data_bin, tmp_path, flag
     assert not save.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -169,6 +175,7 @@ def test_inconsistent_flags_are_clear_errors(tiny_data_bin, tmp_path, flags, mes
     assert message in p.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_update_freq_2_and_resume(tiny_data_bin, tmp_path):
     # Look-ASAM on 2 gloo processes (stopped after 4 updates, resumed to 6) equals one process with
     # --update-freq 2: the schedule reads the all-reduced gradient, so both ranks decide and store alike.

@@ -114,6 +114,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", [0.0, 0.05], ids=["noclip", "clip"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_update_freq_and_clip_match_direct_computation(tiny_data_bin, tmp_path, case, clip):
@@ -275,6 +276,7 @@ def _train(trainer, batches):
     return _snapshot(trainer.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_tiny_rho_equals_plain_adam(tiny_data_bin, tmp_path, precision, device):
@@ -349,6 +351,7 @@ def test_phase_times_are_recorded(tiny_data_bin, tmp_path, monkeypatch):
         assert agg[name].avg == pytest.approx(task.sam_phase_times[name[2:]] * 1000.0)
 
 
+@pytest.mark.slow
 def test_mixin_wraps_another_task(tmp_path_factory, tmp_path):
     # The same two-pass update around fairseq's language_modeling task (make_sharpness_aware):
     # --asam-rho 1e-12 with dropout equals plain Adam, a real rho moves away from it.
@@ -470,6 +473,7 @@ def _train_step_skipped_by_trainer(trainer, samples):
     return None  # with CUDA the Trainer logs the OverflowError and returns
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_amp_overflow_in_second_pass_is_retried(tiny_data_bin, tmp_path, device):
     # One second pass overflows: the scaler halves its scale and the second pass is redone, so the update equals

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.toydata import write_cifar_digits
 
@@ -29,6 +31,7 @@ def _run(argv):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_figure4_quick(tmp_path):
     f4 = _script_module()
     data = str(tmp_path / "data")

@@ -48,6 +48,7 @@ def _maxdiff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(fh.CONFIGS))
 def test_two_sharded_workers_equal_one_process(sharded_run, name):
     # Same global batch of 8 (4 per worker), no m-sharpness, no BatchNorm: the first-pass gradient is the
@@ -74,6 +75,7 @@ def _chunk(t, rank, world=2):
     return parts[rank] if rank < len(parts) else t[:0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sam", "asam-element", "asam-filter", "asam-filter-foreach"])
 def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, name):
     model, opt, _ = fh.build(fh.CONFIGS[name], sharded=False)
@@ -97,6 +99,7 @@ def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, 
         assert got["collectives"] == {"c10d.allreduce_": 1}  # the norm and ||eps||^2: one all-reduce
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_reloads_on_another_number_of_workers(sharded_run):
     # Saved by 2 workers after 4 ASAM (filter) updates, loaded by 1: weights, momentum and rho/eta/p exact.
     _torchrun(1, HELPER, "load", sharded_run, cwd=sharded_run)
@@ -109,6 +112,7 @@ def test_sharded_checkpoint_reloads_on_another_number_of_workers(sharded_run):
     assert got["shares_groups"] and got["epoch"] == fh.STEPS and got["step_ok"]
 
 
+@pytest.mark.slow
 def test_hsdp_two_replicas_of_two_shards_equal_one_process(tmp_path):
     # HSDP (mesh 2 x 2, placements (Replicate(), Shard(0))): the replicas hold the same reduced gradient, so
     # the norm must be totalled over the shard group only; over all 4 workers it would count every shard
@@ -208,6 +212,7 @@ def _full(ck_dir, tmp):
     return torch.load(f, weights_only=True)
 
 
+@pytest.mark.slow
 def test_cli_fsdp_resume_equals_uninterrupted(cifar_dir, tmp_path, capsys):
     common = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2",
               "--minimizer", "asam", "--normalization", "filter", *TINY]
@@ -265,6 +270,7 @@ def test_cli_fsdp_bad_combinations(cifar_dir, tmp_path, capsys, argv, message):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_docs_example_runs_under_torchrun(tmp_path):
     import re
 
@@ -277,6 +283,7 @@ def test_docs_example_runs_under_torchrun(tmp_path):
     assert len(eps) == 3 and all(0 < e < 1 for e in eps), p.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,fractions", [
     (["--one-pass", "previous"], [0.0, 0.0]),
     (["--every", "2"], [0.5, 0.5]),  # 2 updates per epoch (batch 32 of 128 images on 2 workers: 4): refresh on 0, 2

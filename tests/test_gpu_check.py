@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_parses():
     p = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -19,6 +22,7 @@ def test_gpu_check_script_parses():
     assert "set -euo pipefail" in text
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_without_gpu_or_dry_run():
     import torch
 
@@ -29,6 +33,7 @@ def test_gpu_check_refuses_without_gpu_or_dry_run():
     assert p.returncode == 2 and "no CUDA device" in p.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_dry_run(tmp_path):
     out = tmp_path / "gc.json"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")

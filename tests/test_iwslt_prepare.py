@@ -66,6 +66,7 @@ def expected_kept_pairs() -> int:
     return n_text - sum(1 for *_, fate in SPECIAL if fate != "kept")
 
 
+@pytest.mark.slow
 def test_counts_and_splits(prepared):
     out, tmp = prepared["stdout"], prepared["work"] / "tmp"
     kept = expected_kept_pairs()
@@ -84,6 +85,7 @@ def test_counts_and_splits(prepared):
     assert lines(tmp / "test.de")[0] == "marker dev2010 satz 1 ."
 
 
+@pytest.mark.slow
 def test_cleaning_and_tokenization(prepared):
     tmp = prepared["work"] / "tmp"
     de, en = lines(tmp / "train.tags.de-en.de"), lines(tmp / "train.tags.de-en.en")
@@ -106,6 +108,7 @@ def test_cleaning_and_tokenization(prepared):
     assert en[i] == prep.lowercase(prep.tokenize_lines([first_en], "en"))[0]
 
 
+@pytest.mark.slow
 def test_binarized_output_reads_back(prepared):
     from fairseq.data import Dictionary, data_utils
 
@@ -130,6 +133,7 @@ def test_binarized_output_reads_back(prepared):
     assert lines(bin_dir / "dict.de.txt") != lines(bin_dir / "dict.en.txt")
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_step(prepared, capsys):
     before = {p: p.read_bytes() for p in prepared["bin"].iterdir()}
     r = run_main(capsys, "--tarball", prepared["tgz"], "--dest", prepared["bin"], "--work-dir", prepared["work"],
@@ -146,6 +150,7 @@ def _tree(d: Path) -> dict:
             and not p.name.endswith(".done") and p.name not in ("preprocess.log", "preprocess-output.log")}
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_redone_not_reused(prepared, tmp_path):
     tgz, work, dest = prepared["tgz"], tmp_path / "work", tmp_path / "bin"
 
@@ -216,6 +221,7 @@ def test_corrupt_or_wrong_archive(tmp_path, kind, capsys):
     assert not list(tmp_path.rglob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_sentencepiece_alternative(prepared, tmp_path):
     import sentencepiece as spm
 
@@ -286,6 +292,7 @@ def test_required_members_match_fairseqs_recipe():
     assert "NR%23 == 0" in text and "-ratio 1.5" in text and "1 175" in text and "BPE_TOKENS=10000" in text
 
 
+@pytest.mark.slow
 def test_long_steps_show_progress(prepared):
     # tqdm bars on stderr: tokenization, BPE learning (subword-nmt's own bar over the merges) and
     # application; fairseq-preprocess's log lines are passed on to stdout while it binarizes.

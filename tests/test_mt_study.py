@@ -105,6 +105,7 @@ def test_summary_flags_a_rho_at_the_edge_of_its_grid_and_reads_the_other_seeds_a
     assert "(the highest value of the grid)" in M.markdown(s)
 
 
+@pytest.mark.slow
 def test_toy_study_end_to_end(tmp_path):
     out, js = tmp_path / "out", tmp_path / "mt.json"
     p = subprocess.run([sys.executable, "-m", "studies.mt_convergence", "--out", str(out), "--json", str(js),

@@ -42,6 +42,7 @@ assert (root.level, list(root.handlers)) == before, (root.level, root.handlers)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_import_paths(name):
     out = subprocess.run([sys.executable, "-c", CASES[name] + "\nprint('ok')"], capture_output=True, text=True,
@@ -52,6 +53,7 @@ def test_import_paths(name):
         assert "DEBUG" not in out.stderr and "tensorboardX" not in out.stderr
 
 
+@pytest.mark.slow
 def test_fairseq_user_dir_after_the_package_was_imported(tmp_path):
     """A program that imported fairseq_asam (torch only) and then runs fairseq's --user-dir import."""
     code = """

@@ -115,6 +115,7 @@ def test_tied_weights_are_perturbed_once_and_seen_by_both_uses():
     torch.testing.assert_close(model.emb.weight.detach(), w - 0.1 * ref.emb.weight.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_updates_as_eager():
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -386,6 +387,7 @@ def test_ascend_can_keep_the_gradient_memory_for_the_second_pass(foreach):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_release_freed_host_memory_returns_heap_pages_to_the_os():
     """What the fairseq task does after the ascent on the CPU: freed gradient-sized blocks that glibc kept on
     the heap (its dynamic mmap threshold rose) stop counting in RSS once released."""

@@ -22,6 +22,9 @@ from benchmarks.precision import (
 )
 from fairseq_asam.fairseq_ext.task import fp16_grads_for_ascent
 
+# Every test reads the gradients of the full-size transformer_iwslt_de_en (built once per module, seconds).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def iwslt():

@@ -62,6 +62,7 @@ def test_block_parser_finds_blocks_and_opt_outs(tmp_path, monkeypatch):
     assert skipped == ["x.md:9 (needs a GPU)"]
 
 
+@pytest.mark.slow
 def test_every_python_example_runs(tmp_path):
     blocks, skipped = [], []
     for path in DOCS:

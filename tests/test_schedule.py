@@ -359,6 +359,7 @@ def _indented_block_after(text: str, marker: str) -> str:
     return "\n".join(block).strip() + "\n"
 
 
+@pytest.mark.slow
 def test_module_docstring_example_runs_as_written():
     import subprocess
     import sys
@@ -388,6 +389,7 @@ def test_vision_step_runs_the_same_rule_as_the_optimizer(name):
     assert oa.schedule.second_passes == ob.schedule.second_passes
 
 
+@pytest.mark.slow
 def test_docs_efficiency_python_example_runs():
     import pathlib
     import re

@@ -49,6 +49,7 @@ def _run(capsys, argv):
     return out, json.loads(out[out.index("{") :])
 
 
+@pytest.mark.slow
 def test_fairseq_checkpoint(fairseq_ckpt, tmp_path, capsys):
     data, ckpt = fairseq_ckpt
     out_json = tmp_path / "out" / "s.json"
@@ -100,6 +101,7 @@ def test_vision_checkpoint(vision_run, tmp_path, capsys):
     assert rep["loss"] == pytest.approx(logged, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -142,6 +144,7 @@ def test_vision_checkpoint_cuda_matches_cpu(vision_run, capsys):
     assert cuda["value"] == pytest.approx(cpu["value"], rel=1e-2, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fairseq", "vision"])
 def test_streamed_split_equals_the_materialized_split(fairseq_ckpt, vision_run, kind, capsys):
     # The tool streams the split (each pass re-reads it, one batch on the device at a time); measuring

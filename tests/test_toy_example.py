@@ -21,6 +21,7 @@ def test_loss_and_valley():
         assert f[0] ** 2 - f[1] ** 2 == pytest.approx(w0[0] ** 2 - w0[1] ** 2, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_sam_from_first_start_goes_to_the_flattest_minimizer_asam_stays_near():
     sam = toy.trajectory((0.2, 0.05), "sam", 0.05)
     asam = toy.trajectory((0.2, 0.05), "asam", 0.5)
@@ -43,6 +44,7 @@ def test_sam_is_stuck_from_second_start():
     assert sam.final_loss == pytest.approx(0.0301, rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rho", [0.05, 0.2, 0.5, 1.0, 1.3])
 def test_asam_reaches_the_valley_for_rho_below_sqrt2(rho):
     asam = toy.trajectory((0.3, 0.033), "asam", rho)
@@ -53,6 +55,7 @@ def test_asam_reaches_the_valley_for_rho_below_sqrt2(rho):
     assert dist(asam.final, toy.flow_limit((0.3, 0.033))) < 0.006
 
 
+@pytest.mark.slow
 def test_asam_from_other_starts_and_its_limit_at_sqrt2():
     # The paper: "ASAM converges no matter which w0 is used if rho < sqrt(2)", in the quadrant w1, w2 > 0 of
     # its figure (from w1 < 0 the loss's own flow, which ASAM follows, runs into the saddle at 0 or away).
@@ -65,6 +68,7 @@ def test_asam_from_other_starts_and_its_limit_at_sqrt2():
     assert float(stuck.ascent_points[0, 1]) == pytest.approx(0.033 * (1 - 1.5 / math.sqrt(2)), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_main_writes_png_and_prints(tmp_path, capsys):
     out = tmp_path / "fig" / "toy.png"
     assert toy.main(["--out", str(out), "--steps", "200"]) == 0

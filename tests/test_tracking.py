@@ -24,6 +24,7 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_fairseq_tensorboard_logdir_gets_the_sharpness_metrics(tmp_path):
     data = fh.make_tiny_corpus(tmp_path / "corpus")
     tb = tmp_path / "tb"
@@ -55,6 +56,7 @@ VISION = ["--dataset", "cifar10", "--model", "resnet8", "--batch-size", "32", "-
           "--test-batch-size", "50", "--epochs", "2", "--minimizer", "asam", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_vision_tensorboard_logs_every_epoch_metric_and_images_per_second(cifar_dir, tmp_path):
     run = tmp_path / "run-tb"
     assert vtrain.cli_main([*VISION, "--data-dir", cifar_dir, "--run-dir", str(run),
@@ -105,6 +107,7 @@ def _wandb_history(run_file) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_vision_wandb_offline_logs_the_same_records(cifar_dir, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -122,6 +125,7 @@ def test_vision_wandb_offline_logs_the_same_records(cifar_dir, tmp_path, monkeyp
             assert row[key] == pytest.approx(h[key], rel=1e-9), key
 
 
+@pytest.mark.slow
 def test_fairseq_wandb_project_offline_gets_the_sharpness_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

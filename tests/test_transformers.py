@@ -86,6 +86,7 @@ def test_the_second_pass_replays_the_dropout_masks(tmp_path):
     assert max_abs_diff(trainer.model, fresh) > 1e-6
 
 
+@pytest.mark.slow
 def test_plain_trainer_and_asam_trainer_with_mode_none_are_the_same_update(tmp_path):
     data = token_data(4)
     plain = Trainer(model=tiny_marian(), args=trainer_args(tmp_path / "a", cls=ASAMTrainingArguments, asam_mode="none",
@@ -116,6 +117,7 @@ def test_cheaper_policy_every_k_equals_the_direct_update(tmp_path, accum):
     assert (sched.updates, sched.second_passes) == (len(rec.states), len(rec.states) // 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [dict(asam_every=2, asam_reuse_alpha=0.7), dict(asam_one_pass="previous")],
                          ids=["look-asam", "one-pass-previous"])
 def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path, policy):
@@ -140,6 +142,7 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path, policy):
         _train(tmp_path / "broken", tiny_marian(), data, max_steps=6, resume=str(ckpt), **policy)
 
 
+@pytest.mark.slow
 def test_look_asam_state_round_trip_changes_the_result(tmp_path):
     """The resume test above can fail: a fresh Look-ASAM (no kept direction) after 3 updates ends elsewhere."""
     data = token_data(12)
@@ -214,6 +217,7 @@ def test_sam_mode_builds_sam_with_the_trainers_optimizer(tmp_path):
     assert type(opt.base_optimizer).__name__ == "AdamW"
 
 
+@pytest.mark.slow
 def test_importing_the_package_imports_no_transformers():
     code = ("import sys, fairseq_asam, fairseq_asam.integrations; "
             "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules; print('ok')")
@@ -229,6 +233,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [{}, dict(asam_one_pass="previous")], ids=["full", "one-pass"])
 def test_ddp_two_gloo_workers_equal_one_process_on_the_global_batch(tmp_path, policy):
     """2 workers x 1 example x 2 micro-batches per update against 1 process x 2 examples x 2 micro-batches:
@@ -276,6 +281,7 @@ def test_bf16_autocast_on_cpu_equals_the_direct_update(tmp_path):
     assert max_abs_diff(trainer.model, fp32) > 0  # the autocast really ran
 
 
+@pytest.mark.slow
 def test_bench_section_runs_on_a_tiny_marian():
     """`make bench`'s hf section (here with the tiny config): every method ran real Trainer updates."""
     from benchmarks.hf_update import METHODS, bench_trainer

@@ -57,6 +57,7 @@ def tiny_local_marian(folder: Path, sentences: list[str]) -> None:
     MarianMTModel(cfg).save_pretrained(out)
 
 
+@pytest.mark.slow
 def test_the_fine_tuning_example_runs_on_a_tiny_local_marian(tmp_path):
     code = example()
     sentences = re.findall(r'\("([^"]+)", "([^"]+)"\)', code)

@@ -59,7 +59,7 @@ def _conv_fc_params(model):
                for p in m.parameters())
 
 
-@pytest.mark.parametrize("depth,alpha,published", [(272, 200, 26.0e6), (164, 270, 27.0e6)])
+@pytest.mark.parametrize("depth,alpha,published", [pytest.param(272, 200, 26.0e6, marks=pytest.mark.slow), (164, 270, 27.0e6)])
 def test_pyramidnet_bottleneck_matches_han_et_al(depth, alpha, published):
     # Han et al. 2017, Table 4 (bottleneck, CIFAR, 10 classes): 272/alpha 200: 26.0M; 164/alpha 270: 27.0M.
     # Their counts are the convolution and linear weights (no BatchNorm affine parameters): 25,999,978 is
@@ -112,7 +112,8 @@ def test_pyramidnet_shakedrop_is_random_in_training_and_deterministic_in_eval():
     assert scales[0] > scales[-1] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"pyramidnet272"}))  # 272 layers: too slow here, see above
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "wrn28_10" else n  # 36M parameters
+                                  for n in sorted(set(MODELS) - {"pyramidnet272"})])  # 272 layers: too slow here, see above
 def test_forward_backward_two_images(name):
     torch.manual_seed(0)
     num_classes = 100 if name != "resnet50" else 7

@@ -29,6 +29,7 @@ def _ckpt(d):
     return torch.load(os.path.join(d, "checkpoint_last.pt"), map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,fractions", [
     (["--every", "2", "--reuse-alpha", "0.7"], [0.5, 0.5]),   # 4 updates per epoch: refresh on 0, 2, 4, 6
     (["--one-pass", "previous"], [0.0, 0.0]),
@@ -58,6 +59,7 @@ def test_resume_equals_uninterrupted(cifar_dir, tmp_path, flags, fractions):
         vtrain.cli_main([*common, "--run-dir", b, "--resume", "--every", "3"])
 
 
+@pytest.mark.slow
 def test_fp16_amp_on_cpu(cifar_dir, tmp_path):
     d = str(tmp_path / "amp")
     vtrain.cli_main(["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1", "--minimizer", "asam",
@@ -69,6 +71,7 @@ def test_fp16_amp_on_cpu(cifar_dir, tmp_path):
     assert sum(float(t.double().square().sum()) for t in d if t is not None) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--every", "2", "--reuse-alpha", "0.7"], ["--adaptive-c", "0"]],
                          ids=["look", "adaptive"])
 def test_ddp_two_processes_gloo(cifar_dir, tmp_path, flags):
@@ -107,6 +110,7 @@ def test_bad_flags_are_clear_errors(cifar_dir, tmp_path, capsys, argv, message):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,tracked", [
     (["--one-pass", "momentum"], 4),  # recomputed at w: one pass over the 4 training batches
     (["--every", "2"], 8),            # as trained: one first-pass forward per update, 2 epochs of 4

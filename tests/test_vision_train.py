@@ -52,6 +52,7 @@ def runs(cifar_dir, tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mn", ["sgd", "sam", "asam"])
 def test_short_run_learns_above_chance(runs, mn):
     d = runs[mn]
@@ -72,6 +73,7 @@ def test_short_run_learns_above_chance(runs, mn):
     assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5"} <= set(header)
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_and_reproduces_the_logged_accuracy(runs):
     model, args = vtrain.load_model_from_checkpoint(os.path.join(runs["asam"], "checkpoint_last.pt"))
     assert not model.training and args["model"] == "resnet8" and args["num_classes"] == 10
@@ -82,6 +84,7 @@ def test_checkpoint_loads_and_reproduces_the_logged_accuracy(runs):
     assert acc == pytest.approx(final, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_report_table_and_plot(runs, tmp_path):
     p = subprocess.run([sys.executable, "-m", "fairseq_asam.vision.report", *runs.values(), "--markdown",
                         str(tmp_path / "t.md")], env=_env(), capture_output=True, text=True, timeout=120)
@@ -100,6 +103,7 @@ def _weights(run_dir):
     return torch.load(os.path.join(run_dir, "checkpoint_last.pt"), weights_only=True)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(cifar_dir, tmp_path):
     # m-sharpness (sharded path), one loader worker, label noise: all of it must replay exactly.
     common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2", "--minimizer", "asam",
@@ -130,6 +134,7 @@ def test_resume_equals_uninterrupted(cifar_dir, tmp_path):
 
 
 # Under torchrun the long spellings --m-sharpness/--sharpness-p (torchrun would take --m/--p for its own).
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--minimizer", "asam"], ["--minimizer", "sam", "--m-sharpness", "8", "--sharpness-p", "2"],
                                    ["--minimizer", "asam", "--accum-steps", "2"]],
                          ids=["asam", "sam-m8", "asam-accum2"])
@@ -178,6 +183,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(cifar_dir, tmp_path, caps
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume(runs):
     with pytest.raises(SystemExit):
         vtrain.cli_main(["--data-dir", "x", "--run-dir", runs["sam"], *TINY])
@@ -200,6 +206,7 @@ def test_paper_defaults():
 
 
 
+@pytest.mark.slow
 def test_reproduce_cifar_script(cifar_dir, tmp_path):
     out = tmp_path / "out"
     env = dict(_env(), MODELS="resnet8", METHODS="sgd asam", SEEDS="0", DATASETS="cifar10", EPOCHS="1",
@@ -217,6 +224,7 @@ def test_reproduce_cifar_script(cifar_dir, tmp_path):
     assert p.returncode == 0 and p.stdout.count("done, skipping") == 2, p.stdout + p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_run_on_cpu(cifar_dir, tmp_path, amp):
     # CPU autocast runs both precisions; fp16 carries a GradScaler whose state goes into the checkpoint.
@@ -338,6 +346,7 @@ def test_cutmix_batch_and_soft_label_loss():
     torch.testing.assert_close(ce(logits, y0.double()), ce(logits, y), rtol=0, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_with_accumulation_cutmix_autoaugment(cifar_dir, tmp_path, capsys):
     # Every new source of randomness (AutoAugment in the loader, CutMix in the loop) and the micro-batches
     # must replay across a resume.

@@ -19,6 +19,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
@@ -58,6 +60,7 @@ def _site_packages(venv: Path) -> Path:
     return Path(out.stdout.strip())
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_works_without_the_repository(tmp_path):
     t0 = time.time()
     src = tmp_path / "src"

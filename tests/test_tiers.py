@@ -1,0 +1,67 @@
+"""The fast tier's guard (tests/process_guard.py, wired in tests/conftest.py) refuses every way of starting a
+process in a test that is not marked slow, and a test that catches the refusal still fails."""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import process_guard
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def _noop():
+    pass
+
+
+def _fork():
+    pid = os.fork()
+    if pid == 0:  # only if the guard failed: the child must not go on running the tests
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+STARTS = {
+    "subprocess.run": lambda: subprocess.run([sys.executable, "-c", "pass"]),
+    "os.popen": lambda: os.popen("true").read(),
+    "multiprocessing spawn": lambda: multiprocessing.get_context("spawn").Process(target=_noop).start(),
+    "multiprocessing forkserver": lambda: multiprocessing.get_context("forkserver").Process(target=_noop).start(),
+    "multiprocessing fork": lambda: multiprocessing.get_context("fork").Process(target=_noop).start(),
+    "os.fork": _fork,
+    "os.posix_spawn": lambda: os.waitpid(os.posix_spawn("/bin/true", ["true"], os.environ), 0),
+}
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+def test_guard_refuses_and_records_each_way_of_starting_a_process(start):
+    violations = []
+    with process_guard.guard(SimpleNamespace(nodeid="t.py::x"), violations):
+        with pytest.raises(process_guard.StartsAProcess, match=r"t.py::x starts a process .* not marked slow"):
+            STARTS[start]()
+    assert len(violations) == 1
+
+
+def test_a_test_that_catches_the_refusal_still_fails_and_slow_is_the_way_out(pytester):
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    slow: x\n")
+    pytester.makepyfile(test_inner="""
+        import subprocess
+        import pytest
+
+        def test_swallows():
+            try:
+                subprocess.run(["true"])
+            except Exception:
+                pass
+
+        @pytest.mark.slow
+        def test_marked_slow():
+            pass
+    """)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_swallows starts a process (Popen._execute_child) but is not marked slow*"])
