@@ -389,6 +389,48 @@ def markdown(summary: dict, decisions: dict) -> str:
     return "\n".join(lines)
 
 
+def status_markdown(res: dict) -> str:
+    """Every finished run, in the order it finished: what the JSON holds, for the page's status section."""
+    lines = ["| run | updates | best / stop epoch | valid sacreBLEU (best) | test sacreBLEU best / avg | "
+             "test BLEU tok best / avg | train min | s/update wall / CPU |", "|" + "---|" * 8]
+    for r in res.get("runs", []):
+        b, a = r["best"], r["avg"]
+        lines.append(f"| {r['key']} | {r['updates']} | {r['best_epoch']} / {r['stop_epoch']} | "
+                     f"{b['valid']['bleu_detok']:.2f} | {b['test']['bleu_detok']:.2f} / {a['test']['bleu_detok']:.2f} | "
+                     f"{b['test']['bleu_tokenized']:.2f} / {a['test']['bleu_tokenized']:.2f} | "
+                     f"{r['train_wall_s'] / 60:.1f} | {r['wall_s_per_update']:.3f} / {r['cpu_s_per_update']:.3f} |")
+    st = res.get("status", {})
+    lines += ["", f"{st.get('finished_runs', 0)} runs finished; next: {', '.join(st.get('next', [])) or 'none'}"
+              + (" (complete)" if st.get("complete") else "")]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    """Validation loss against updates, one line per finished run (colour: method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"adam": "tab:blue", "asam": "tab:red", "onepass": "tab:green", "sam": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    seen = set()
+    for r in res.get("runs", []):
+        c = r["valid_curve"]
+        label = r["method"] if r["method"] not in seen else None
+        seen.add(r["method"])
+        ax.plot([p["update"] for p in c], [p["loss"] for p in c], color=colours[r["method"]], alpha=0.6, lw=1,
+                label=label)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("validation loss (label-smoothed, base 2)")
+    ax.set_title("Multi30k DE-EN: every finished run")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---- sizing -----------------------------------------------------------------------------------------
 
 
@@ -465,10 +507,21 @@ def main(argv=None) -> int:
     ap.add_argument("--size-updates", type=int, default=40)
     ap.add_argument("--size-models", default=",".join(SIZE_CANDIDATES))
     ap.add_argument("--size-methods", default="adam,asam")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the finished runs of --json as a table (and --plot them); trains nothing")
+    ap.add_argument("--plot", type=Path, default=None, help="with --report: validation loss per update, to this PNG")
     ap.add_argument("--generate", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.generate:
         return _generate_main(a.generate)
+    if a.report:
+        res = json.loads(a.json.read_text())
+        print(status_markdown(res))
+        print()
+        print(res["markdown"])
+        if a.plot:
+            plot(res, a.plot)
+        return 0
     seeds = [int(s) for s in a.seeds.split(",")]
     grid_seeds = [int(s) for s in a.grid_seeds.split(",")]
     methods = [m for m in a.methods.split(",") if m]

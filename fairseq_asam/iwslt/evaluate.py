@@ -1,4 +1,4 @@
-"""BLEU of a trained IWSLT'14 run on valid and test (paper Table 5).
+"""BLEU of a trained translation run (IWSLT'14, Multi30k, ...) on valid and test (paper Table 5).
 
 ``fairseq-generate`` (beam 5, BPE removed) translates each subset; then three numbers per subset:
 
@@ -7,13 +7,16 @@
 - ``bleu_tokenized_sacrebleu``: the same text scored by sacreBLEU with ``tokenize="none"``, a second
   code path that must agree with the first (it does, to the printed two decimals, unless an n-gram
   order has no match at all, where sacreBLEU smooths);
-- ``bleu_detok``: sacreBLEU (default 13a tokenization) on hypotheses and references both detokenized
-  with sacremoses' Moses detokenizer; lowercased, since the prepared references are. Reported with
-  its signature.
+- ``bleu_detok``: sacreBLEU (default 13a tokenization) on the hypotheses detokenized with sacremoses'
+  Moses detokenizer, against the raw references where the corpus keeps them (``asam-mt-prepare``
+  writes ``<data>/raw/``: Multi30k and other text corpora, cased) and otherwise against the tokenized
+  references detokenized the same way (IWSLT'14, lowercased as its recipe prepares it). Reported with
+  its signature; ``detok_references`` says which references were used.
 
 Results go to ``<run>/eval.json`` (written atomically) next to the generate outputs::
 
     bash scripts/evaluate-iwslt14.sh runs/iwslt14/asam-seed1
+    asam-mt-evaluate runs/multi30k/asam-seed1 --data data-bin/multi30k.tokenized.de-en
 """
 
 from __future__ import annotations
