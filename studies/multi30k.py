@@ -361,8 +361,28 @@ def _f(x, nd=2, sign=False):
     return "-" if x is None else (f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}")
 
 
+LABELS = {"adam": "Adam", "sam": "Adam+SAM", "asam": "Adam+ASAM", "onepass": "Adam+ASAM one-pass"}
+
+
+def table5(summary: dict) -> str:
+    """The paper's Table 5 layout: one column per method, test BLEU mean ± std over the finished seeds."""
+    rows = summary["rows"]
+    cols = [m for m in ("adam", "sam", "asam", "onepass") if m in rows]
+    lines = ["| BLEU (test_2016_flickr) | " + " | ".join(LABELS[m] for m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for what, k, c in (("sacreBLEU, best checkpoint", "test_bleu_detok", ""),
+                       ("sacreBLEU, averaged checkpoints", "test_bleu_detok", "+avg"),
+                       ("tokenized BLEU, best checkpoint", "test_bleu_tokenized", ""),
+                       ("tokenized BLEU, averaged checkpoints", "test_bleu_tokenized", "+avg")):
+        cells = []
+        for m in cols:
+            r = rows.get(m + c)
+            cells.append("-" if r is None else f"{_f(r[k + '_mean'])} ± {_f(r[k + '_std'])} (n={len(r['seeds'])})")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary: dict, decisions: dict) -> str:
-    lines = ["| method | rho | passes | seeds | test sacreBLEU | vs Adam (paired ± SE) | test BLEU (tok) | "
+    lines = [table5(summary), "", "| method | rho | passes | seeds | test sacreBLEU | vs Adam (paired ± SE) | test BLEU (tok) | "
              "vs Adam | valid sacreBLEU | updates | s/update wall | s/update CPU |", "|" + "---|" * 12]
     for label, r in summary["rows"].items():
         g, gt = r["test_bleu_detok_vs_adam"], r["test_bleu_tokenized_vs_adam"]
@@ -516,9 +536,13 @@ def main(argv=None) -> int:
         return _generate_main(a.generate)
     if a.report:
         res = json.loads(a.json.read_text())
+        st = res["settings"]  # the plan and the table recomputed from the finished runs alone
+        runs = {r["key"]: r for r in res["runs"]}
+        _, decisions = plan(runs, seeds=st["seeds"], grid_seeds=st["grid_seeds"], grids=st["grids"],
+                            methods=list(st["grids"]))
         print(status_markdown(res))
         print()
-        print(res["markdown"])
+        print(markdown(summarize(runs, decisions, st["seeds"]), decisions))
         if a.plot:
             plot(res, a.plot)
         return 0

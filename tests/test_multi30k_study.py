@@ -160,13 +160,13 @@ def test_one_run_trains_to_early_stop_and_scores_sacrebleu_against_raw_reference
 def test_report_prints_every_finished_run_from_the_json_alone(tmp_path, capsys):
     runs = [dict(rec("adam", None, 1, 30.0, test=31.5), train_wall_s=600.0,
                  valid_curve=[{"epoch": 1, "update": 250, "loss": 5.0}, {"epoch": 2, "update": 500, "loss": 4.0}])]
-    _, dec = S.plan(runs_of(*runs), **KW)
     res = {"runs": runs, "status": {"finished_runs": 1, "next": ["asam-seed1-rho0.1"], "complete": False},
-           "markdown": S.markdown(S.summarize(runs_of(*runs), dec, [1, 2, 3]), dec)}
+           "settings": {"seeds": [1, 2, 3], "grid_seeds": [1], "grids": {"asam": [0.1, 0.2, 0.5]}}}
     js = tmp_path / "r.json"
     js.write_text(json.dumps(res))
     assert S.main(["--json", str(js), "--report", "--plot", str(tmp_path / "f.png")]) == 0
     out = capsys.readouterr().out
     assert "| adam-seed1 | 100 | 5 / 10 | 30.00 | 31.50 / 31.50 | 32.50 / 32.50 | 10.0 | 1.000 / 0.900 |" in out
     assert "1 runs finished; next: asam-seed1-rho0.1" in out and "- asam: grid [0.1, 0.2, 0.5] still running" in out
+    assert "| BLEU (test_2016_flickr) | Adam |" in out and "| sacreBLEU, best checkpoint | 31.50 ± - (n=1) |" in out
     assert (tmp_path / "f.png").stat().st_size > 1000
