@@ -88,7 +88,10 @@ MODEL = SIZE_CANDIDATES["2x128"]
 # (no budget for it): a stated choice, the same for every method.
 RECIPE = ["--max-tokens", "2048", "--warmup-updates", "500", "--lr", "1e-3", "--dropout", "0.1"]
 PATIENCE = 3
-MAX_EPOCH = 40
+# A cap every run reaches or stops before: the pilot (Adam, seed 1, this model and recipe, capped at 40 epochs;
+# kept in the JSON under other_settings_runs) had a validation loss at epoch 20 within about 1% of its lowest,
+# and 20 epochs of a two-pass method (~5 min each) fit in one working session; an unfinished run starts again.
+MAX_EPOCH = 20
 THREADS = ["--num-workers", "0"]  # no data-loader worker process: one core, one process
 
 
@@ -120,6 +123,16 @@ def train_args(method: str, seed: int, *, data: Path, run_dir: Path, rho: float 
     args = train.fairseq_train_args(base, seed, data=data, run_dir=run_dir, rho=rho, max_update=10**9, eval_bleu=False,
                                     extra=[*model, *recipe, *sched, *THREADS, *flags, *extra])
     return [a for a in args if a != "--no-epoch-checkpoints"]
+
+
+SETTING_FLAGS = ("--arch", "--max-epoch", "--patience", "--max-tokens", "--lr", "--dropout", "--warmup-updates",
+                 "--weight-decay", "--label-smoothing", "--encoder-layers", "--decoder-layers", "--encoder-embed-dim",
+                 "--decoder-embed-dim", "--encoder-ffn-embed-dim", "--decoder-ffn-embed-dim", "--keep-last-epochs")
+
+
+def run_settings(args: list[str]) -> dict:
+    """The settings a run shares with every other run of the study (fairseq's last value of each flag)."""
+    return {f: train._last_value(args, f) for f in SETTING_FLAGS}
 
 
 def _child_cpu() -> float:
@@ -569,7 +582,16 @@ def main(argv=None) -> int:
         return 0
     if prior.get("data", {}).get("dict_sha256") not in (None, info["dict_sha256"]):
         raise SystemExit(f"the prepared dictionaries differ from those of {prior_file}'s runs; use another --json")
-    runs = {r["key"]: r for r in prior.get("runs", [])}
+    # runs made under other settings (an earlier sizing of the study) are kept in the JSON, never reused
+    want = run_settings(train_args("adam", 1, data=out / "data-bin", run_dir=out, rho=None, model=MODEL, recipe=RECIPE,
+                                   max_epoch=a.max_epoch, patience=a.patience, avg_n=a.avg))
+    other = list(prior.get("other_settings_runs", []))
+    runs = {}
+    for r in prior.get("runs", []):
+        if run_settings(r["fairseq_train_args"]) == want:
+            runs[r["key"]] = r
+        else:
+            other.append(r)
     grids = {m: GRID[m] for m in methods}
     cmd = ("PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c 1 python -m studies.multi30k "
            + shlex.join([a for a in (argv if argv is not None else sys.argv[1:])]))
@@ -578,7 +600,8 @@ def main(argv=None) -> int:
         jobs, decisions = plan(runs, seeds=seeds, grid_seeds=grid_seeds, grids=grids, methods=methods)
         todo = [j for j in jobs if key(*j) not in runs]
         summary = summarize(runs, decisions, seeds)
-        res = {**{k: v for k, v in prior.items() if k not in ("runs", "summary", "markdown", "plan", "status")},
+        res = {**{k: v for k, v in prior.items() if k not in ("runs", "summary", "markdown", "plan", "status",
+                                                                 "other_settings_runs")},
                "issue": 25, "command": cmd, "resume": f"rerun the command: finished runs in {a.json} are skipped",
                "commit": _commit(),
                "settings": {"model": MODEL, "recipe": RECIPE, "patience": a.patience, "max_epoch": a.max_epoch,
@@ -589,7 +612,7 @@ def main(argv=None) -> int:
                "status": {"finished_runs": len(runs), "planned_runs_known": len(jobs), "next": [key(*j) for j in todo[:3]],
                           "complete": not todo},
                "plan": decisions, "summary": summary, "markdown": markdown(summary, decisions),
-               "runs": list(runs.values())}
+               "runs": list(runs.values()), "other_settings_runs": other}
         write_json(res, a.json)
         if not todo or (a.max_runs is not None and started >= a.max_runs):
             break

@@ -16,8 +16,11 @@ from studies import multi30k as S  # noqa: E402
 def rec(method, rho, seed, valid, test=None):
     sc = {"valid": {"bleu_detok": valid, "bleu_tokenized": valid + 1},
           "test": {"bleu_detok": test if test is not None else valid, "bleu_tokenized": (test or valid) + 1}}
+    args = S.train_args(method, seed, data=Path("data"), run_dir=Path("run"), rho=rho, model=S.MODEL, recipe=S.RECIPE,
+                        max_epoch=S.MAX_EPOCH, patience=S.PATIENCE)
     return {"method": method, "rho": rho, "seed": seed, "key": S.key(method, rho, seed), "best": sc, "avg": sc,
-            "wall_s_per_update": 1.0, "cpu_s_per_update": 0.9, "updates": 100, "best_epoch": 5, "stop_epoch": 10}
+            "wall_s_per_update": 1.0, "cpu_s_per_update": 0.9, "updates": 100, "best_epoch": 5, "stop_epoch": 10,
+            "fairseq_train_args": args}
 
 
 def runs_of(*recs):
@@ -113,6 +116,15 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
     assert res["status"]["complete"] and len(res["runs"]) == 6 and res["plan"]["asam"]["chosen"] == 0.2
     trained.clear()
     assert S.main(argv) == 0 and trained == []
+    # a run made under other settings (here: another --max-epoch) is kept aside, not reused: it runs again
+    res = json.loads(js.read_text())
+    old = next(r for r in res["runs"] if r["key"] == "adam-seed2")
+    old["fairseq_train_args"] = [*old["fairseq_train_args"], "--max-epoch", "40"]
+    js.write_text(json.dumps(res))
+    n_before = 5
+    assert S.main(argv) == 0 and trained == ["adam-seed2"]
+    res = json.loads(js.read_text())
+    assert [r["key"] for r in res["other_settings_runs"]] == ["adam-seed2"] and len(res["runs"]) == 6
     # runs made with other dictionaries are not mixed in
     monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: {**fake_info, "dict_sha256": {"de": "x"}})
     with pytest.raises(SystemExit, match="dictionaries differ"):
