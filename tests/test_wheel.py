@@ -87,7 +87,8 @@ def test_wheel_installs_and_works_without_the_repository(tmp_path):
     assert "Requires-Dist: torch>=2.6" in metadata
     assert 'Requires-Dist: tensorboard>=2.14; extra == "tracking"' in metadata
     for script in ("asam-iwslt-prepare", "asam-iwslt-train", "asam-iwslt-evaluate", "asam-iwslt-summarize",
-                   "asam-vision-train", "asam-sharpness"):
+                   "asam-vision-train", "asam-sharpness", "asam-mt-prepare", "asam-mt-train", "asam-mt-evaluate",
+                   "asam-mt-summarize"):
         assert f"{script} = " in entry_points, entry_points
 
     venv = tmp_path / "venv"

@@ -1,4 +1,4 @@
-"""BLEU of a trained IWSLT'14 run on valid and test (paper Table 5).
+"""BLEU of a trained translation run (IWSLT'14, Multi30k, ...) on valid and test (paper Table 5).
 
 ``fairseq-generate`` (beam 5, BPE removed) translates each subset; then three numbers per subset:
 
@@ -7,13 +7,16 @@
 - ``bleu_tokenized_sacrebleu``: the same text scored by sacreBLEU with ``tokenize="none"``, a second
   code path that must agree with the first (it does, to the printed two decimals, unless an n-gram
   order has no match at all, where sacreBLEU smooths);
-- ``bleu_detok``: sacreBLEU (default 13a tokenization) on hypotheses and references both detokenized
-  with sacremoses' Moses detokenizer; lowercased, since the prepared references are. Reported with
-  its signature.
+- ``bleu_detok``: sacreBLEU (default 13a tokenization) on the hypotheses detokenized with sacremoses'
+  Moses detokenizer, against the raw references where the corpus keeps them (``asam-mt-prepare``
+  writes ``<data>/raw/``: Multi30k and other text corpora, cased) and otherwise against the tokenized
+  references detokenized the same way (IWSLT'14, lowercased as its recipe prepares it). Reported with
+  its signature; ``detok_references`` says which references were used.
 
 Results go to ``<run>/eval.json`` (written atomically) next to the generate outputs::
 
     bash scripts/evaluate-iwslt14.sh runs/iwslt14/asam-seed1
+    asam-mt-evaluate runs/multi30k/asam-seed1 --data data-bin/multi30k.tokenized.de-en
 """
 
 from __future__ import annotations
@@ -55,16 +58,29 @@ def parse_generate(text: str) -> dict:
     return {"hyps": [hyps[i] for i in ids], "refs": [refs[i] for i in ids], "fairseq_bleu4": bleu}
 
 
-def score(hyps: list[str], refs: list[str]) -> dict:
-    """Tokenized BLEU (sacreBLEU, tokenize none) and detokenized sacreBLEU with their signatures."""
+def hypothesis_ids(text: str) -> list[int]:
+    """The sentence ids of fairseq-generate's hypotheses, in parse_generate's order (the line numbers of the
+    binarized subset: fairseq-preprocess keeps the order of the text)."""
+    return sorted(int(line.split("\t", 1)[0][2:]) for line in text.splitlines() if line.startswith("H-"))
+
+
+def score(hyps: list[str], refs: list[str], raw_refs: list[str] | None = None, lang: str = "en") -> dict:
+    """Tokenized BLEU (sacreBLEU, tokenize none) and detokenized sacreBLEU with their signatures.
+
+    ``raw_refs``: the untokenized references (``asam-mt-prepare`` keeps them in ``<data>/raw/``); the
+    detokenized hypotheses are scored against them, as sacreBLEU is meant to be used. Without them, the
+    tokenized references are detokenized (the IWSLT'14 recipe keeps no raw text).
+    """
     import sacrebleu
     from sacremoses import MosesDetokenizer
 
     tok = sacrebleu.metrics.BLEU(tokenize="none", force=True)
     tok_score = tok.corpus_score(hyps, [refs])
-    md = MosesDetokenizer(lang="en")
+    md = MosesDetokenizer(lang=lang)
     dh = [md.detokenize(h.split()) for h in hyps]
-    dr = [md.detokenize(r.split()) for r in refs]
+    if raw_refs is not None and len(raw_refs) != len(refs):
+        raise ValueError(f"{len(raw_refs)} raw references for {len(refs)} sentences")
+    dr = list(raw_refs) if raw_refs is not None else [md.detokenize(r.split()) for r in refs]
     detok = sacrebleu.metrics.BLEU()
     detok_score = detok.corpus_score(dh, [dr])
     return {
@@ -73,13 +89,34 @@ def score(hyps: list[str], refs: list[str]) -> dict:
         "bleu_detok": round(detok_score.score, 2),
         "bleu_detok_signature": str(detok.get_signature()),
         "sentences": len(hyps),
+        "detok_references": "raw" if raw_refs is not None else "detokenized",
     }
+
+
+def data_info(data: Path) -> dict:
+    """prep-info.json of a prepared corpus (languages, BPE flavour, raw references); IWSLT'14's defaults
+    where a file or a key is missing."""
+    info_file = Path(data) / "prep-info.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    return {"source_lang": info.get("source_lang", "de"), "target_lang": info.get("target_lang", "en"),
+            "remove_bpe": info.get("remove_bpe", "subword_nmt"), "raw_references": info.get("raw_references", {})}
+
+
+def raw_references(data: Path, subset: str, ids: list[int] | None = None) -> list[str] | None:
+    """The untokenized references of ``subset`` in sentence-id order (None where the corpus keeps none)."""
+    rel = data_info(data)["raw_references"].get(subset)
+    if not rel:
+        return None
+    with open(Path(data) / rel, encoding="utf-8", newline="\n") as fh:
+        lines = [line.rstrip("\n") for line in fh]
+    return lines if ids is None else [lines[i] for i in ids]
 
 
 def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: int, remove_bpe: str,
               extra: list[str]) -> str:
+    info = data_info(data)
     cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data), "--user-dir", USER_DIR,
-           "--task", "translation", "--source-lang", "de", "--target-lang", "en",
+           "--task", "translation", "--source-lang", info["source_lang"], "--target-lang", info["target_lang"],
            "--path", str(checkpoint), "--gen-subset", subset, "--beam", str(beam),
            "--batch-size", str(batch_size), "--remove-bpe", remove_bpe,
            # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
@@ -146,11 +183,14 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "
         parsed = parse_generate(out)
         if parsed["fairseq_bleu4"] is None:
             raise RuntimeError(f"no 'Generate {subset} with beam=...: BLEU4 = ...' line in {gen_file}")
-        res = {"bleu_tokenized": parsed["fairseq_bleu4"], **score(parsed["hyps"], parsed["refs"]),
+        raw = raw_references(data, subset, hypothesis_ids(out))
+        res = {"bleu_tokenized": parsed["fairseq_bleu4"],
+               **score(parsed["hyps"], parsed["refs"], raw, data_info(data)["target_lang"]),
                "generate_output": str(gen_file)}
         result[subset] = res
         log(f"[evaluate-iwslt14] {run_dir.name} {subset}: tokenized BLEU {res['bleu_tokenized']:.2f} "
-            f"(sacreBLEU tok=none {res['bleu_tokenized_sacrebleu']:.2f}), detokenized sacreBLEU {res['bleu_detok']:.2f}")
+            f"(sacreBLEU tok=none {res['bleu_tokenized_sacrebleu']:.2f}), detokenized sacreBLEU {res['bleu_detok']:.2f} "
+            f"({res['bleu_detok_signature']})")
     out_file = run_dir / "eval.json"
     tmp = out_file.with_name(f"eval.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
