@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-REQS := requirements/torch.txt requirements/build.txt requirements/fairseq.txt requirements/runtime.txt requirements/hf.txt requirements/dev.txt
+REQS := requirements/torch.txt requirements/build.txt requirements/fairseq.txt requirements/runtime.txt requirements/hf.txt requirements/lightning.txt requirements/dev.txt
 DEPS := $(VENV)/.deps-installed
 STAMP := $(VENV)/.installed
 
@@ -16,7 +16,8 @@ install: $(STAMP)
 # extensions compile against, then fairseq without its dependencies and without build isolation
 # (isolation would download a fresh multi-GB torch to build against), then the pinned versions of
 # everything else (requirements/runtime.txt: fairseq's real needs and the extras), the Hugging Face extra
-# (requirements/hf.txt, constrained to the pinned torch), then the test tools.
+# (requirements/hf.txt, constrained to the pinned torch), the Lightning extra (requirements/lightning.txt), then
+# the test tools.
 $(DEPS): $(REQS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -25,6 +26,7 @@ $(DEPS): $(REQS)
 	$(PIP) install --quiet --no-deps --no-build-isolation -r requirements/fairseq.txt
 	$(PIP) install --quiet -r requirements/runtime.txt -c requirements/torch.txt -c requirements/build.txt
 	$(PIP) install --quiet -r requirements/hf.txt -c requirements/torch.txt -c requirements/build.txt -c requirements/runtime.txt
+	$(PIP) install --quiet -r requirements/lightning.txt -c requirements/torch.txt -c requirements/build.txt -c requirements/runtime.txt -c requirements/hf.txt
 	$(PIP) install --quiet -r requirements/dev.txt -c requirements/torch.txt
 	@touch $(DEPS)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 TORCH_PINS = Path(__file__).resolve().parents[1] / "requirements" / "torch.txt"
-EXTRAS = ("fairseq", "iwslt", "vision", "plots", "studies", "tracking", "hf", "dev")
+EXTRAS = ("fairseq", "iwslt", "vision", "plots", "studies", "tracking", "hf", "lightning", "dev")
 
 
 def unmet(dist: str = "fairseq-asam", extras=EXTRAS) -> list[str]:

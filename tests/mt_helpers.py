@@ -7,7 +7,7 @@ import gzip
 import hashlib
 from pathlib import Path
 
-from scripts.demo_corpus import generate_pairs
+from studies.demo_corpus import generate_pairs
 
 FILES = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 

@@ -20,6 +20,8 @@ from torch import nn
 
 pl = pytest.importorskip("pytorch_lightning")
 
+pytestmark = pytest.mark.slow  # every test fits a Lightning Trainer (seconds each)
+
 from fairseq_asam import ASAM  # noqa: E402
 from fairseq_asam import schedule as sch  # noqa: E402
 from fairseq_asam.core import UpdateAdapter  # noqa: E402
@@ -339,7 +341,6 @@ torch.save({"state": {k: v.clone() for k, v in module.net.state_dict().items()},
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_ddp_two_workers_equal_one_worker_on_their_union(tmp_path, accum):
     import json

@@ -82,6 +82,7 @@ def test_summary_pairs_every_method_with_adam_and_checks_power():
     assert set(s["rows"]) == {"adam", "adam+avg", "asam", "asam+avg"}
 
 
+@pytest.mark.slow
 def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(tmp_path, monkeypatch):
     trained = []
     scores = {("asam", 0.1): 31, ("asam", 0.2): 33, ("asam", 0.5): 32}
