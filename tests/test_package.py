@@ -26,6 +26,7 @@ from fairseq_asam import ASAM, SAM, Perturbation
 assert "fairseq" not in sys.modules, "from fairseq_asam import ASAM imported fairseq"
 import fairseq_asam.integrations
 assert "transformers" not in sys.modules and "accelerate" not in sys.modules, "fairseq_asam imported transformers"
+assert "pytorch_lightning" not in sys.modules and "lightning" not in sys.modules, "fairseq_asam imported lightning"
 import fairseq
 assert (root.level, list(root.handlers)) == before, (root.level, root.handlers)
 """ + REGISTERED,
