@@ -32,6 +32,7 @@ from dataclasses import dataclass
 __all__ = [
     "REACHES",
     "batchnorm_base",
+    "calling_trainer",
     "check_all",
     "config_name",
     "fp16_multiply_factor",
@@ -219,6 +220,25 @@ def mark_optimizer_stepped(optimizer) -> None:
     """Tell torch's LR schedulers that the optimizer stepped (they warn otherwise); they read ``_opt_called``."""
     _version_guard("torch")
     optimizer._opt_called = True
+
+
+def calling_trainer():
+    """The fairseq ``Trainer`` whose method is building the optimizer (its ``_build_optimizer`` is on the call
+    stack), or None. fairseq hands the optimizer its config only; the Trainer holds the task, which decides
+    whether the sharpness-aware optimizer can run. Read from the caller frames' ``self`` (no private
+    attribute of fairseq), looked for within a few frames only."""
+    if "fairseq.trainer" not in sys.modules:
+        return None
+    trainer_cls = sys.modules["fairseq.trainer"].Trainer
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, trainer_cls):
+            return obj
+        frame = frame.f_back
+    return None
 
 
 def batchnorm_base() -> type:

@@ -149,18 +149,6 @@ def test_sam_perturbation_is_identity_normalized():
     assert isinstance(opt, FairseqSAMAdam)
 
 
-@pytest.mark.parametrize("opt", ["asam_adam", "sam_adam"])
-def test_a_task_without_the_two_pass_update_is_refused_when_the_optimizer_is_built(opt):
-    # The Trainer's config names the task: translation (registered, plain) cannot run the update.
-    parser = options.get_training_parser()
-    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(
-        parser, tiny_train_args("/nonexistent/data-bin", "/nonexistent/save", "--task", "translation",
-                                "--optimizer", opt)))
-    with pytest.raises(SystemExit, match=f"--optimizer {opt} needs the two-pass sharpness-aware train step, "
-                                         "which --task translation does not run: use --task translation_sam"):
-        build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
-
-
 def test_step_outside_the_two_pass_task_is_refused():
     p = torch.nn.Parameter(torch.ones(2))
     opt = build_optimizer(_cfg("--optimizer", "asam_adam").optimizer, [p])

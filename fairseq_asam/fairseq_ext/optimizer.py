@@ -105,8 +105,6 @@ class _SharpnessAdamConfig(_ScheduleConfig):
     amp_batch_retries: int = II("common.amp_batch_retries")
     use_bmuf: bool = II("optimization.use_bmuf")
     ddp_backend: Any = II("distributed_training.ddp_backend")
-    # The run's task (its registered name decides whether it runs the two-pass update).
-    task: Any = II("task")
 
 
 @dataclass
@@ -184,7 +182,7 @@ class FairseqSharpnessAdam(FairseqAdam):
             )
         if getattr(cfg, "tpu", False):
             raise ValueError(f"--optimizer {name} does not support --tpu")
-        _check_task(name, cfg)
+        _check_task(name)
         self.schedule = _schedule_from(cfg)
         super().__init__(cfg, params)
         self.clip_norm = float(cfg.clip_norm)
@@ -284,31 +282,28 @@ def _schedule_from(cfg) -> Schedule:
     return policy
 
 
-def _check_task(name: str, cfg) -> None:
-    """Stop when the run's task (the Trainer's config: ``--task``) is a registered task that would call Adam's
-    step directly.
+def _check_task(name: str) -> None:
+    """Stop when fairseq's Trainer builds this optimizer for a task that would call Adam's step directly.
 
     fairseq-train builds the optimizer before training (to log the learning rate), so this is a one-line
-    message and exit status 1 at startup, not an error inside the first update. A task registered from
-    :class:`~fairseq_asam.fairseq_ext.SharpnessAwareTask` (``translation_sam``, or one made with
-    ``make_sharpness_aware(cls, name=...)``) passes. An optimizer built from a config without a task is not
-    checked here; its step() refuses to run outside the two-pass update instead.
+    message and exit status 1 at startup, not an error inside the first update. The task is the Trainer's
+    own (a wrapped, unregistered task passes); an optimizer built outside a Trainer is not checked here
+    (its step() refuses to run outside the two-pass update instead).
     """
-    try:
-        task_cfg = cfg.task
-    except Exception:  # a standalone optimizer config: nothing to resolve the interpolation against
+    trainer = _compat.calling_trainer()
+    if trainer is None:
         return
-    # fairseq-train's command line hands the interpolation the --task value itself; a hydra config the node.
-    task_name = task_cfg if isinstance(task_cfg, str) else _compat.config_name(task_cfg) if task_cfg is not None else ""
-    from fairseq.tasks import TASK_REGISTRY
-
-    task_cls = TASK_REGISTRY.get(task_name)
+    task = getattr(trainer, "task", None)
     # SharpnessAwareTask (task.py) sets the flag; read as an attribute, so this module need not import it.
-    if task_cls is not None and not getattr(task_cls, "runs_sharpness_aware_update", False):
+    if task is not None and not getattr(task, "runs_sharpness_aware_update", False):
+        try:
+            task_name = _compat.config_name(trainer.cfg.task)
+        except Exception:  # a config without a registered name: say the class
+            task_name = type(task).__name__
         raise SystemExit(
             f"fairseq-train: error: --optimizer {name} needs the two-pass sharpness-aware train step, which "
             f"--task {task_name} does not run: use --task translation_sam (or a task wrapped with "
-            "fairseq_asam.fairseq_ext.make_sharpness_aware and registered under its own name)"
+            "fairseq_asam.fairseq_ext.make_sharpness_aware)"
         )
 
 
