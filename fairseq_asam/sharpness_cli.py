@@ -148,7 +148,13 @@ def load_fairseq(args: argparse.Namespace, device: torch.device):
     from fairseq import checkpoint_utils
     from fairseq import utils as fs_utils
 
+    from .fairseq_ext.checkpoint import allow_fairseq_checkpoints
+
     fs_utils.import_user_module(Namespace(user_dir=args.user_dir))
+    # The allow-list is added when fairseq_ext is first imported; a torch.serialization.safe_globals
+    # block run since then (the Hugging Face Trainer wraps its RNG-state load in one that names
+    # numpy.ndarray) removes its entries on exit, so add them again right before fairseq's torch.load.
+    allow_fairseq_checkpoints()
     overrides = {"data": os.path.abspath(args.data)} if args.data else None
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint], arg_overrides=overrides)
     model = models[0].to(device)

@@ -105,3 +105,27 @@ def test_other_pickled_globals_are_still_refused(tmp_path, make_payload, refused
     assert not marker.exists()  # the payload never ran
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path)
+
+
+def test_sharpness_loads_a_bleu_checkpoint_after_a_safe_globals_block_removed_numpy(real_checkpoint, tmp_path):
+    # --eval-bleu keeps numpy counts in the saved metrics. A torch.serialization.safe_globals([numpy.ndarray])
+    # block (the Hugging Face Trainer loads its RNG state in one) removes numpy.ndarray from the allow-list
+    # on exit, after fairseq_ext added it; asam-sharpness, run in the same process, still loads the checkpoint.
+    import numpy as np
+
+    from fairseq_asam import sharpness_cli
+
+    path, _ = real_checkpoint
+    state = torch.load(path, weights_only=False)
+    state["extra_state"]["metrics"] = {"valid": [("_bleu_counts_0", np.arange(4, dtype=np.int64))]}
+    bleu_ckpt = tmp_path / "checkpoint_bleu.pt"
+    torch.save(state, bleu_ckpt)
+    with torch.serialization.safe_globals([np.ndarray]):
+        pass
+    assert np.ndarray not in torch.serialization.get_safe_globals()
+    args = sharpness_cli.build_parser().parse_args(["fairseq", str(bleu_ckpt), "--rho", "0.1", "--split", "valid", "--device", "cpu"])
+    model, _, batches, info = sharpness_cli.load_fairseq(args, torch.device("cpu"))
+    assert np.ndarray in torch.serialization.get_safe_globals()
+    assert info["split"] == "valid" and len(batches) > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k])
