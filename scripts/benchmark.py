@@ -18,9 +18,9 @@ import torch
 # benchmarks/ is a package of the repository (not installed): the repository root goes on the path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks import efficient_update, fairseq_update, hf_update, kernel, vision_update  # noqa: E402
+from benchmarks import efficient_update, fairseq_update, hf_update, kernel, lightning_update, vision_update  # noqa: E402
 
-SECTIONS = ["kernel", "fairseq", "vision", "efficient", "small", "hf"]
+SECTIONS = ["kernel", "fairseq", "vision", "efficient", "small", "hf", "lightning"]
 
 
 def machine() -> dict:
@@ -200,6 +200,26 @@ def hf_section(args, devices):
     ]
 
 
+def lightning_section(args, devices):
+    """PyTorch Lightning: plain Adam vs ASAM vs one-pass ASAM through the mixin, ResNet-18 (CPU, one thread)."""
+    r = lightning_update.bench_lightning(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick)
+    sec, cpu, q, qc = (r["seconds_per_update"], r["cpu_seconds_per_update"], r["ratio_to_adam"],
+                       r["cpu_ratio_to_adam"])
+    extra = r["extra_memory_over_adam_in_param_bytes"]
+    rows = [f"| {m} | {cpu[m] * 1e3:.0f} | {qc[m]:.3f}x | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | "
+            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} |" for m in lightning_update.METHODS]
+    return r, [
+        f"### PyTorch Lightning update ({r['model']}, {r['n_params'] / 1e6:.1f}M parameters, batch {r['batch']} x "
+        f"{r['size']}x{r['size']} images, cpu, {r['threads']} thread; targets: asam <= 2.05x, one pass <= 1.1x "
+        "CPU time)",
+        "",
+        "| update | CPU ms / update | CPU ratio to adam | wall ms / update | wall ratio | peak RSS | "
+        "extra peak RSS over adam / parameter bytes |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -236,7 +256,8 @@ def main(argv=None):
     for name in sections:
         print(f"[bench] measuring section {name} ...", file=sys.stderr, flush=True)
         data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section,
-                        "efficient": efficient_section, "small": small_section, "hf": hf_section}[name](args, devices)
+                        "efficient": efficient_section, "small": small_section, "hf": hf_section,
+                        "lightning": lightning_section}[name](args, devices)
         result["sections"][name] = data
         _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
         print("\n".join(table) + "\n", flush=True)

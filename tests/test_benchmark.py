@@ -137,3 +137,15 @@ def test_small_section_has_every_contender_and_the_floors():
     assert r["n_params"] == 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     cpu = r["cpu_seconds_per_update"]
     assert all(v > 0 for v in cpu.values()) and r["cpu_ratio_to_sgd"]["sgd"] == 1.0
+
+
+@pytest.mark.slow
+def test_lightning_section_runs_every_method_through_real_trainers():
+    # --quick shapes: real pl.Trainer fits in a subprocess (the driver checks global_step == updates).
+    from benchmarks import lightning_update
+
+    r = lightning_update.bench_lightning(quick=True, rounds=1, updates=3, warmup=1)
+    assert set(r["update_seconds"]) == set(lightning_update.METHODS)
+    assert all(len(v) == 2 for v in r["update_seconds"].values())
+    assert r["n_params"] == sum(p.numel() for p in __import__("torchvision").models.resnet18(num_classes=10).parameters())
+    assert r["cpu_ratio_to_adam"]["adam"] == 1.0 and r["extra_memory_over_adam_in_param_bytes"]["adam"] == 0.0

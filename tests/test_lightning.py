@@ -195,6 +195,36 @@ def test_updates_equal_the_core_sequence(accum, precision):
     assert len(module.logged) == 3 * accum  # self.log: the first pass only (the loss at w)
 
 
+class Existing(pl.LightningModule):
+    """A user's module written without the mixin."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return ASAM(self.named_parameters(), torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9), rho=RHO)
+
+
+class SharpExisting(SharpnessAwareMixin, Existing):
+    """The mixin put in front of it, no training_step of its own: the inherited one is recorded."""
+
+
+def test_mixin_in_front_of_an_existing_module_records_its_training_step():
+    net0 = _net()
+    module = SharpExisting(copy.deepcopy(net0))
+    trainer, rec = _fit(module, steps=3, accum=2)
+    direct, _ = _direct(net0, rec.states, accum=2)
+    _same(module.net, direct)
+    assert module.calls == 2 * 3 * 2 and int(module.net[1].num_batches_tracked) == 3 * 2
+    assert not getattr(Existing.training_step, "_sam_recorded", False)  # the user's class is left as it was
+
+
 @pytest.mark.parametrize("clip,algo", [(0.05, "norm"), (0.01, "value")])
 def test_clipping_acts_on_the_second_pass_gradient_only(clip, algo):
     net0 = _net()

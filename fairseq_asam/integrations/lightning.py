@@ -92,7 +92,9 @@ class SharpnessAwareMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
+        # The class's own training_step, or the one it inherits from a module after the mixin in its bases
+        # (``class Sharp(SharpnessAwareMixin, ExistingModule): pass``).
+        step = cls.__dict__.get("training_step") or getattr(cls, "training_step", None)
         if step is not None and not getattr(step, "_sam_recorded", False):
             cls.training_step = _recorded(step)
 
