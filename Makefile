@@ -55,7 +55,7 @@ test-fast: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -ra -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/pytest -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
