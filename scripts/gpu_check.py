@@ -13,7 +13,9 @@ Every CUDA path of the project was written without a GPU. This runs, in order, e
    and item 3 (a skipped vision update backs the CUDA GradScaler off as torch does);
 5. fairseq: ``asam_adam`` with fp16, AMP and bf16 on the tiny corpus of tests/fairseq_helpers.py, in a
    fresh process each: every logged loss finite, and the loss falls;
-6. bench: ``scripts/benchmark.py --quick --device cuda`` (all sections, CUDA only).
+6. hf fsdp: ``ASAMSeq2SeqTrainer`` with ``fsdp=True`` through Accelerate's own FSDP2 path on the GPUs (one
+   or two) against one unsharded process on the union of their batches;
+7. bench: ``scripts/benchmark.py --quick --device cuda`` (all sections, CUDA only).
 
     bash scripts/gpu_check.sh                     # on the GPU machine, from the repository root
     bash scripts/gpu_check.sh --out $OUT/gpu_check.json
@@ -304,7 +306,45 @@ def fairseq_runs(report, device: str, dry: bool) -> None:
                    f"finite {finite}, eps_norm {r['eps_norms'][-1] if r['eps_norms'] else float('nan'):.3g}")
 
 
-# ---- 6. the benchmark --------------------------------------------------------------------------------
+# ---- 6. the Hugging Face Trainer under FSDP2 ---------------------------------------------------------
+
+
+def hf_fsdp(report, dry: bool, out_dir: Path) -> None:
+    """ASAMSeq2SeqTrainer with fsdp=True (Accelerate's own FSDP2 path: on a GPU it needs no help) on every GPU
+    (NCCL), against one unsharded process on the same GPU with the union of the workers' batches, as
+    tests/test_transformers_fsdp.py does on the CPU with two gloo workers."""
+    if dry:
+        report.add("hf fsdp", "FSDP2 Trainer vs one unsharded process", None,
+                   "dry run: tests/test_transformers_fsdp.py runs it on the CPU (2 gloo workers)")
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+    from hf_helpers import fsdp_worker, reference_worker
+
+    world = max(1, min(2, torch.cuda.device_count()))
+    kw = dict(use_cpu=False, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=3, optim="sgd",
+              learning_rate=0.1, average_tokens_across_devices=False, logging_strategy="steps", logging_steps=1,
+              max_grad_norm=0.5, n_examples=6 * world)
+    work = out_dir / "hf-fsdp"
+    work.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(fsdp_worker, args=(world, port, str(work), kw, None, False), nprocs=world, join=True,
+                       start_method="spawn")
+    mp.start_processes(reference_worker, args=(str(work), dict(kw, per_device_train_batch_size=world)), nprocs=1,
+                       join=True, start_method="spawn")
+    got = torch.load(work / "rank0.pt", weights_only=True)
+    ref = torch.load(work / "reference.pt", weights_only=True)
+    diff = max((got["params"][n] - ref["params"][n]).abs().max().item() for n in ref["params"])
+    ok = got["fsdp"] and got["dtensor_params"] and got["shares_groups"] and diff < 1e-5
+    report.add("hf fsdp", f"FSDP2 Trainer on {world} GPU(s) vs one unsharded process", bool(ok),
+               f"max |w diff| {diff:.2e} after {got['schedule']['updates']} ASAM updates; model {got['model']}, "
+               f"DTensor params {got['dtensor_params']}, grad norms {got['grad_norm']} vs {ref['grad_norm']}")
+
+
+# ---- 7. the benchmark --------------------------------------------------------------------------------
 
 
 def bench(report, dry: bool, out_dir: Path) -> None:
@@ -325,7 +365,7 @@ def _preflight(report) -> None:
     import importlib
 
     found, missing = [], []
-    for mod in ("fairseq", "hydra", "omegaconf", "bitarray", "sacrebleu", "torchvision"):
+    for mod in ("fairseq", "hydra", "omegaconf", "bitarray", "sacrebleu", "torchvision", "transformers", "accelerate"):
         try:
             m = importlib.import_module(mod)
             found.append(f"{mod} {getattr(m, '__version__', '?')}")
@@ -340,8 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run what needs no GPU, on the CPU, with small sizes (checks that the script works)")
     ap.add_argument("--out", default="gpu-check-out/gpu_check.json", help="the results as JSON, and the table beside it")
-    ap.add_argument("--sections", default="tests,kernels,sync,precision,fairseq,bench",
-                    help="comma-separated subset of tests,kernels,sync,precision,fairseq,bench")
+    ap.add_argument("--sections", default="tests,kernels,sync,precision,fairseq,hf-fsdp,bench",
+                    help="comma-separated subset of tests,kernels,sync,precision,fairseq,hf-fsdp,bench")
     # internal: one fairseq run in a fresh process (fairseq keeps global state between runs)
     ap.add_argument("--fairseq-worker", choices=sorted(FAIRSEQ_MODES), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -355,7 +395,7 @@ def main(argv=None) -> int:
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run on the GPU machine, or pass --cpu-dry-run")
-    known = {"tests", "kernels", "sync", "precision", "fairseq", "bench"}
+    known = {"tests", "kernels", "sync", "precision", "fairseq", "hf-fsdp", "bench"}
     sections = [s for s in args.sections.split(",") if s]
     if set(sections) - known:
         ap.error(f"--sections: unknown {sorted(set(sections) - known)}; choose from {sorted(known)}")
@@ -373,6 +413,7 @@ def main(argv=None) -> int:
         "sync": ("sync+restore", sync_restore, device),
         "precision": ("precision", precision, device, dry),
         "fairseq": ("fairseq", fairseq_runs, device, dry),
+        "hf-fsdp": ("hf fsdp", hf_fsdp, dry, out.parent),
         "bench": ("bench", bench, dry, out.parent),
     }
     for name in sections:

@@ -28,12 +28,15 @@ def trainer_args(out, cls=None, **kw):
     return (cls or ASAMSeq2SeqTrainingArguments)(**base)
 
 
-def tiny_marian(seed: int = 0, dropout: float = 0.1, vocab: int = VOCAB) -> MarianMTModel:
+def tiny_marian(seed: int = 0, dropout: float = 0.1, vocab: int = VOCAB, tied: bool = True) -> MarianMTModel:
+    """``tied=False``: separate encoder, decoder and output embeddings (Accelerate's FSDP2 wrapping puts the input
+    embedding into its own unit, and the encoder's copy of a shared embedding would then belong to two)."""
     torch.manual_seed(seed)
+    untied = {} if tied else dict(share_encoder_decoder_embeddings=False, tie_word_embeddings=False)
     cfg = MarianConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1,
-                       dropout=dropout, attention_dropout=0.0, activation_dropout=0.0)
+                       dropout=dropout, attention_dropout=0.0, activation_dropout=0.0, **untied)
     return MarianMTModel(cfg)
 
 
@@ -154,3 +157,91 @@ def ddp_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
     trainer.train()
     torch.save({"params": [p.detach().clone() for p in trainer.model.parameters()], "eps": rec.norms,
                 "ddp": type(trainer.model_wrapped).__name__}, f"{out}/rank{rank}.pt")
+
+
+FSDP_CONFIG = {"version": 2, "state_dict_type": "SHARDED_STATE_DICT",
+               "transformer_layer_cls_to_wrap": ["MarianEncoderLayer", "MarianDecoderLayer"]}
+
+
+def accelerate_fsdp_on_cpu() -> None:
+    """Makes Accelerate take its FSDP branch in CPU processes.
+
+    Accelerate 1.15 turns FSDP on only for accelerator devices (``AcceleratorState.__init__`` sets
+    ``distributed_type = FSDP`` and ``fsdp_plugin`` in its MULTI_GPU/... branch); on CPU with gloo the Trainer
+    would silently run DDP. This sets the same two attributes for a CPU process group, nothing else: what
+    follows is Accelerate's own FSDP2 code (``fully_shard`` of the layers and the model, the optimizer's
+    parameters swapped for the DTensors, ``no_sync`` through ``set_requires_gradient_sync``, the DTensor-aware
+    clipping, sharded checkpoints through DCP). ``scripts/gpu_check.py`` runs the same check without it."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+    if getattr(init, "_fsdp_on_cpu", False):
+        return
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    patched._fsdp_on_cpu = True
+    AcceleratorState.__init__ = patched
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: str, kw: dict, resume: str | None = None,
+                on_cpu: bool = True) -> None:
+    """One FSDP2 worker (gloo on CPU, or NCCL where ``on_cpu`` is False) of a Trainer run: writes the full
+    weights, ||eps|| per update, the logged grad norms and what the shell saw to out/rank<r>.pt."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if on_cpu:
+        accelerate_fsdp_on_cpu()
+    from torch.distributed.tensor import DTensor
+
+    from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainer
+
+    rec = RecordEps()
+    kw = dict(kw)
+    n = kw.pop("n_examples", 8)
+    base = dict(fsdp=True, fsdp_config=dict(FSDP_CONFIG))
+    if on_cpu:
+        base["ddp_backend"] = "gloo"
+    else:
+        base["use_cpu"] = False
+    args = trainer_args(f"{out}/run", **{**base, **kw})
+    trainer = ASAMSeq2SeqTrainer(model=tiny_marian(dropout=0.0, tied=False), args=args, train_dataset=token_data(n),
+                                 data_collator=collate, callbacks=[rec])
+    rec.trainer = trainer
+    trainer.train(resume_from_checkpoint=resume)
+    shell = trainer.sharpness_optimizer
+    base_opt = trainer.optimizer.optimizer
+    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for name, p in trainer.model.named_parameters()}
+    torch.save({"params": full, "eps": rec.norms, "fsdp": trainer.is_fsdp_enabled,
+                "model": type(trainer.model).__name__,
+                "dtensor_params": all(isinstance(t, DTensor) for t in shell.perturbation.params()),
+                "shares_groups": shell.param_groups is base_opt.param_groups,
+                "grad_norm": [r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r],
+                "schedule": {"updates": shell.schedule.updates, "second_passes": shell.schedule.second_passes}},
+               f"{out}/rank{rank}.pt")
+
+
+def reference_worker(rank: int, out: str, kw: dict) -> None:
+    """The unsharded one-process run the FSDP workers are compared with (on the GPU when ``use_cpu`` is False),
+    in a process of its own (Accelerate's state is one per process); writes out/reference.pt."""
+    from fairseq_asam.integrations.transformers import ASAMSeq2SeqTrainer
+
+    torch.set_num_threads(1)
+    kw = dict(kw)
+    n = kw.pop("n_examples", 8)
+    args = trainer_args(f"{out}/reference-run", **kw)
+    trainer = ASAMSeq2SeqTrainer(model=tiny_marian(dropout=0.0, tied=False), args=args, train_dataset=token_data(n),
+                                 data_collator=collate)
+    trainer.train()
+    torch.save({"params": {name: p.detach().cpu().clone() for name, p in trainer.model.named_parameters()},
+                "grad_norm": [r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r]},
+               f"{out}/reference.pt")

@@ -183,11 +183,6 @@ def test_bad_arguments_are_refused_before_training_naming_the_argument(tmp_path,
     assert not out.exists()  # nothing written
 
 
-def test_fsdp_is_refused_naming_the_argument(tmp_path):
-    with pytest.raises(ValueError, match="fsdp with asam_mode='asam'"):
-        trainer_args(tmp_path / "run", fsdp="full_shard")
-
-
 def test_trainer_needs_the_sharpness_arguments(tmp_path):
     from transformers import Seq2SeqTrainingArguments
 

@@ -143,3 +143,46 @@ def _like(t: Tensor, local: Tensor) -> Tensor:
         return local
     return type(t).from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
+
+
+# ---- the policy's state in sharded checkpoints (torch.distributed.checkpoint, DCP) -------------------
+# A policy keeps per-parameter tensors (one-pass's previous gradient, ...) shaped like the parameters: under
+# FSDP each rank holds DTensor shards of them, which only a sharded checkpoint can store and reshard. The rest
+# of its state (counters, options) is the same on every rank and goes into a plain file. Keys are parameter
+# names, so a checkpoint of N workers loads on M. asam-vision-train --fsdp and the Hugging Face Trainer under
+# FSDP2 both write and read it through these three functions.
+
+
+def split_schedule_state(opt) -> tuple[dict, dict[str, Tensor]]:
+    """``opt.schedule``'s state as (the rest, for a plain file; each per-parameter list replaced by
+    ``{"tensor_list": [names of its tensors]}``) and ({"<key>/<parameter name>": tensor}, for DCP); None
+    entries are left out."""
+    state = opt.schedule.state_dict()
+    names = [s.name for _, s in opt.perturbation.named_specs()]
+    meta, tensors = {}, {}
+    for key, value in state.items():
+        if isinstance(value, list) and len(value) == len(names) and any(torch.is_tensor(v) for v in value):
+            meta[key] = {"tensor_list": [n for n, v in zip(names, value) if v is not None]}
+            tensors.update({f"{key}/{n}": v for n, v in zip(names, value) if v is not None})
+        else:
+            meta[key] = value
+    return meta, tensors
+
+
+def schedule_templates(opt, meta: dict) -> dict[str, Tensor]:
+    """Empty tensors (DTensor shards where the parameters are sharded) for DCP to load ``meta``'s lists into."""
+    params = {s.name: t for t, s in opt.perturbation.named_specs()}
+    return {f"{key}/{n}": torch.empty_like(params[n]) for key, v in meta.items()
+            if isinstance(v, dict) and "tensor_list" in v for n in v["tensor_list"]}
+
+
+def join_schedule_state(opt, meta: dict, tensors: dict[str, Tensor]) -> dict:
+    """The state :func:`split_schedule_state` split, put back together (for ``opt.schedule.load_state_dict``)."""
+    names = [s.name for _, s in opt.perturbation.named_specs()]
+    state = {}
+    for key, value in meta.items():
+        if isinstance(value, dict) and "tensor_list" in value:
+            state[key] = [tensors.get(f"{key}/{n}") for n in names]
+        else:
+            state[key] = value
+    return state

@@ -25,9 +25,13 @@ Gradient accumulation: one perturbation per accumulated batch (the fairseq task'
 semantics): eps comes from the gradient of the whole accumulated batch and the second pass replays the
 recorded micro-batches. DDP (torchrun / Accelerate): the first pass all-reduces once, in its last
 micro-batch's backward, so g and eps are the same on every worker; the second pass all-reduces the same
-way. fp16: eps is invariant to the scale the first-pass gradient carries (p = 2 divides by the norm, p =
-inf takes the sign), so it is not unscaled. Checkpoints: ``asam.pt`` beside ``optimizer.pt`` holds the
-shell's own state (the policy's included); ``resume_from_checkpoint`` restores it.
+way. FSDP2 (``fsdp=True``): Accelerate puts the sharded parameters (DTensors) into the optimizer; the shell
+is built over them on the first update, each rank perturbs its slices and the norm of T g is totalled over
+the ranks (:mod:`fairseq_asam.core.sharded`), so eps is the global batch's, as under DDP. fp16: eps is
+invariant to the scale the first-pass gradient carries (p = 2 divides by the norm, p = inf takes the sign),
+so it is not unscaled. Checkpoints: ``asam.pt`` beside ``optimizer.pt`` holds the shell's own state (the
+policy's included; under FSDP its per-parameter tensors are shards in ``asam_sharded/``, DCP);
+``resume_from_checkpoint`` restores it.
 
     python -m fairseq_asam.integrations.transformers   # prints the asam_* arguments
 """
@@ -41,7 +45,7 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from .. import checks, schedule
-from ..core import ASAM, SAM
+from ..core import ASAM, SAM, sharded
 from ..core.update import UpdateAdapter, signal_overflow
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
 ]
 
 STATE_NAME = "asam.pt"  # beside the Trainer's optimizer.pt in each checkpoint folder
+SHARDED_STATE_NAME = "asam_sharded"  # under FSDP: the policy's per-parameter tensors (DCP), beside asam.pt
 MODES = ("asam", "sam", "none")
 # The paper's IWSLT'14 values (Section 5.2): rho 0.2 for ASAM, 0.1 for SAM.
 DEFAULT_RHO = {"asam": 0.2, "sam": 0.1}
@@ -86,6 +91,7 @@ class _SharpnessChecks:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+        self._check_fsdp_arguments()  # after the Trainer's own __post_init__ resolved fsdp_config
 
     def _check_sharpness_arguments(self) -> None:
         if self.asam_mode not in MODES:
@@ -107,17 +113,31 @@ class _SharpnessChecks:
             changed = [k for k, v in _ASAM_ONLY.items() if getattr(self, k) != v]
             if changed:
                 raise ValueError(f"{', '.join(changed)} apply to asam_mode='asam' only (SAM has T_w = I)")
-        # Modes of the Trainer this integration does not drive: their engines own the optimizer step.
-        for arg, why in (("deepspeed", "DeepSpeed runs the optimizer step inside its engine"),
-                         ("fsdp", "FSDP through the Trainer is not supported by this integration yet")):
-            if getattr(self, arg, None):
-                raise ValueError(f"{arg} with asam_mode={self.asam_mode!r}: {why}; use DDP (torchrun) or "
-                                 "asam_mode='none'")
+        # DeepSpeed's engine owns the optimizer step (and ZeRO its partitioned gradients): no place for the
+        # ascent between the passes.
+        if getattr(self, "deepspeed", None):
+            raise ValueError(f"deepspeed with asam_mode={self.asam_mode!r}: DeepSpeed runs the optimizer step "
+                             "inside its engine; use FSDP (fsdp=True), DDP (torchrun) or asam_mode='none'")
         optim = str(getattr(getattr(self, "optim", ""), "value", getattr(self, "optim", "")))
         if "lomo" in optim:
             raise ValueError(f"optim={optim!r} with asam_mode={self.asam_mode!r}: LOMO optimizers step inside "
                              "the backward pass, so no gradient exists to take the ascent from")
-        policy.check_mode()
+        policy.check_mode(sharded="fsdp" if getattr(self, "fsdp", None) else None)
+
+    def _check_fsdp_arguments(self) -> None:
+        """FSDP2 only: its parameters are DTensors sharded along dim 0, which the core perturbs shard by shard
+        with the norm totalled over the ranks (:mod:`fairseq_asam.core.sharded`)."""
+        plugin = getattr(self, "fsdp_plugin_args", None)
+        if self.asam_mode == "none" or not plugin:
+            return
+        if (self.fsdp_config or {}).get("xla"):
+            raise ValueError(f"fsdp_config['xla'] with asam_mode={self.asam_mode!r}: XLA's FSDP wraps its own flat "
+                             "parameters, which the sharpness-aware step does not read; use FSDP2 on GPUs")
+        if plugin.get("fsdp_version") != 2:
+            raise ValueError(
+                f"fsdp_config['version'] = {plugin.get('fsdp_version')} (FSDP1) with asam_mode={self.asam_mode!r}: "
+                "FSDP1 flattens many tensors into one, so T_w's filters and the norm of T g cannot be read from "
+                "its shards; use fsdp_config['version'] = 2 (FSDP2, the default)")
 
     def sharpness_schedule(self, total_updates: int | None = None) -> schedule.Schedule:
         """The cheaper-update policy the asam_* options describe (:class:`~fairseq_asam.schedule.Full` if none)."""
@@ -193,8 +213,13 @@ class SharpnessAwareMixin:
     def _build_shell(self, base) -> ASAM:
         a = self.args
         mine = {id(t) for g in base.param_groups for t in g["params"]}
-        # Names decide the bias rule (a name ending in "bias": T = 1 unless asam_normalize_bias).
+        # Names decide the bias rule (a name ending in "bias": T = 1 unless asam_normalize_bias). Under FSDP2
+        # the model's parameters are the DTensors Accelerate put into the optimizer's groups when it sharded
+        # the model, so the shell is built after that (on the first update), never before.
         named = [(n, t) for n, t in self.model.named_parameters() if id(t) in mine]
+        if len(named) != len(mine):
+            raise RuntimeError(f"{len(mine) - len(named)} of the optimizer's {len(mine)} parameters are not "
+                               "parameters of the model (were they replaced after the optimizer was built?)")
         policy = a.sharpness_schedule(total_updates=self.state.max_steps or None)
         if a.asam_mode == "sam":
             return SAM(named, base, rho=a.sharpness_rho(), p=a.asam_p, schedule=policy)
@@ -244,8 +269,19 @@ class SharpnessAwareMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         opt = self.sharpness_optimizer
-        if opt is not None and self.args.should_save:
-            torch.save(self._shell_state(opt), os.path.join(output_dir, STATE_NAME))
+        if opt is None:
+            return
+        state = self._shell_state(opt)
+        if getattr(self, "is_fsdp_enabled", False):
+            # The policy's per-parameter tensors are each rank's shards: every rank writes them (DCP, beside
+            # Accelerate's sharded model and optimizer); asam.pt keeps the rest, the same on every rank.
+            import torch.distributed.checkpoint as dcp
+
+            state["schedule"], tensors = sharded.split_schedule_state(opt)
+            if tensors:  # the same on every rank: the policy's state has the same keys everywhere
+                dcp.save({"schedule": tensors}, checkpoint_id=os.path.join(output_dir, SHARDED_STATE_NAME))
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -255,8 +291,22 @@ class SharpnessAwareMixin:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by an ASAM/SAM Trainer, "
                                     "so the sharpness-aware state (the schedule's) cannot be resumed")
-        self._sharpness_loaded = torch.load(path, map_location="cpu", weights_only=True)
-        self._sharpness = None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._sharpness, self._sharpness_loaded = None, state
+        if getattr(self, "is_fsdp_enabled", False):
+            # Here, after Accelerate sharded the model and loaded the optimizer's shards: the shell is built
+            # over the sharded parameters, and DCP fills the policy's tensors as shards shaped like them.
+            import torch.distributed.checkpoint as dcp
+
+            self._sharpness_loaded = None
+            opt = self.sharpness_optimizer
+            templates = sharded.schedule_templates(opt, state.get("schedule", {}))
+            if templates:
+                loaded = {"schedule": templates}
+                dcp.load(loaded, checkpoint_id=os.path.join(checkpoint, SHARDED_STATE_NAME))
+                templates = loaded["schedule"]
+            state["schedule"] = sharded.join_schedule_state(opt, state.get("schedule", {}), templates)
+            opt.load_state_dict({"base": self._base_optimizer().state_dict(), **state})
 
 
 class _TrainerUpdate(UpdateAdapter):

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.sharded import join_schedule_state, schedule_templates, split_schedule_state
+
 __all__ = ["CHECKPOINT", "EvenBatches", "block_modules", "init_process_group", "is_fsdp",
            "load_checkpoint", "load_full_model_state", "save_checkpoint", "shard"]
 
@@ -114,42 +116,14 @@ def _states(model, base, opt=None, schedule_meta=None):
     msd, osd = get_state_dict(model, base)
     out = {"model": msd, "optimizer": osd}
     if opt is not None and opt is not base:
-        out["schedule"] = _schedule_tensors(model, opt, schedule_meta)
+        out["schedule"] = _schedule_tensors(opt, schedule_meta)
     return out
 
 
-def _schedule_split(model, opt):
-    """The schedule's state without its per-parameter tensor lists (for the meta file), and those lists as
-    {"<key>/<parameter name>": tensor} (DTensor shards, for DCP); None entries are left out."""
-    state = opt.schedule.state_dict()
-    names = [n for n, _ in model.named_parameters()]
-    meta, tensors = {}, {}
-    for key, value in state.items():
-        if isinstance(value, list) and len(value) == len(names) and any(torch.is_tensor(v) for v in value):
-            meta[key] = {"tensor_list": [n for n, v in zip(names, value) if v is not None]}
-            tensors.update({f"{key}/{n}": v for n, v in zip(names, value) if v is not None})
-        else:
-            meta[key] = value
-    return meta, tensors
-
-
-def _schedule_tensors(model, opt, schedule_meta):
+def _schedule_tensors(opt, schedule_meta):
     if schedule_meta is None:  # saving: the live tensors
-        return _schedule_split(model, opt)[1]
-    params = dict(model.named_parameters())  # loading: shards shaped like the parameters, to be filled
-    return {f"{key}/{n}": torch.empty_like(params[n]) for key, v in schedule_meta.items()
-            if isinstance(v, dict) and "tensor_list" in v for n in v["tensor_list"]}
-
-
-def _load_schedule(model, opt, schedule_meta, tensors) -> None:
-    names = [n for n, _ in model.named_parameters()]
-    state = {}
-    for key, value in schedule_meta.items():
-        if isinstance(value, dict) and "tensor_list" in value:
-            state[key] = [tensors.get(f"{key}/{n}") for n in names]
-        else:
-            state[key] = value
-    opt.schedule.load_state_dict(state)
+        return split_schedule_state(opt)[1]
+    return schedule_templates(opt, schedule_meta)  # loading: shards shaped like the parameters, to be filled
 
 
 def save_checkpoint(path: str, model: nn.Module, opt, base: torch.optim.Optimizer, meta: dict) -> None:
@@ -169,7 +143,7 @@ def save_checkpoint(path: str, model: nn.Module, opt, base: torch.optim.Optimize
         if opt is not base:
             meta["asam"] = opt.state_dict()["asam"]  # the normalization rule; rho/eta/p are in base's groups
             # The schedule's counters (the same on every rank); its per-parameter tensors are in the shards.
-            meta["schedule"] = _schedule_split(model, opt)[0]
+            meta["schedule"] = split_schedule_state(opt)[0]
         torch.save(meta, os.path.join(tmp, META))
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
@@ -200,7 +174,7 @@ def load_checkpoint(path: str, model: nn.Module, opt, base: torch.optim.Optimize
         # Through the shell, so that it checks the normalization rule and shares base's new param_groups.
         opt.load_state_dict({"base": base.state_dict(), "asam": meta.get("asam", {})})
         if sched_meta is not None:
-            _load_schedule(model, opt, sched_meta, sd.get("schedule", {}))
+            opt.schedule.load_state_dict(join_schedule_state(opt, sched_meta, sd.get("schedule", {})))
     return meta
 
 
