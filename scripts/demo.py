@@ -46,7 +46,8 @@ DEMO_SHARPNESS = ["--split", "train", "--rho", "0.2", "--eta", "0.01", "--p", "2
 
 def _train(method: str, seed: int, data: Path, run_dir: Path, extra: list[str], log) -> None:
     """train.py's command in a subprocess, with fairseq's output condensed to one line per validation."""
-    args = train.fairseq_train_args(method, seed, data=data, run_dir=run_dir, max_update=10**9, extra=extra)
+    # cuda=False: the demo's recipe is the same on any machine (no --amp added where a GPU is seen).
+    args = train.fairseq_train_args(method, seed, data=data, run_dir=run_dir, max_update=10**9, extra=extra, cuda=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "seed": seed, "data": str(data), "rho": train.DEFAULT_RHO.get(method),
             "fairseq_train_args": args}

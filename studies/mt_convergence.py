@@ -150,7 +150,7 @@ def train_args(method: str, seed: int, *, data: Path, run_dir: Path, rho: float 
              "--save-interval", str(validate_interval), "--keep-last-epochs", str(patience + avg_n),
              "--dropout", str(dropout), "--log-interval", "50"]
     args = train.fairseq_train_args(base, seed, data=data, run_dir=run_dir, rho=rho, max_update=10**9, eval_bleu=False,
-                                    extra=[*DEMO_TRAIN_ARGS, *sched, *flags, *extra])
+                                    extra=[*DEMO_TRAIN_ARGS, *sched, *flags, *extra], cuda=False)
     # train.py's runs keep no epoch checkpoints; averaging needs them (fairseq's --num-epoch-checkpoints).
     return [a for a in args if a != "--no-epoch-checkpoints"]
 

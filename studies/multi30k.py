@@ -124,7 +124,7 @@ def train_args(method: str, seed: int, *, data: Path, run_dir: Path, rho: float 
     sched = ["--max-epoch", str(max_epoch), "--patience", str(patience), "--keep-last-epochs", str(patience + avg_n),
              "--log-interval", "20", "--no-progress-bar"]
     args = train.fairseq_train_args(base, seed, data=data, run_dir=run_dir, rho=rho, max_update=10**9, eval_bleu=False,
-                                    extra=[*model, *recipe, *sched, *THREADS, *flags, *extra])
+                                    extra=[*model, *recipe, *sched, *THREADS, *flags, *extra], cuda=False)
     return [a for a in args if a != "--no-epoch-checkpoints"]
 
 

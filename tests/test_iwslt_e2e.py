@@ -282,6 +282,17 @@ def test_train_args_validation():
         train.fairseq_train_args("sam", 1, data="d", run_dir="r", rho=math.nan)
 
 
+def test_train_uses_amp_on_a_gpu_unless_a_precision_is_given():
+    # --fp16 would perturb fp16 weights, where most of eps rounds away (docs/precision.md).
+    def args(cuda, extra=()):
+        return train.fairseq_train_args("asam", 1, data="d", run_dir="r", cuda=cuda, extra=list(extra))
+
+    assert args(True).count("--amp") == 1
+    assert "--amp" not in args(False)
+    for flag in ("--cpu", "--fp16", "--bf16", "--memory-efficient-fp16", "--amp"):
+        assert args(True, [flag]).count("--amp") == (flag == "--amp"), flag
+
+
 @pytest.mark.slow
 def test_resumed_asam_run_equals_uninterrupted(pipeline):
     """Stop ASAM after 2 updates, resume to 4: the weights equal those of the uninterrupted 4-update run."""

@@ -8,7 +8,9 @@ A fourth method, ``asam-onepass``, is not in the paper: ASAM with one forward/ba
 perturbed along Adam's first moment (``--asam-one-pass momentum``, docs/efficiency.md), at ASAM's rho.
 Validation BLEU is computed during training (``--eval-bleu``, as fairseq's IWSLT'14 example) and
 picks checkpoint_best.pt. The paper does not give a training length; the default here is 50,000
-updates (about 40 epochs at max-tokens 4096), overridable.
+updates (about 40 epochs at max-tokens 4096), overridable. On a GPU the run uses fairseq's ``--amp``
+(fp32 weights, fp16 autocast) unless a precision flag is given: under ``--fp16`` the ascent perturbs the
+fp16 weights, where most of eps rounds away (docs/precision.md).
 
 One run directory per method and seed (``runs/iwslt14/<method>-seed<seed>/``) holds checkpoints/,
 train.log (fairseq's JSON log) and run.json (the exact fairseq-train command). Running the same
@@ -44,6 +46,8 @@ _POLICY = {"asam-onepass": ["--asam-one-pass", "momentum"]}
 DEFAULT_DATA = "data-bin/iwslt14.tokenized.de-en"
 DEFAULT_RUNS = "runs/iwslt14"
 DEFAULT_MAX_UPDATE = 50000
+# Any of these in the extra arguments decides the precision (or the device) and no --amp is added.
+_PRECISION_FLAGS = ("--cpu", "--amp", "--fp16", "--bf16", "--memory-efficient-fp16", "--memory-efficient-bf16")
 # --user-dir as an absolute path: fairseq resolves a relative one against the working directory.
 USER_DIR = str(Path(__file__).resolve().parent.parent)
 
@@ -57,8 +61,13 @@ def _remove_bpe(data: Path) -> str:
 
 
 def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str | Path, rho: float | None = None,
-                       max_update: int = DEFAULT_MAX_UPDATE, eval_bleu: bool = True, extra: list[str] = ()) -> list[str]:
-    """The fairseq-train argument list for one run (the paper's settings, then ``extra``)."""
+                       max_update: int = DEFAULT_MAX_UPDATE, eval_bleu: bool = True, extra: list[str] = (),
+                       cuda: bool | None = None) -> list[str]:
+    """The fairseq-train argument list for one run (the paper's settings, then ``extra``).
+
+    ``cuda`` (default: whether torch sees a CUDA device): the run trains on a GPU, so ``--amp`` is added
+    unless ``extra`` names a precision flag or ``--cpu``; ``--fp16`` would leave most weights unperturbed.
+    """
     if method not in METHODS:
         raise ValueError(f"METHOD must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -92,6 +101,12 @@ def fairseq_train_args(method: str, seed: int, *, data: str | Path, run_dir: str
     if method != "adam":
         r = check_rho(DEFAULT_RHO[method] if rho is None else rho, "RHO")
         args += ["--asam-rho", str(r), *_POLICY.get(method, [])]
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda and not any(a.split("=", 1)[0] in _PRECISION_FLAGS for a in extra):
+        args.append("--amp")
     if eval_bleu:
         args += [
             "--eval-bleu", "--eval-bleu-args", '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}',
