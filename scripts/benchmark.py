@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -230,7 +232,8 @@ def main(argv=None):
     ap.add_argument("--updates", type=int, default=20, help="whole-update sections: updates per run (4 warm-up)")
     ap.add_argument("--vision-model", default="resnet20", help="vision section: a CIFAR model of the entry point")
     ap.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs, not speed")
-    ap.add_argument("--out", default="bench-out/benchmark.json", help="where the JSON results go")
+    ap.add_argument("--out", default="docs/bench.json",
+                    help="where the JSON results go (default docs/bench.json, the numbers the README shows)")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -248,7 +251,8 @@ def main(argv=None):
     if args.device == "cuda":
         devices = ["cuda"]
 
-    result = {"machine": machine(), "sections": {}}
+    result = {"machine": machine(), "commit": _commit(), "command": "python scripts/benchmark.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d", time.gmtime()), "sections": {}}
     # Each table is printed (and flushed) as soon as its section is measured: a full run takes many
     # minutes, and the first numbers should not wait for the last section.
     print(f"Machine: {result['machine']['cpu']}, {result['machine']['cpu_count']} cores, "
@@ -262,6 +266,20 @@ def main(argv=None):
         _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
         print("\n".join(table) + "\n", flush=True)
     print(f"wrote {args.out}")
+
+
+def _commit() -> str | None:
+    """The repository's HEAD commit (None outside a git checkout), with "+dirty" when files differ from it."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root, timeout=10)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _write_json(result: dict, out: str) -> None:
