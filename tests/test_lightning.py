@@ -362,12 +362,29 @@ if world > 1:
     dl = torch.utils.data.DataLoader(ds, batch_size=T.BATCH, shuffle=False)
 else:  # the union of what the workers saw, batch by batch
     dl = torch.utils.data.DataLoader(ds, batch_sampler=json.load(open(sys.argv[5])))
+allreduces = []
+
+
+def counting_hook(state, bucket):  # DDP's own all-reduce, counted (the tiny model is one bucket)
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    allreduces.append(bucket.index())
+    return allreduce_hook(state, bucket)
+
+
+class CountAllReduces(pl.Callback):
+    # Lightning registers a ddp_comm_hook on CUDA only: on the CPU the test puts it on the DDP module itself.
+    def on_train_start(self, trainer, module):
+        if world > 1:
+            trainer.strategy.model.register_comm_hook(None, counting_hook)
+
+
 trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=accum, accelerator="cpu", devices=world,
                      strategy="ddp" if world > 1 else "auto", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False)
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[CountAllReduces()])
 trainer.fit(module, dl)
-torch.save({"state": {k: v.clone() for k, v in module.net.state_dict().items()}, "seen": module.seen},
-           f"{out}.rank{trainer.global_rank}")
+torch.save({"state": {k: v.clone() for k, v in module.net.state_dict().items()}, "seen": module.seen,
+            "allreduces": len(allreduces)}, f"{out}.rank{trainer.global_rank}")
 """
 
 
@@ -394,6 +411,9 @@ def test_ddp_two_workers_equal_one_worker_on_their_union(tmp_path, accum):
     run(1, str(tmp_path / "batches.json"))
     one = torch.load(tmp_path / "w1.rank0")
     assert one["seen"] == union
+    # One all-reduce per pass: the first pass's last micro-batch and the second pass's last (the earlier
+    # micro-batches of each pass accumulate locally), so 2 per update whatever the accumulation.
+    assert r0["allreduces"] == r1["allreduces"] == 2 * 3
     for k in one["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k  # the same eps and the same update on every worker
         # g and g' are the workers' average: the update of one worker on their union, to round-off
