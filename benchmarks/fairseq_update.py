@@ -143,6 +143,7 @@ def bench_updates(*, rounds: int = 2, updates: int = 20, warmup: int = 4, device
         tmp = Path(d)
         data_bin = make_corpus(tmp)
         per_method: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu_method: dict[str, list[float]] = {m: [] for m in METHODS}
         mem: dict[str, list[int]] = {m: [] for m in METHODS}
         param_bytes = n_params = None
         methods = list(METHODS)
@@ -155,12 +156,14 @@ def bench_updates(*, rounds: int = 2, updates: int = 20, warmup: int = 4, device
                 if not times:
                     raise RuntimeError(f"{m}: only {len(rec['update_seconds'])} updates ran; raise --updates")
                 per_method[m].append(statistics.median(times))
+                cpu_method[m].append(statistics.median(rec["update_cpu_seconds"][warmup:]))
                 mem[m].append(rec["cuda_max_allocated_bytes"] if device == "cuda" else rec["peak_rss_bytes"])
                 param_bytes, n_params = rec["param_bytes"], rec["n_params"]
         # The breakdown of one asam_adam update, from the task's own phase timers.
         rec = run_once(data_bin, "asam_adam", arch, updates=updates, device=device, tmp=tmp,
                        max_tokens=max_tokens, phase_times=True, threads=threads)
     sec = {m: statistics.median(v) for m, v in per_method.items()}
+    cpu = {m: statistics.median(v) for m, v in cpu_method.items()}
     peak = {m: min(v) for m, v in mem.items()}
     phases = {}
     for key in ("t_first", "t_ascent", "t_second", "t_restore", "t_reduce_clip", "t_base_step"):
@@ -176,6 +179,9 @@ def bench_updates(*, rounds: int = 2, updates: int = 20, warmup: int = 4, device
         "seconds_per_update": sec,
         "updates_per_second": {m: 1.0 / s for m, s in sec.items()},
         "ratio_to_adam": {m: s / sec["adam"] for m, s in sec.items()},
+        # The process's CPU time: on one thread, the work done whatever else shares the cores.
+        "cpu_seconds_per_update": cpu,
+        "cpu_ratio_to_adam": {m: c / cpu["adam"] for m, c in cpu.items()},
         "peak_memory_bytes": peak,
         "memory_kind": "cuda max allocated" if device == "cuda" else "peak RSS",
         "extra_memory_over_adam_in_param_bytes": {m: (peak[m] - peak["adam"]) / param_bytes for m in METHODS},

@@ -45,42 +45,56 @@ def machine() -> dict:
     return info
 
 
+def _mb(b):
+    return f"{b / 2**20:.0f} MiB"
+
+
+# Each section: a measure function (what the JSON keeps) and a table function (its Markdown, from that data
+# alone, so that `--render` prints the tables of a saved JSON and the docs can be checked against it).
+
+
 def kernel_section(args, devices):
-    rows, out = [], {}
+    out = {}
     for dev in devices:
         for label, fn in [("transformer_iwslt_de_en", kernel.transformer_iwslt_params),
                           ("wrn28_10", kernel.wrn28_10_params)]:
-            r = kernel.bench_kernel(fn(), device=dev, repeats=args.repeats)
-            out[f"{label}/{dev}"] = r
-            s, q = r["seconds"], r["ratio_to_adam"]
-            rows.append(
-                f"| {label} ({r['n_params'] / 1e6:.1f}M) | {dev} | {s['adam'] * 1e3:.1f} | "
-                f"{s['loop'] * 1e3:.1f} ({q['loop']:.2f}x) | {s['foreach'] * 1e3:.1f} ({q['foreach']:.2f}x) | "
-                f"{s['reference'] * 1e3:.1f} ({q['reference']:.2f}x) | {r['default_kernel']}"
-                f"{'' if r['default_is_fastest_core_kernel'] else ' (slower here!)'} |"
-            )
-    table = [
+            out[f"{label}/{dev}"] = kernel.bench_kernel(fn(), device=dev, repeats=args.repeats)
+    return out
+
+
+def kernel_table(out) -> list[str]:
+    rows = []
+    for key, r in out.items():
+        label, dev = key.split("/")
+        s, q = r["seconds"], r["ratio_to_adam"]
+        rows.append(
+            f"| {label} ({r['n_params'] / 1e6:.1f}M) | {dev} | {s['adam'] * 1e3:.1f} | "
+            f"{s['loop'] * 1e3:.1f} ({q['loop']:.2f}x) | {s['foreach'] * 1e3:.1f} ({q['foreach']:.2f}x) | "
+            f"{s['reference'] * 1e3:.1f} ({q['reference']:.2f}x) | {r['default_kernel']}"
+            f"{'' if r['default_is_fastest_core_kernel'] else ' (slower here!)'} |"
+        )
+    return [
         "### Perturbation kernel: ascent + restore vs one fairseq Adam step (median ms, ratio to Adam)",
         "",
         "| parameters | device | Adam step | loop kernel | foreach kernel | reference per-param loop | default |",
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
-    return out, table
-
-
-def _mb(b):
-    return f"{b / 2**20:.0f} MiB"
 
 
 def fairseq_section(args, devices):
-    out, rows, mem_rows, br_rows = {}, [], [], []
-    for dev in devices:
-        r = fairseq_update.bench_updates(rounds=args.rounds, updates=args.updates, device=dev, quick=args.quick)
-        out[dev] = r
+    return {dev: fairseq_update.bench_updates(rounds=args.rounds, updates=args.updates, device=dev, quick=args.quick)
+            for dev in devices}
+
+
+def fairseq_table(out) -> list[str]:
+    rows, mem_rows, br_rows = [], [], []
+    for dev, r in out.items():
         s, q, u = r["seconds_per_update"], r["ratio_to_adam"], r["updates_per_second"]
-        for m in fairseq_update.METHODS:
-            rows.append(f"| {m} | {dev} | {s[m] * 1e3:.0f} | {u[m]:.2f} | {q[m]:.3f}x |")
+        for m in s:
+            c = r.get("cpu_seconds_per_update", {}).get(m)
+            cpu = f"{c * 1e3:.0f} | {r['cpu_ratio_to_adam'][m]:.3f}x" if c is not None else "- | -"
+            rows.append(f"| {m} | {dev} | {cpu} | {s[m] * 1e3:.0f} | {u[m]:.2f} | {q[m]:.3f}x |")
             mem_rows.append(f"| {m} | {dev} | {_mb(r['peak_memory_bytes'][m])} | "
                             f"{r['extra_memory_over_adam_in_param_bytes'][m]:+.2f} |")
         b = r["asam_update_breakdown_seconds"]
@@ -89,11 +103,11 @@ def fairseq_section(args, devices):
                 br_rows.append(f"| {k} | {dev} | {v * 1e3:.1f} | {v / b['total'] * 100:.1f}% |")
         br_rows.append(f"| **total** | {dev} | {b['total'] * 1e3:.1f} | 100% |")
     n = next(iter(out.values()))
-    return out, [
+    return [
         f"### Whole fairseq update ({n['n_params'] / 1e6:.1f}M-parameter transformer, `fairseq-train` code path)",
         "",
-        "| optimizer | device | ms / update | updates / s | ratio to adam |",
-        "|---|---|---|---|---|",
+        "| optimizer | device | CPU ms / update | CPU ratio to adam | wall ms / update | updates / s | wall ratio |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"### Peak memory ({n['memory_kind']}; parameters: {_mb(n['param_bytes'])})",
@@ -102,7 +116,7 @@ def fairseq_section(args, devices):
         "|---|---|---|---|",
         *mem_rows,
         "",
-        "### Where one asam_adam update's time goes (median ms per phase)",
+        "### Where one asam_adam update's time goes (median ms per phase, wall time)",
         "",
         "| phase | device | ms | share |",
         "|---|---|---|---|",
@@ -111,17 +125,18 @@ def fairseq_section(args, devices):
 
 
 def vision_section(args, devices):
-    out, rows = {}, []
-    for dev in devices:
-        r = vision_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
-                                       repeats=2 if args.quick else args.repeats, device=dev)
-        out[dev] = r
-        for m, s in r["seconds_per_update"].items():
-            rows.append(f"| {m} | {dev} | {s * 1e3:.0f} | {1 / s:.2f} | {r['ratio_to_sgd'][m]:.3f}x |")
+    return {dev: vision_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
+                                            repeats=2 if args.quick else args.repeats, device=dev)
+            for dev in devices}
+
+
+def vision_table(out) -> list[str]:
+    rows = [f"| {m} | {dev} | {s * 1e3:.0f} | {1 / s:.2f} | {r['ratio_to_sgd'][m]:.3f}x |"
+            for dev, r in out.items() for m, s in r["seconds_per_update"].items()]
     r = next(iter(out.values()))
-    return out, [
+    return [
         f"### Whole update of the torchvision entry point ({r['model']}, {r['n_params'] / 1e6:.2f}M parameters, "
-        f"batch {r['batch']})",
+        f"batch {r['batch']}, wall time)",
         "",
         "| minimizer | device | ms / update | updates / s | ratio to sgd |",
         "|---|---|---|---|---|",
@@ -131,12 +146,16 @@ def vision_section(args, devices):
 
 def efficient_section(args, devices):
     """The cheaper schedules' whole-update cost beside the base and the full update (fairseq and vision)."""
-    out, frows, vrows = {}, [], []
-    for dev in devices:
-        f = efficient_update.bench_fairseq(rounds=args.rounds, device=dev, quick=args.quick)
-        v = efficient_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
-                                          rounds=1 if args.quick else 3, timed=10, device=dev)
-        out[dev] = {"fairseq": f, "vision": v}
+    return {dev: {"fairseq": efficient_update.bench_fairseq(rounds=args.rounds, device=dev, quick=args.quick),
+                  "vision": efficient_update.bench_vision(model_name=args.vision_model, batch=16 if args.quick else 128,
+                                                          rounds=1 if args.quick else 3, timed=10, device=dev)}
+            for dev in devices}
+
+
+def efficient_table(out) -> list[str]:
+    frows, vrows = [], []
+    for dev, both in out.items():
+        f, v = both["fairseq"], both["vision"]
         for m, s in f["seconds_per_update"].items():
             cpu = (f"{f['cpu_seconds_per_update'][m] * 1e3:.0f} | {f['cpu_ratio_to_adam'][m]:.2f}x"
                    if "cpu_seconds_per_update" in f else "- | -")
@@ -148,7 +167,7 @@ def efficient_section(args, devices):
             vrows.append(f"| {m} | {dev} | {cpu} | {s * 1e3:.0f} | {v['ratio_to_sgd'][m]:.2f}x | "
                          f"{v['ratio_to_asam'][m]:.2f}x |")
     v = next(iter(out.values()))["vision"]
-    return out, [
+    return [
         "### Cheaper updates: whole-update cost (mean over 10 consecutive updates, side by side; CPU: one thread,",
         "CPU time of the process, and wall time)",
         "",
@@ -166,10 +185,14 @@ def efficient_section(args, devices):
 
 def small_section(args, devices):
     """The cheaper schedules on a small model (CPU, one thread), beside the floor of any exact-restore update."""
-    small = efficient_update.bench_small(rounds=1 if args.quick else 5, timed=5 if args.quick else 50)
+    return {"cpu": efficient_update.bench_small(rounds=1 if args.quick else 5, timed=5 if args.quick else 50)}
+
+
+def small_table(out) -> list[str]:
+    small = out["cpu"]
     rows = [f"| {m} | {small['cpu_seconds_per_update'][m] * 1e3:.2f} | {small['cpu_ratio_to_sgd'][m]:.2f}x | "
             f"{s * 1e3:.2f} | {small['ratio_to_sgd'][m]:.2f}x |" for m, s in small["seconds_per_update"].items()]
-    return {"cpu": small}, [
+    return [
         "### Cheaper updates on a small model (MLP 784-256-256-10, 270k parameters, batch 128, cpu, one thread, "
         "`opt.step(closure)`; floor-*: SGD plus only the memory passes of an exact-restore perturbation)",
         "",
@@ -181,16 +204,19 @@ def small_section(args, devices):
 
 def hf_section(args, devices):
     """Hugging Face Trainer: plain AdamW vs ASAM vs one-pass ASAM on a Marian-size model (CPU, one thread)."""
-    r = hf_update.bench_trainer(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick,
-                                memory_reps=1 if args.quick else 3)
+    return hf_update.bench_trainer(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick,
+                                   memory_reps=1 if args.quick else 3)
+
+
+def hf_table(r) -> list[str]:
     sec, cpu, q, qc = (r["seconds_per_update"], r["cpu_seconds_per_update"], r["ratio_to_adamw"],
                        r["cpu_ratio_to_adamw"])
     extra, span = r["extra_memory_over_adamw_in_param_bytes"], r["extra_memory_range_in_param_bytes"]
     heap = r.get("extra_heap_in_use_over_adamw_in_param_bytes")
     rows = [f"| {m} | {cpu[m] * 1e3:.0f} | {qc[m]:.3f}x | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | "
             f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} ({span[m][0]:+.2f} to {span[m][1]:+.2f}) | "
-            f"{f'{heap[m]:+.2f}' if heap else '-'} |" for m in hf_update.METHODS]
-    return r, [
+            f"{f'{heap[m]:+.2f}' if heap else '-'} |" for m in sec]
+    return [
         f"### Hugging Face Trainer update ({r['model']}, {r['n_params'] / 1e6:.1f}M parameters, batch {r['batch']} x "
         f"{r['src_len']}/{r['tgt_len']} tokens, cpu, {r['threads']} thread)",
         "",
@@ -204,22 +230,35 @@ def hf_section(args, devices):
 
 def lightning_section(args, devices):
     """PyTorch Lightning: plain Adam vs ASAM vs one-pass ASAM through the mixin, ResNet-18 (CPU, one thread)."""
-    r = lightning_update.bench_lightning(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick)
+    return lightning_update.bench_lightning(rounds=1 if args.quick else max(args.rounds, 3), quick=args.quick)
+
+
+def lightning_table(r) -> list[str]:
     sec, cpu, q, qc = (r["seconds_per_update"], r["cpu_seconds_per_update"], r["ratio_to_adam"],
                        r["cpu_ratio_to_adam"])
     extra = r["extra_memory_over_adam_in_param_bytes"]
     rows = [f"| {m} | {cpu[m] * 1e3:.0f} | {qc[m]:.3f}x | {sec[m] * 1e3:.0f} | {q[m]:.3f}x | "
-            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} |" for m in lightning_update.METHODS]
-    return r, [
+            f"{_mb(r['peak_rss_bytes'][m])} | {extra[m]:+.2f} |" for m in sec]
+    return [
         f"### PyTorch Lightning update ({r['model']}, {r['n_params'] / 1e6:.1f}M parameters, batch {r['batch']} x "
-        f"{r['size']}x{r['size']} images, cpu, {r['threads']} thread; targets: asam <= 2.05x, one pass <= 1.1x "
-        "CPU time)",
+        f"{r['size']}x{r['size']} images, cpu, {r['threads']} thread)",
         "",
         "| update | CPU ms / update | CPU ratio to adam | wall ms / update | wall ratio | peak RSS | "
         "extra peak RSS over adam / parameter bytes |",
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
+
+
+MEASURE = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section,
+           "efficient": efficient_section, "small": small_section, "hf": hf_section, "lightning": lightning_section}
+TABLE = {"kernel": kernel_table, "fairseq": fairseq_table, "vision": vision_table, "efficient": efficient_table,
+         "small": small_table, "hf": hf_table, "lightning": lightning_table}
+
+
+def render(result: dict) -> str:
+    """Every section's tables of a saved benchmark JSON, in the order the sections ran."""
+    return "\n\n".join("\n".join(TABLE[name](data)) for name, data in result["sections"].items())
 
 
 def main(argv=None):
@@ -234,7 +273,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs, not speed")
     ap.add_argument("--out", default="docs/bench.json",
                     help="where the JSON results go (default docs/bench.json, the numbers the README shows)")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="print the tables of a saved benchmark JSON (e.g. docs/bench.json) and exit; measures nothing")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(render(json.load(f)))
+        return
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -259,9 +304,8 @@ def main(argv=None):
           f"torch {result['machine']['torch']}, GPU: {result['machine']['cuda'] or 'none'}\n", flush=True)
     for name in sections:
         print(f"[bench] measuring section {name} ...", file=sys.stderr, flush=True)
-        data, table = {"kernel": kernel_section, "fairseq": fairseq_section, "vision": vision_section,
-                        "efficient": efficient_section, "small": small_section, "hf": hf_section,
-                        "lightning": lightning_section}[name](args, devices)
+        data = MEASURE[name](args, devices)
+        table = TABLE[name](data)
         result["sections"][name] = data
         _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
         print("\n".join(table) + "\n", flush=True)

@@ -98,9 +98,39 @@ def decision_table(study: dict, bench: dict) -> str:
     return "\n".join(out)
 
 
+def efficient_tables(bench: dict) -> str:
+    """The cheaper policies' whole-update cost in fairseq, vision and on the small MLP (CPU time, one thread)."""
+    s = bench["sections"]
+    fq, vi, sm = s["efficient"]["cpu"]["fairseq"], s["efficient"]["cpu"]["vision"], s["small"]["cpu"]
+    fq_params = s["fairseq"]["cpu"]["n_params"]
+    out = [f"| fairseq optimizer ({_m(fq_params)} parameters) | CPU ms / update | CPU ratio to adam | wall ratio to adam |",
+           "|---|---|---|---|"]
+    out += [f"| {m} | {fq['cpu_seconds_per_update'][m] * 1e3:.0f} | {_x(fq['cpu_ratio_to_adam'][m])} | "
+            f"{_x(fq['ratio_to_adam'][m])} |" for m in fq["cpu_seconds_per_update"]]
+    out += ["", f"| vision minimizer ({vi['model']}, batch {vi['batch']}) | CPU ms / update | CPU ratio to sgd | "
+            "wall ratio to sgd |", "|---|---|---|---|"]
+    out += [f"| {m} | {vi['cpu_seconds_per_update'][m] * 1e3:.0f} | {_x(vi['cpu_ratio_to_sgd'][m])} | "
+            f"{_x(vi['ratio_to_sgd'][m])} |" for m in vi["cpu_seconds_per_update"]]
+    out += ["", f"| small model ({sm['model']}, {_m(sm['n_params'])} parameters, batch {sm['batch']}) | CPU ms / update | "
+            "CPU ratio to sgd | wall ratio to sgd |", "|---|---|---|---|"]
+    out += [f"| {m} | {sm['cpu_seconds_per_update'][m] * 1e3:.2f} | {_x(sm['cpu_ratio_to_sgd'][m])} | "
+            f"{_x(sm['ratio_to_sgd'][m])} |" for m in sm["cpu_seconds_per_update"]]
+    return "\n".join(out)
+
+
+def bench_tables(bench: dict) -> str:
+    """Every section of the benchmark JSON, as ``scripts/benchmark.py --render`` prints it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    return benchmark.render(bench)
+
+
 TABLES = {
     "cost": (lambda b, s: cost_table(b), [ROOT / "README.md"]),
     "cheaper-updates": (lambda b, s: decision_table(s, b), [ROOT / "README.md", ROOT / "docs" / "efficiency.md"]),
+    "policy-cost": (lambda b, s: efficient_tables(b), [ROOT / "docs" / "efficiency.md"]),
+    "bench": (lambda b, s: bench_tables(b), [ROOT / "docs" / "performance.md"]),
 }
 
 
