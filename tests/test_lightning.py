@@ -122,7 +122,7 @@ def _fit(module, *, steps, accum=1, precision="32-true", clip=None, algo="norm",
     return trainer, rec
 
 
-def _direct(net0, states, *, accum, policy=None, clip=None, algo="norm", precision="32-true"):
+def _direct(net0, states, *, accum, policy=None, clip=None, algo="norm", precision="32-true", gamma=None):
     """The same updates through the core: first pass over the micro-batches at w, finish with an adapter."""
     model = copy.deepcopy(net0)
     model.train()
@@ -169,6 +169,9 @@ def _direct(net0, states, *, accum, policy=None, clip=None, algo="norm", precisi
             with opt.driver.first_pass(b):
                 backward(b)
         opt.driver.finish(Direct(), scale=float(scaler.get_scale()) if scaler else 1.0)
+        if gamma is not None:  # a StepLR(step_size=1) stepped once per update
+            for g in opt.param_groups:
+                g["lr"] *= gamma
     return model, opt
 
 
@@ -223,6 +226,24 @@ def test_mixin_in_front_of_an_existing_module_records_its_training_step():
     _same(module.net, direct)
     assert module.calls == 2 * 3 * 2 and int(module.net[1].num_batches_tracked) == 3 * 2
     assert not getattr(Existing.training_step, "_sam_recorded", False)  # the user's class is left as it was
+
+
+class Scheduled(Net):
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+                                                   "interval": "step"}}
+
+
+def test_lr_scheduler_steps_once_per_update():
+    net0 = _net()
+    module = Scheduled(copy.deepcopy(net0))
+    trainer, rec = _fit(module, steps=3, accum=2)
+    direct, opt = _direct(net0, rec.states, accum=2, gamma=0.5)
+    _same(module.net, direct)
+    shell = module.sharpness_optimizer
+    assert trainer.global_step == 3 and shell.param_groups[0]["lr"] == LR * 0.5 ** 3
+    assert shell.base_optimizer.param_groups[0]["lr"] == LR * 0.5 ** 3  # one set of groups: the base's
 
 
 @pytest.mark.parametrize("clip,algo", [(0.05, "norm"), (0.01, "value")])
