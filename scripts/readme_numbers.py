@@ -148,8 +148,8 @@ def render(bench: dict | None = None, study: dict | None = None) -> dict[str, st
 def between(text: str, name: str) -> str | None:
     """The text between ``name``'s markers, or None when the markers are not there."""
     start, end = markers(name)
-    m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), text, flags=re.S)
-    return None if m is None else m.group(1)
+    m = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), text, flags=re.S)
+    return None if m is None else m.group(1).rstrip("\n")
 
 
 def write(tables: dict[str, str]) -> list[Path]:
@@ -161,7 +161,7 @@ def write(tables: dict[str, str]) -> list[Path]:
             if between(text, name) is None:
                 raise SystemExit(f"{path}: no {name!r} markers ({start} ... {end}); add them where the table goes")
             block = f"{start}\n{tables[name]}\n{end}"
-            new = re.sub(re.escape(start) + r"\n.*?\n" + re.escape(end), lambda _m, b=block: b, text, flags=re.S)
+            new = re.sub(re.escape(start) + r"\n.*?" + re.escape(end), lambda _m, b=block: b, text, flags=re.S)
             if new != text:
                 path.write_text(new)
                 changed.append(path)
