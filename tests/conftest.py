@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import numpy.testing  # noqa: F401  (its import runs `lscpu` once, to probe SVE: here, before any test is guarded)
 import process_guard  # tests/ is on sys.path under pytest
 import pytest
 import torch
