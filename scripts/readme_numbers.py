@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "bench.json"
 STUDY = ROOT / "docs" / "efficiency-results.json"
+CORRELATION = ROOT / "docs" / "correlation-results.json"
 # The study's three tasks where full ASAM's gain over SGD is >= 3 standard errors, in the table's order.
 POWERED = ("mnist-mlp 40% noise", "mnist-mlp clean", "mnist-resnet 40% noise")
 
@@ -126,11 +127,40 @@ def bench_tables(bench: dict) -> str:
     return benchmark.render(bench)
 
 
+def _correlation():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import correlation_study
+
+    res = json.loads(CORRELATION.read_text())
+    ranked = sum(1 for n in res["networks"] if n["converged"])
+    return correlation_study, res["stats"], ranked, len(res["networks"])
+
+
+def correlation_table() -> str:
+    """The correlation study's whole table (docs/sharpness.md), as scripts/correlation_study.py writes it."""
+    cs, stats, ranked, total = _correlation()
+    return cs.table_markdown(stats, ranked, total).rstrip("\n")
+
+
+def correlation_summary() -> str:
+    """tau and Psi of the four measures (the README)."""
+    cs, stats, ranked, total = _correlation()
+    cols = [k for k, _, _ in cs.MEASURES]
+    return "\n".join([
+        "| | sharpness p = 2 | adaptive p = 2 | sharpness p = inf | adaptive p = inf |",
+        "|---|---|---|---|---|",
+        "| tau | " + " | ".join(f"{stats[c]['tau']:.3f}" for c in cols) + " |",
+        "| Psi | " + " | ".join(f"{stats[c]['Psi']:.3f}" for c in cols) + " |",
+    ])
+
+
 TABLES = {
     "cost": (lambda b, s: cost_table(b), [ROOT / "README.md"]),
     "cheaper-updates": (lambda b, s: decision_table(s, b), [ROOT / "README.md", ROOT / "docs" / "efficiency.md"]),
     "policy-cost": (lambda b, s: efficient_tables(b), [ROOT / "docs" / "efficiency.md"]),
     "bench": (lambda b, s: bench_tables(b), [ROOT / "docs" / "performance.md"]),
+    "correlation": (lambda b, s: correlation_table(), [ROOT / "docs" / "sharpness.md"]),
+    "correlation-summary": (lambda b, s: correlation_summary(), [ROOT / "README.md"]),
 }
 
 
