@@ -12,15 +12,11 @@ methods run alternately, round after round, so that a slow spell of a shared mac
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .trainer_runs import rotated, run_driver, update_times
 
 METHODS = {
     "adamw": {"asam_mode": "none", "asam_rho": None},
@@ -112,19 +108,10 @@ with open(out_path, "w") as f:
 
 def run_process(order: list[str], *, config: dict, batch: int, src_len: int, tgt_len: int, updates: int,
                 tmp: Path, threads: int | None = None, heap_sampling: bool = False) -> dict:
-    out = tmp / f"rec-{len(list(tmp.iterdir()))}.json"
     spec = {"config": config, "batch": batch, "src_len": src_len, "tgt_len": tgt_len, "updates": updates,
             "methods": METHODS, "order": order, "out_dir": str(tmp / "run"), "threads": threads,
             "heap_sampling": heap_sampling}
-    env = dict(os.environ)
-    for k in [k for k in env if k.startswith("MALLOC_")]:
-        del env[k]  # glibc's default allocator settings, as users run
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(out), json.dumps(spec)], capture_output=True,
-                          text=True, env=env, cwd=str(REPO))
-    if proc.returncode != 0:
-        raise RuntimeError(f"Trainer runs {order} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return run_driver(_DRIVER, spec, tmp, what=f"Trainer runs {order}")
 
 
 def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: bool = False,
@@ -143,15 +130,10 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
     # the restore is a larger share of a smaller batch's update).
     shape = dict(batch=4, src_len=8, tgt_len=8) if quick else dict(batch=batch, src_len=src_len, tgt_len=tgt_len)
     methods = list(METHODS)
-    order = [m for r in range(rounds) for m in methods[r % len(methods):] + methods[: r % len(methods)]]
     with tempfile.TemporaryDirectory(prefix="asam-hf-bench-") as d:
         tmp = Path(d)
-        rec = run_process(order, config=config, updates=updates, tmp=tmp, threads=threads, **shape)
-        per: dict[str, list[float]] = {m: [] for m in METHODS}
-        cpu: dict[str, list[float]] = {m: [] for m in METHODS}
-        for run in rec["runs"]:
-            per[run["method"]] += run["update_seconds"][warmup:]
-            cpu[run["method"]] += run["update_cpu_seconds"][warmup:]
+        rec = run_process(rotated(methods, rounds), config=config, updates=updates, tmp=tmp, threads=threads, **shape)
+        times = update_times(rec["runs"], methods, base="adamw", warmup=warmup, updates=updates)
         peaks: dict[str, list[int]] = {m: [] for m in methods}
         heap: dict[str, list[int]] = {m: [] for m in methods}
         if memory:
@@ -162,10 +144,6 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
                     if r["peak_heap_in_use_bytes"]:
                         heap[m].append(r["peak_heap_in_use_bytes"])
         peak = {m: statistics.median(v) for m, v in peaks.items() if v}
-    if not all(per.values()):
-        raise RuntimeError(f"too few updates timed ({updates} per run, {warmup} warm-up)")
-    sec = {m: statistics.median(v) for m, v in per.items()}
-    cpu_sec = {m: statistics.median(v) for m, v in cpu.items()}
     out = {
         "model": "Marian, opus-mt-de-en config" if not quick else "Marian, tiny config",
         "n_params": rec["n_params"],
@@ -173,11 +151,7 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
         **shape,
         "rounds": rounds,
         "threads": threads,
-        "seconds_per_update": sec,
-        "update_seconds": per,
-        "ratio_to_adamw": {m: s / sec["adamw"] for m, s in sec.items()},
-        "cpu_seconds_per_update": cpu_sec,
-        "cpu_ratio_to_adamw": {m: s / cpu_sec["adamw"] for m, s in cpu_sec.items()},
+        **times,
     }
     if memory:
         out["peak_rss_bytes"] = peak

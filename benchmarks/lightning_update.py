@@ -15,15 +15,11 @@ cores. Peak memory: one process per method, its own peak RSS, over Adam's, in pa
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .trainer_runs import rotated, run_driver, update_times
+
 METHODS = ("adam", "asam", "asam_one_pass")
 
 _DRIVER = r"""
@@ -96,15 +92,8 @@ with open(out_path, "w") as f:
 
 
 def run_process(order: list[str], *, batch: int, size: int, updates: int, tmp: Path, threads: int = 1) -> dict:
-    out = tmp / f"rec-{len(list(tmp.iterdir()))}.json"
     spec = {"batch": batch, "size": size, "updates": updates, "order": order, "threads": threads}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PL_DISABLE_FORK="1")
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(out), json.dumps(spec)], capture_output=True,
-                          text=True, env=env, cwd=str(REPO))
-    if proc.returncode != 0:
-        raise RuntimeError(f"Lightning runs {order} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    return run_driver(_DRIVER, spec, tmp, what=f"Lightning runs {order}", env={"PL_DISABLE_FORK": "1"})
 
 
 def bench_lightning(*, rounds: int = 3, updates: int = 6, warmup: int = 2, quick: bool = False,
@@ -115,21 +104,12 @@ def bench_lightning(*, rounds: int = 3, updates: int = 6, warmup: int = 2, quick
     peak RSS over Adam's in parameter bytes."""
     shape = dict(batch=4, size=16) if quick else dict(batch=batch, size=size)
     methods = list(METHODS)
-    order = [m for r in range(rounds) for m in methods[r % len(methods):] + methods[: r % len(methods)]]
     with tempfile.TemporaryDirectory(prefix="asam-lightning-bench-") as d:
         tmp = Path(d)
-        rec = run_process(order, updates=updates, tmp=tmp, threads=threads, **shape)
-        per: dict[str, list[float]] = {m: [] for m in METHODS}
-        cpu: dict[str, list[float]] = {m: [] for m in METHODS}
-        for run in rec["runs"]:
-            per[run["method"]] += run["update_seconds"][warmup:]
-            cpu[run["method"]] += run["update_cpu_seconds"][warmup:]
+        rec = run_process(rotated(methods, rounds), updates=updates, tmp=tmp, threads=threads, **shape)
+        times = update_times(rec["runs"], methods, base="adam", warmup=warmup, updates=updates)
         peak = {m: run_process([m], updates=warmup + 1, tmp=tmp, threads=threads, **shape)["peak_rss_bytes"]
                 for m in methods} if memory else {}
-    if not all(per.values()):
-        raise RuntimeError(f"too few updates timed ({updates} per run, {warmup} warm-up)")
-    sec = {m: statistics.median(v) for m, v in per.items()}
-    cpu_sec = {m: statistics.median(v) for m, v in cpu.items()}
     out = {
         "model": "torchvision resnet18, 10 classes",
         "n_params": rec["n_params"],
@@ -137,11 +117,7 @@ def bench_lightning(*, rounds: int = 3, updates: int = 6, warmup: int = 2, quick
         **shape,
         "rounds": rounds,
         "threads": threads,
-        "seconds_per_update": sec,
-        "update_seconds": per,
-        "ratio_to_adam": {m: s / sec["adam"] for m, s in sec.items()},
-        "cpu_seconds_per_update": cpu_sec,
-        "cpu_ratio_to_adam": {m: s / cpu_sec["adam"] for m, s in cpu_sec.items()},
+        **times,
     }
     if memory:
         out["peak_rss_bytes"] = peak
