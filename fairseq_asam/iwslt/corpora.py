@@ -34,7 +34,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -229,13 +228,7 @@ def prepare_parallel(pairs: dict[str, tuple[list[str], list[str]]], *, src: str,
     def binarize(t):
         out = t[dest]
         out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", src, "--target-lang", tgt,
-               "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"), "--testpref", str(tok / "test"),
-               "--destdir", str(out), "--workers", str(workers)]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        (out / "preprocess-output.log").write_text(p.stdout + p.stderr)
-        if p.returncode != 0:
-            raise PrepareError(f"fairseq-preprocess failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+        P.run_preprocess(tok, out, src=src, tgt=tgt, workers=workers, log=log)
         shutil.copy(bpe_model, out / bpe_model.name)
         (out / "raw").mkdir()
         # The untokenized references (in the binarized order: fairseq-preprocess keeps line order).

@@ -509,25 +509,7 @@ def prepare(tarball: Path | None = None, *, dest: Path = Path("data-bin/iwslt14.
     def binarize(t):
         out = t[dest]
         out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", SRC, "--target-lang", TGT,
-               "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"), "--testpref", str(tok / "test"),
-               "--destdir", str(out), "--workers", str(workers)]
-        # Its log lines (dictionaries built, sentences and unknown words per split) are passed on as they
-        # come, so a long binarization shows where it is; they are also kept in preprocess-output.log.
-        text = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
-            for line in proc.stdout:
-                text.append(line)
-                # "INFO:fairseq_cli.preprocess:msg" or "... | INFO | fairseq_cli.preprocess | msg";
-                # the Namespace dump of every option is left to the log file.
-                m = re.search(r"fairseq_cli\.preprocess(?::| \| )(.*)", line)
-                if m and not m.group(1).startswith("Namespace("):
-                    log(f"  fairseq-preprocess: {m.group(1).strip()}")
-            rc = proc.wait()
-        (out / "preprocess-output.log").write_text("".join(text))
-        if rc != 0:
-            raise PrepareError(f"fairseq-preprocess failed (exit {rc}):\n{''.join(text)[-3000:]}")
+        run_preprocess(tok, out, src=SRC, tgt=TGT, workers=workers, log=log)
         shutil.copy(bpe_model, out / bpe_model.name)
         dicts = {lang: sum(1 for _ in open(out / f"dict.{lang}.txt", encoding="utf-8")) for lang in (SRC, TGT)}
         info["dict_sizes"] = dicts
@@ -540,6 +522,32 @@ def prepare(tarball: Path | None = None, *, dest: Path = Path("data-bin/iwslt14.
     sp = counts["splits"]
     log(f"done: {dest} (train {sp['train']}, valid {sp['valid']}, test {sp['test']} pairs)")
     return counts
+
+
+def run_preprocess(tok: Path, out: Path, *, src: str, tgt: str, workers: int, log) -> None:
+    """``fairseq-preprocess`` of ``tok``/{train,valid,test}.{src,tgt} into ``out`` (separate dictionaries).
+
+    Its log lines (dictionaries built, sentences and unknown words per split) are passed to ``log`` as they
+    come, so a long binarization shows where it is; all its output is kept in ``out``/preprocess-output.log.
+    A failure raises :class:`PrepareError` with the end of that output.
+    """
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", src, "--target-lang", tgt,
+           "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"), "--testpref", str(tok / "test"),
+           "--destdir", str(out), "--workers", str(workers)]
+    text = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
+        for line in proc.stdout:
+            text.append(line)
+            # "INFO:fairseq_cli.preprocess:msg" or "... | INFO | fairseq_cli.preprocess | msg";
+            # the Namespace dump of every option is left to the log file.
+            m = re.search(r"fairseq_cli\.preprocess(?::| \| )(.*)", line)
+            if m and not m.group(1).startswith("Namespace("):
+                log(f"  fairseq-preprocess: {m.group(1).strip()}")
+        rc = proc.wait()
+    (out / "preprocess-output.log").write_text("".join(text))
+    if rc != 0:
+        raise PrepareError(f"fairseq-preprocess failed (exit {rc}):\n{''.join(text)[-3000:]}")
 
 
 def _extract_into(tarball: Path, out: Path) -> dict:
