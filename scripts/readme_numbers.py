@@ -121,31 +121,24 @@ def efficient_tables(bench: dict) -> str:
 
 def bench_tables(bench: dict) -> str:
     """Every section of the benchmark JSON, as ``scripts/benchmark.py --render`` prints it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
+    import benchmark  # scripts/, beside this file
 
     return benchmark.render(bench)
 
 
-def _correlation():
-    sys.path.insert(0, str(ROOT / "scripts"))
+def correlation_table(corr: dict) -> str:
+    """The correlation study's whole table (docs/sharpness.md), as scripts/correlation_study.py writes it."""
     import correlation_study
 
-    res = json.loads(CORRELATION.read_text())
-    ranked = sum(1 for n in res["networks"] if n["converged"])
-    return correlation_study, res["stats"], ranked, len(res["networks"])
+    ranked = sum(1 for n in corr["networks"] if n["converged"])
+    return correlation_study.table_markdown(corr["stats"], ranked, len(corr["networks"])).rstrip("\n")
 
 
-def correlation_table() -> str:
-    """The correlation study's whole table (docs/sharpness.md), as scripts/correlation_study.py writes it."""
-    cs, stats, ranked, total = _correlation()
-    return cs.table_markdown(stats, ranked, total).rstrip("\n")
-
-
-def correlation_summary() -> str:
+def correlation_summary(corr: dict) -> str:
     """tau and Psi of the four measures (the README)."""
-    cs, stats, ranked, total = _correlation()
-    cols = [k for k, _, _ in cs.MEASURES]
+    import correlation_study
+
+    stats, cols = corr["stats"], [k for k, _, _ in correlation_study.MEASURES]
     return "\n".join([
         "| | sharpness p = 2 | adaptive p = 2 | sharpness p = inf | adaptive p = inf |",
         "|---|---|---|---|---|",
@@ -155,12 +148,12 @@ def correlation_summary() -> str:
 
 
 TABLES = {
-    "cost": (lambda b, s: cost_table(b), [ROOT / "README.md"]),
-    "cheaper-updates": (lambda b, s: decision_table(s, b), [ROOT / "README.md", ROOT / "docs" / "efficiency.md"]),
-    "policy-cost": (lambda b, s: efficient_tables(b), [ROOT / "docs" / "efficiency.md"]),
-    "bench": (lambda b, s: bench_tables(b), [ROOT / "docs" / "performance.md"]),
-    "correlation": (lambda b, s: correlation_table(), [ROOT / "docs" / "sharpness.md"]),
-    "correlation-summary": (lambda b, s: correlation_summary(), [ROOT / "README.md"]),
+    "cost": (lambda b, s, c: cost_table(b), [ROOT / "README.md"]),
+    "cheaper-updates": (lambda b, s, c: decision_table(s, b), [ROOT / "README.md", ROOT / "docs" / "efficiency.md"]),
+    "policy-cost": (lambda b, s, c: efficient_tables(b), [ROOT / "docs" / "efficiency.md"]),
+    "bench": (lambda b, s, c: bench_tables(b), [ROOT / "docs" / "performance.md"]),
+    "correlation": (lambda b, s, c: correlation_table(c), [ROOT / "docs" / "sharpness.md"]),
+    "correlation-summary": (lambda b, s, c: correlation_summary(c), [ROOT / "README.md"]),
 }
 
 
@@ -172,7 +165,8 @@ def markers(name: str) -> tuple[str, str]:
 def render(bench: dict | None = None, study: dict | None = None) -> dict[str, str]:
     bench = bench if bench is not None else json.loads(BENCH.read_text())
     study = study if study is not None else json.loads(STUDY.read_text())
-    return {name: fn(bench, study) for name, (fn, _) in TABLES.items()}
+    corr = json.loads(CORRELATION.read_text())
+    return {name: fn(bench, study, corr) for name, (fn, _) in TABLES.items()}
 
 
 def between(text: str, name: str) -> str | None:
