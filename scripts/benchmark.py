@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -20,29 +18,11 @@ import torch
 # benchmarks/ is a package of the repository (not installed): the repository root goes on the path.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from provenance import commit, machine  # noqa: E402  (scripts/, beside this file)
+
 from benchmarks import efficient_update, fairseq_update, hf_update, kernel, lightning_update, vision_update  # noqa: E402
 
 SECTIONS = ["kernel", "fairseq", "vision", "efficient", "small", "hf", "lightning"]
-
-
-def machine() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info
 
 
 def _mb(b):
@@ -296,7 +276,7 @@ def main(argv=None):
     if args.device == "cuda":
         devices = ["cuda"]
 
-    result = {"machine": machine(), "commit": _commit(), "command": "python scripts/benchmark.py " + " ".join(
+    result = {"machine": machine(), "commit": commit(), "command": "python scripts/benchmark.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d", time.gmtime()), "sections": {}}
     # Each table is printed (and flushed) as soon as its section is measured: a full run takes many
     # minutes, and the first numbers should not wait for the last section.
@@ -310,20 +290,6 @@ def main(argv=None):
         _write_json(result, args.out)  # after every section: an interrupted run keeps what it measured
         print("\n".join(table) + "\n", flush=True)
     print(f"wrote {args.out}")
-
-
-def _commit() -> str | None:
-    """The repository's HEAD commit (None outside a git checkout), with "+dirty" when files differ from it."""
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=root, timeout=10)
-    except OSError:
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _write_json(result: dict, out: str) -> None:

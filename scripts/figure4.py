@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -94,13 +95,33 @@ def train_argv(cfg: dict, factor: str, rho: float, seed: int, run_dir: str, resu
     return argv + shlex.split(cfg["extra"])
 
 
-def _train(argv: list[str], subprocess_mode: bool) -> None:
+def _cpu_seconds(subprocess_mode: bool) -> float:
+    if subprocess_mode:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+    return time.process_time()
+
+
+def _train(argv: list[str], subprocess_mode: bool, run_dir: str) -> None:
+    """One run; its CPU and wall seconds go to ``<run_dir>/time.json`` (a reused run keeps its own)."""
+    cpu0, wall0 = _cpu_seconds(subprocess_mode), time.time()
     if subprocess_mode:
         subprocess.run([sys.executable, "-m", "fairseq_asam.vision", *argv], check=True)
-        return
-    from fairseq_asam.vision.train import cli_main
+    else:
+        from fairseq_asam.vision.train import cli_main
 
-    cli_main(argv)  # in-process: no interpreter + torch start-up per run
+        cli_main(argv)  # in-process: no interpreter + torch start-up per run
+    spent = {"cpu_s": round(_cpu_seconds(subprocess_mode) - cpu0, 2), "wall_s": round(time.time() - wall0, 2)}
+    with open(os.path.join(run_dir, "time.json"), "w") as f:
+        json.dump(spent, f)
+
+
+def _time(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "time.json")
+    if not os.path.isfile(path):  # trained by a version of this script that did not time its runs
+        return {"cpu_s": None, "wall_s": None}
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_all(cfg: dict, log=print) -> list[dict]:
@@ -117,7 +138,7 @@ def run_all(cfg: dict, log=print) -> list[dict]:
                     argv = train_argv(cfg, factor, rho, seed, d, resume=status == "partial")
                     log(f"== {d}: {'resuming' if status == 'partial' else 'training'}: asam-vision-train "
                         + " ".join(shlex.quote(a) for a in argv))
-                    _train(argv, cfg["subprocess"])
+                    _train(argv, cfg["subprocess"], d)
                 s = _summary(d)
                 if s is None or s["epochs_done"] != s["epochs"]:
                     raise RuntimeError(f"{d} did not finish (see {d}/train.log)")
@@ -126,7 +147,8 @@ def run_all(cfg: dict, log=print) -> list[dict]:
                 rows.append({"factor": factor, "normalization": a["normalization"], "p": a["p"],
                              "normalize_bias": a["normalize_bias"], "rho": rho, "seed": seed,
                              "best_test_acc": s["best_test_acc"], "final_test_acc": s["final_test_acc"],
-                             "epochs": s["epochs"], "model": a["model"], "dataset": a["dataset"], "run_dir": d})
+                             "epochs": s["epochs"], "model": a["model"], "dataset": a["dataset"], "run_dir": d,
+                             **_time(d)})
     return rows
 
 
@@ -187,6 +209,44 @@ def plot(agg: dict, path: str, title: str, metric: str) -> str:
     return path
 
 
+def results_document(cfg: dict, rows: list[dict], metric: str, data: str, command: str) -> dict:
+    """The committed form of a study (``--json``): provenance, the settings, every run and its time."""
+    from provenance import stamp  # scripts/, beside this file
+
+    cpu = [r["cpu_s"] for r in rows]
+    wall = [r["wall_s"] for r in rows]
+    return {**stamp(command),
+            "config": {k: cfg[k] for k in ("preset", "dataset", "model", "rhos", "seeds", "factors", "epochs", "extra")}
+            | {"data": data, "metric": metric},
+            # Summed over the runs; None when a reused run was trained before runs were timed.
+            "cpu_seconds": None if None in cpu else round(sum(cpu), 1),
+            "wall_seconds": None if None in wall else round(sum(wall), 1),
+            "runs": rows}
+
+
+def title(config: dict) -> str:
+    epochs = f"{config['epochs']} epochs" if config["epochs"] is not None else "paper's epochs"
+    return f"ASAM, {config['model']} on {config['data']}: {len(config['seeds'])} seeds, {epochs}"
+
+
+def accuracy_markdown(doc: dict) -> str:
+    """The table of a ``--json`` document, with its caption (docs/vision-figure4.md)."""
+    c = doc["config"]
+    what = "Maximum test accuracy (%) over the" if c["metric"] == "best_test_acc" else "Test accuracy (%) after the"
+    table = markdown_table(aggregate(doc["runs"], c["metric"]), c["rhos"], c["metric"]).split("\n", 2)[2]
+    return f"{what} {c['epochs']} epochs, mean ± std over {len(c['seeds'])} seeds:\n\n{table.rstrip()}"
+
+
+def time_sentence(doc: dict) -> str:
+    """How long the committed study took, and on what (docs/vision-figure4.md)."""
+    m, n = doc["machine"], len(doc["runs"])
+    threads = "one thread" if m["torch_threads"] == 1 else f"{m['torch_threads']} threads"
+    return (f"Measured ({doc['date']}, {m['cpu']}, {threads}, torch {m['torch']}, commit {str(doc['commit'])[:10]}): "
+            f"{doc['cpu_seconds']:.0f} s of CPU time for the {n} runs (about {doc['cpu_seconds'] / n:.0f} s per run) "
+            f"and {doc['wall_seconds'] / 60:.0f} minutes of wall time; the runs got "
+            f"{doc['cpu_seconds'] / doc['wall_seconds']:.0%} of a core, which other jobs shared.")
+
+
 def _rho_list(text: str):
     vals = [float(v) for v in text.replace(",", " ").split()]
     bad = [v for v in vals if not (math.isfinite(v) and v > 0)]
@@ -215,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best: maximum over epochs, as in the paper's tables")
     p.add_argument("--plot", default=None, help="the PNG (default <out>/figure4.png)")
     p.add_argument("--title", default=None, help="the plot's title (default: model, data, seeds, epochs)")
+    p.add_argument("--json", default=None,
+                   help="also write the runs with the commit, command, machine and date here (the laptop "
+                   "preset's is docs/figure4-results.json)")
+    p.add_argument("--from-json", default=None,
+                   help="train nothing: print the table and draw --plot from a JSON that --json wrote")
     p.add_argument("--subprocess", action="store_true",
                    help="one `python -m fairseq_asam.vision` process per run (default: in this process)")
     return p
@@ -244,6 +309,15 @@ def resolve(a: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.from_json is not None:
+        if a.plot is None:
+            parser.error("--from-json needs --plot, the PNG to draw")
+        with open(a.from_json) as f:
+            doc = json.load(f)
+        c = doc["config"]
+        print(markdown_table(aggregate(doc["runs"], c["metric"]), c["rhos"], c["metric"]))
+        print(f"== plot {plot(aggregate(doc['runs'], c['metric']), a.plot, a.title or title(c), c['metric'])}")
+        return 0
     try:
         cfg = resolve(a)
     except ValueError as e:
@@ -262,11 +336,22 @@ def main(argv=None) -> int:
     with open(os.path.join(cfg["out"], "figure4.md"), "w") as f:
         f.write(table)
     data = "sklearn digits as CIFAR-10" if cfg["preset"] == "laptop" and a.data_dir is None else cfg["dataset"]
-    epochs = f"{cfg['epochs']} epochs" if cfg["epochs"] is not None else "paper's epochs"
-    title = a.title or f"ASAM, {cfg['model']} on {data}: {len(cfg['seeds'])} seeds, {epochs}"
-    png = plot(agg, a.plot or os.path.join(cfg["out"], "figure4.png"), title, a.metric)
+    if a.json is not None:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        command = ("" if threads is None else f"OMP_NUM_THREADS={threads} ") + "python scripts/figure4.py " + \
+            " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+        doc = results_document(cfg, rows, a.metric, data, command)
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(a.json + ".tmp", a.json)
+    png = plot(agg, a.plot or os.path.join(cfg["out"], "figure4.png"),
+               a.title or title({"model": cfg["model"], "data": data, "seeds": cfg["seeds"], "epochs": cfg["epochs"]}),
+               a.metric)
     print(table)
-    print(f"== {len(rows)} runs; results in {cfg['out']}/results.csv; plot {png}; {time.time() - t0:.0f}s")
+    print(f"== {len(rows)} runs; results in {cfg['out']}/results.csv{'' if a.json is None else ' and ' + a.json}; "
+          f"plot {png}; {time.time() - t0:.0f}s")
     return 0
 
 

@@ -1,0 +1,58 @@
+"""Where a committed result comes from: the commit, the command, the machine and the date.
+
+Every JSON under docs/ that the documentation quotes carries these four keys (issue 28: one source for
+every number), written by the script that measured it:
+
+    from provenance import stamp
+    result = {**stamp("python scripts/toy_example.py"), "runs": ...}
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def commit() -> str | None:
+    """The repository's HEAD commit (None outside a git checkout), with "+dirty" when files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=10)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def stamp(command: str) -> dict:
+    """The four provenance keys, in the order the committed JSON files show them."""
+    return {"commit": commit(), "command": command, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
