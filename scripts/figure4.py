@@ -209,13 +209,11 @@ def plot(agg: dict, path: str, title: str, metric: str) -> str:
     return path
 
 
-def results_document(cfg: dict, rows: list[dict], metric: str, data: str, command: str) -> dict:
+def results_document(cfg: dict, rows: list[dict], metric: str, data: str, provenance: dict) -> dict:
     """The committed form of a study (``--json``): provenance, the settings, every run and its time."""
-    from provenance import stamp  # scripts/, beside this file
-
     cpu = [r["cpu_s"] for r in rows]
     wall = [r["wall_s"] for r in rows]
-    return {**stamp(command),
+    return {**provenance,
             "config": {k: cfg[k] for k in ("preset", "dataset", "model", "rhos", "seeds", "factors", "epochs", "extra")}
             | {"data": data, "metric": metric},
             # Summed over the runs; None when a reused run was trained before runs were timed.
@@ -328,6 +326,13 @@ def main(argv=None) -> int:
         from fairseq_asam.vision.toydata import write_cifar_digits
 
         print(f"== writing sklearn's handwritten digits as CIFAR-10 into {write_cifar_digits(cfg['data_dir'])}")
+    stamp = None
+    if a.json is not None:  # the commit the runs start from (the checkout may change while they train)
+        from provenance import stamp as _stamp  # scripts/, beside this file
+
+        threads = os.environ.get("OMP_NUM_THREADS")
+        stamp = _stamp(("" if threads is None else f"OMP_NUM_THREADS={threads} ") + "python scripts/figure4.py " +
+                       " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
     t0 = time.time()
     rows = run_all(cfg)
     write_results(rows, cfg["out"])
@@ -337,10 +342,7 @@ def main(argv=None) -> int:
         f.write(table)
     data = "sklearn digits as CIFAR-10" if cfg["preset"] == "laptop" and a.data_dir is None else cfg["dataset"]
     if a.json is not None:
-        threads = os.environ.get("OMP_NUM_THREADS")
-        command = ("" if threads is None else f"OMP_NUM_THREADS={threads} ") + "python scripts/figure4.py " + \
-            " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-        doc = results_document(cfg, rows, a.metric, data, command)
+        doc = results_document(cfg, rows, a.metric, data, stamp)
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json + ".tmp", "w") as f:
             json.dump(doc, f, indent=1)
