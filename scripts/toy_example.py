@@ -25,14 +25,20 @@ w1 = w2, for either method), eta = 0 (T_w = diag|w|, the exactly scale-invariant
 
 Run (about 2 seconds)::
 
-    python scripts/toy_example.py --out docs/figures/toy_example.png
+    python scripts/toy_example.py --out docs/figures/toy_example.png --json docs/toy-results.json
+
+The JSON holds the commit, command, machine and date, the settings, and per run the start, rho, steps,
+final w and final L; docs/sharpness.md prints its lines (``report_lines``) and tests/test_toy_example.py
+recomputes every run and checks the JSON against it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -122,6 +128,24 @@ def run_all(*, rho_sam: float = 0.05, rho_asam: float = 0.5, lr: float = 0.01, s
     ]
 
 
+def results_document(trajs, *, lr: float, steps: int, provenance: dict) -> dict:
+    """What ``--json`` commits: every run's start, rho, final w and final L, and where ASAM's flow ends."""
+    return {**provenance,
+            "settings": {"lr": lr, "lr_schedule": "linear to 0", "steps": steps, "eta": 0.0, "dtype": "float64"},
+            "runs": [{"method": t.method, "rho": t.rho, "w0": list(t.w0), "steps": len(t.ascent_points),
+                      "final_w": list(t.final), "final_loss": t.final_loss} for t in trajs],
+            "valley": [{"w0": list(w0), "flow_limit": list(flow_limit(w0))} for w0 in STARTS]}
+
+
+def report_lines(doc: dict) -> list[str]:
+    """What the script prints, from its JSON (docs/sharpness.md shows these lines)."""
+    lines = [f"{r['method'].upper():4s} rho={r['rho']:<5g} w0=({r['w0'][0]:.3f}, {r['w0'][1]:.3f}) -> "
+             f"w=({r['final_w'][0]:.4f}, {r['final_w'][1]:.4f})  L={r['final_loss']:.2e}" for r in doc["runs"]]
+    lines += [f"valley point with the same w1^2 - w2^2 as ({v['w0'][0]}, {v['w0'][1]}): "
+              f"({v['flow_limit'][0]:.4f}, {v['flow_limit'][1]:.4f})" for v in doc["valley"]]
+    return lines
+
+
 def plot(trajs, out: str) -> None:
     import logging
 
@@ -168,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rho-asam", type=float, default=0.5, help="ASAM radius (any value < sqrt(2) reaches the valley)")
     ap.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, decayed linearly to 0")
     ap.add_argument("--steps", type=int, default=1000, help="number of SAM/ASAM updates")
+    ap.add_argument("--json", default="docs/toy-results.json",
+                    help="the runs' final points with the commit, command, machine and date ('' to skip)")
     args = ap.parse_args(argv)
     for flag, value in (("--rho-sam", args.rho_sam), ("--rho-asam", args.rho_asam), ("--lr", args.lr)):
         if not (math.isfinite(value) and value > 0):
@@ -177,16 +203,24 @@ def main(argv=None) -> int:
     if not args.out.endswith(".png"):
         ap.error(f"--out must name a .png file, got {args.out}")
     trajs = run_all(rho_sam=args.rho_sam, rho_asam=args.rho_asam, lr=args.lr, steps=args.steps)
-    for t in trajs:
-        print(
-            f"{t.method.upper():4s} rho={t.rho:<5g} w0=({t.w0[0]:.3f}, {t.w0[1]:.3f}) -> "
-            f"w=({t.final[0]:.4f}, {t.final[1]:.4f})  L={t.final_loss:.2e}"
-        )
-    for w0 in STARTS:
-        f = flow_limit(w0)
-        print(f"valley point with the same w1^2 - w2^2 as ({w0[0]}, {w0[1]}): ({f[0]:.4f}, {f[1]:.4f})")
+    provenance = {"commit": None, "command": None, "machine": None, "date": None}
+    if args.json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
+        from provenance import stamp
+
+        provenance = stamp("python scripts/toy_example.py " +
+                           " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
+    doc = results_document(trajs, lr=args.lr, steps=args.steps, provenance=provenance)
+    print("\n".join(report_lines(doc)))
     plot(trajs, args.out)
     print(f"wrote {args.out}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(args.json + ".tmp", args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
