@@ -1,11 +1,15 @@
 """The toy example (paper Section 5.1 / Figure 3): the paper's claims, checked on real SAM/ASAM runs."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from scripts import toy_example as toy
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "toy-results.json"
 
 
 def dist(a, b):
@@ -70,11 +74,15 @@ def test_asam_from_other_starts_and_its_limit_at_sqrt2():
 
 @pytest.mark.slow
 def test_main_writes_png_and_prints(tmp_path, capsys):
-    out = tmp_path / "fig" / "toy.png"
-    assert toy.main(["--out", str(out), "--steps", "200"]) == 0
+    out, js = tmp_path / "fig" / "toy.png", tmp_path / "toy.json"
+    assert toy.main(["--out", str(out), "--steps", "200", "--json", str(js)]) == 0
     text = capsys.readouterr().out
     assert "SAM  rho=0.05  w0=(0.300, 0.033) -> w=(0.3000, 0.0330)  L=3.01e-02" in text
     assert text.count("ASAM rho=0.5") == 2
+    doc = json.loads(js.read_text())
+    assert doc["command"].endswith("--steps 200 --json " + str(js)) and len(doc["commit"].split("+")[0]) == 40
+    assert [r["steps"] for r in doc["runs"]] == [200] * 4 and doc["runs"][2]["final_w"] == [0.3, 0.033]
+    assert "\n".join(toy.report_lines(doc)) in text
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000
     assert not list(out.parent.glob("*.tmp.png"))
@@ -96,3 +104,27 @@ def test_main_bad_flags(tmp_path, capsys, argv, flag):
 def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         toy.trajectory((0.2, 0.05), "adam", 0.1)
+
+
+def test_committed_json_says_where_it_comes_from_and_agrees_with_itself():
+    doc = json.loads(RESULTS.read_text())
+    assert doc["command"].startswith("python scripts/toy_example.py") and "--json docs/toy-results.json" in doc["command"]
+    assert len(doc["commit"]) == 40 and doc["date"][:2] == "20" and {"cpu", "torch"} <= set(doc["machine"])
+    assert [(r["method"], tuple(r["w0"])) for r in doc["runs"]] == [(m, w0) for w0 in toy.STARTS for m in ("sam", "asam")]
+    for r in doc["runs"]:
+        assert r["final_loss"] == float(toy.toy_loss(torch.tensor(r["final_w"], dtype=torch.float64)))
+    assert [tuple(v["flow_limit"]) for v in doc["valley"]] == [toy.flow_limit(w0) for w0 in toy.STARTS]
+
+
+@pytest.mark.slow
+def test_committed_json_is_what_the_runs_give():
+    # Every run recomputed in-process with the JSON's settings (float64 on a CPU: the same numbers to the
+    # last bits; the tolerance only allows another CPU's rounding of the 2-element norms).
+    doc = json.loads(RESULTS.read_text())
+    rho = {r["method"]: r["rho"] for r in doc["runs"]}
+    trajs = toy.run_all(rho_sam=rho["sam"], rho_asam=rho["asam"], lr=doc["settings"]["lr"],
+                        steps=doc["settings"]["steps"])
+    for r, t in zip(doc["runs"], trajs, strict=True):
+        assert (r["method"], r["rho"], tuple(r["w0"]), r["steps"]) == (t.method, t.rho, t.w0, len(t.ascent_points))
+        assert r["final_w"] == pytest.approx(list(t.final), rel=1e-12, abs=1e-15)
+        assert r["final_loss"] == pytest.approx(t.final_loss, rel=1e-9, abs=1e-15)
