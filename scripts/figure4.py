@@ -103,7 +103,8 @@ def _cpu_seconds(subprocess_mode: bool) -> float:
 
 
 def _train(argv: list[str], subprocess_mode: bool, run_dir: str) -> None:
-    """One run; its CPU and wall seconds go to ``<run_dir>/time.json`` (a reused run keeps its own)."""
+    """One run; its CPU and wall seconds go to ``<run_dir>/time.json`` (a reused run keeps its own; a
+    resumed one counts the part after resuming)."""
     cpu0, wall0 = _cpu_seconds(subprocess_mode), time.time()
     if subprocess_mode:
         subprocess.run([sys.executable, "-m", "fairseq_asam.vision", *argv], check=True)
@@ -326,13 +327,13 @@ def main(argv=None) -> int:
         from fairseq_asam.vision.toydata import write_cifar_digits
 
         print(f"== writing sklearn's handwritten digits as CIFAR-10 into {write_cifar_digits(cfg['data_dir'])}")
-    stamp = None
+    origin = None
     if a.json is not None:  # the commit the runs start from (the checkout may change while they train)
-        from provenance import stamp as _stamp  # scripts/, beside this file
+        from provenance import stamp, write_json  # scripts/, beside this file
 
         threads = os.environ.get("OMP_NUM_THREADS")
-        stamp = _stamp(("" if threads is None else f"OMP_NUM_THREADS={threads} ") + "python scripts/figure4.py " +
-                       " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
+        origin = stamp(("" if threads is None else f"OMP_NUM_THREADS={threads} ") + "python scripts/figure4.py " +
+                       shlex.join(argv if argv is not None else sys.argv[1:]))
     t0 = time.time()
     rows = run_all(cfg)
     write_results(rows, cfg["out"])
@@ -342,12 +343,7 @@ def main(argv=None) -> int:
         f.write(table)
     data = "sklearn digits as CIFAR-10" if cfg["preset"] == "laptop" and a.data_dir is None else cfg["dataset"]
     if a.json is not None:
-        doc = results_document(cfg, rows, a.metric, data, stamp)
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(a.json + ".tmp", a.json)
+        write_json(results_document(cfg, rows, a.metric, data, origin), a.json)
     png = plot(agg, a.plot or os.path.join(cfg["out"], "figure4.png"),
                a.title or title({"model": cfg["model"], "data": data, "seeds": cfg["seeds"], "epochs": cfg["epochs"]}),
                a.metric)

@@ -5,10 +5,12 @@ every number), written by the script that measured it:
 
     from provenance import stamp
     result = {**stamp("python scripts/toy_example.py"), "runs": ...}
+    write_json(result, "docs/toy-results.json")
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -56,3 +58,12 @@ def stamp(command: str) -> dict:
     """The four provenance keys, in the order the committed JSON files show them."""
     return {"commit": commit(), "command": command, "machine": machine(),
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def write_json(doc: dict, path: str) -> None:
+    """``doc`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

@@ -35,7 +35,6 @@ recomputes every run and checks the JSON against it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -206,20 +205,16 @@ def main(argv=None) -> int:
     provenance = {"commit": None, "command": None, "machine": None, "date": None}
     if args.json:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance.py, beside this file
-        from provenance import stamp
+        from provenance import stamp, write_json
 
         provenance = stamp("python scripts/toy_example.py " +
-                           " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])))
+                           shlex.join(argv if argv is not None else sys.argv[1:]))
     doc = results_document(trajs, lr=args.lr, steps=args.steps, provenance=provenance)
     print("\n".join(report_lines(doc)))
     plot(trajs, args.out)
     print(f"wrote {args.out}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(args.json + ".tmp", args.json)
+        write_json(doc, args.json)
         print(f"wrote {args.json}")
     return 0
 
