@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""The measured tables of README.md and docs/efficiency.md, rendered from the committed JSON.
+"""The measured tables of README.md and the guides, rendered from the committed JSON.
 
-Every number in these tables comes from one of two files: ``docs/bench.json`` (``make bench``: the
-commit, command, machine and date are in it) and ``docs/efficiency-results.json`` (the cheaper-updates
-study). Each table sits between two markers in the Markdown; ``--write`` puts the rendered tables there,
-and ``tests/test_readme_numbers.py`` checks that the committed Markdown holds exactly what the JSON gives.
+Every number in these tables comes from a file under docs/ that records the commit, command, machine and
+date of its measurement: ``docs/bench.json`` (``make bench``), ``docs/efficiency-results.json`` (the
+cheaper-updates study), ``docs/correlation-results.json`` (``scripts/correlation_study.py``),
+``docs/toy-results.json`` (``scripts/toy_example.py``), ``docs/figure4-results.json`` (``scripts/figure4.py
+--preset laptop``) and ``docs/multi30k-results.json`` (``studies/multi30k.py``). Each table sits between two
+markers in the Markdown; ``--write`` puts the rendered tables there, and ``tests/test_readme_numbers.py``
+checks that the committed Markdown holds exactly what the JSON gives.
 
     python scripts/readme_numbers.py            # print the tables
-    python scripts/readme_numbers.py --write    # rewrite them in README.md and docs/efficiency.md
+    python scripts/readme_numbers.py --write    # rewrite them in README.md and docs/*.md
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "bench.json"
 STUDY = ROOT / "docs" / "efficiency-results.json"
 CORRELATION = ROOT / "docs" / "correlation-results.json"
+TOY = ROOT / "docs" / "toy-results.json"
+FIGURE4 = ROOT / "docs" / "figure4-results.json"
+MULTI30K = ROOT / "docs" / "multi30k-results.json"
 # The study's three tasks where full ASAM's gain over SGD is >= 3 standard errors, in the table's order.
 POWERED = ("mnist-mlp 40% noise", "mnist-mlp clean", "mnist-resnet 40% noise")
 
@@ -147,13 +153,191 @@ def correlation_summary(corr: dict) -> str:
     ])
 
 
+def toy_output(toy: dict) -> str:
+    """What scripts/toy_example.py printed for its committed JSON, as an indented block (docs/sharpness.md)."""
+    import toy_example
+
+    return "\n".join("    " + line for line in toy_example.report_lines(toy))
+
+
+def figure4_accuracy(fig4: dict) -> str:
+    import figure4
+
+    return figure4.accuracy_markdown(fig4)
+
+
+def figure4_time(fig4: dict) -> str:
+    import figure4
+
+    return figure4.time_sentence(fig4)
+
+
+# Two cells of the Figure 4 table differ when their means are further apart than this many points (5 of the
+# laptop study's 360 test images) and than their two standard deviations over seeds added together.
+FIGURE4_FLOOR = 1.5
+
+
+def _cells(fig4: dict, factor: str) -> dict[float, tuple[float, float]]:
+    """{rho: (mean, std)} over the seeds, as the table shows them (rounded to the table's digits)."""
+    import figure4
+
+    return {rho: (round(mean, 2), round(std, 2))
+            for rho, mean, std, _ in figure4.aggregate(fig4["runs"], fig4["config"]["metric"])[factor]}
+
+
+def _differ(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return abs(a[0] - b[0]) > max(FIGURE4_FLOOR, a[1] + b[1])
+
+
+def _p_inf_against_p_2(fig4: dict):
+    """Each one's best (rho, mean, std), and the smallest rho where p = inf breaks (its mean below half its
+    best; None where it does not)."""
+    pinf, p2 = _cells(fig4, "elem-pinf"), _cells(fig4, "elem-p2")
+
+    def best(cells):
+        rho = max(cells, key=lambda r: (cells[r][0], -r))  # ties: the smaller rho
+        return rho, *cells[rho]
+
+    best_inf = best(pinf)
+    broken = [rho for rho in sorted(pinf) if pinf[rho][0] < best_inf[1] / 2]
+    return best_inf, best(p2), broken[0] if broken else None
+
+
+def _p_verdict(fig4: dict) -> str:
+    """'better', 'worse' or 'same': p = 2's best accuracy against p = inf's, by :func:`_differ`."""
+    (_, mi, si), (_, m2, s2), _ = _p_inf_against_p_2(fig4)
+    return "same" if not _differ((m2, s2), (mi, si)) else "better" if m2 > mi else "worse"
+
+
+def figure4_findings(fig4: dict) -> str:
+    """What the laptop study shows for each of Figure 4's three claims, with its numbers (docs/vision-figure4.md)."""
+    pinf, p2, bn, filt = (_cells(fig4, f) for f in ("elem-pinf", "elem-p2", "elem-p2-bn", "filter-p2"))
+    rhos = sorted(p2)
+    (ri, mi, si), (r2, m2, s2), b = _p_inf_against_p_2(fig4)
+    if b is not None:
+        first = (f"- p = inf tolerates far smaller rho than p = 2: with p = inf every weight moves by rho (|w| + eta), "
+                 f"so rho = {b:g} already wrecks training ({pinf[b][0]:.0f}%), while p = 2 spreads a norm-rho step "
+                 f"over all the weights and keeps {p2[b][0]:.1f}% there.")
+    else:
+        first = f"- p = inf does not break down within the grid (rho up to {rhos[-1]:g})."
+    bests = (f"p = 2's best is {m2:.2f} ± {s2:.2f} (rho = {r2:g}), p = inf's {mi:.2f} ± {si:.2f} (rho = {ri:g})")
+    first += {"better": f" As in the paper, p = 2 gives the better accuracy: {bests}.",
+              "worse": f" Unlike the paper, p = inf gives the better accuracy here: {bests}.",
+              "same": f" The paper's finding that p = 2 gives the better accuracy does not show at this scale: {bests}, "
+                      "within the seeds' spread." + (" What does show is p = inf's much narrower range." if b is not None else "")
+              }[_p_verdict(fig4)]
+    apart = [r for r in rhos if _differ(filt[r], p2[r])]
+    upto = max((r for r in rhos if all(x not in apart for x in rhos if x <= r)), default=None)
+    listed = ", ".join(f"{filt[r][0]:.1f} against {p2[r][0]:.1f} at rho = {r:g}" for r in apart)
+    filter_wise = ("filter-wise ([T_w](glossary.md#t_w) = the filter's norm, larger than |w_i| for most entries) "
+                   f"against element-wise: {listed}.")
+    if not apart:
+        second = "- Element-wise and filter-wise do not differ over the whole grid, as in the paper."
+    elif upto is not None:
+        second = (f"- Element-wise and filter-wise do not differ up to rho = {upto:g} (as in the paper); beyond, "
+                  f"{filter_wise}")
+    else:
+        second = f"- Element-wise and filter-wise differ from rho = {rhos[0]:g} on: {filter_wise}"
+    bn_apart = [r for r in rhos if _differ(bn[r], p2[r])]
+    third = ("- Bias normalization makes no difference at any rho, as in the paper." if not bn_apart else
+             "- Bias normalization differs " + ", ".join(
+                 f"at rho = {r:g} ({bn[r][0]:.1f} against {p2[r][0]:.1f} without)" for r in bn_apart)
+             + ("; the paper saw no improvement." if any(bn[r][0] > p2[r][0] for r in bn_apart) else "."))
+    rule = (f"(Two cells differ when their means are more than {FIGURE4_FLOOR:g} points apart and more than their "
+            "standard deviations added together.)")
+    return "\n".join([first, second, third, "", rule])
+
+
+def figure4_verdict(fig4: dict) -> str:
+    """Does p = 2 beat p = inf (Figure 4's first claim)? Where p = inf breaks: its mean below half its best."""
+    (_, best_inf, _), (_, best_2, _), b = _p_inf_against_p_2(fig4)
+    breaks = f"p = inf breaks at rho >= {b:g} as in the paper" if b is not None else "p = inf does not break"
+    verdict = _p_verdict(fig4)
+    if verdict == "better":
+        return f"reproduced: {breaks}, and p = 2's best accuracy ({best_2:.1f}%) is above p = inf's ({best_inf:.1f}%)"
+    what = "within the seeds' spread of" if verdict == "same" else "above"
+    return (f"partly: {breaks}, but its best accuracy ({best_inf:.1f}%) is {what} p = 2's ({best_2:.1f}%) at "
+            "this scale")
+
+
+def toy_verdict(toy: dict) -> str:
+    """Figure 3: from the second start SAM does not move and ASAM reaches the valley."""
+    w0 = tuple(toy["valley"][-1]["w0"])  # the paper's second start, where SAM's ascent lands on the dead ReLU
+    by_method = {r["method"]: r for r in toy["runs"] if tuple(r["w0"]) == w0}
+    sam, asam = by_method["sam"], by_method["asam"]
+    stuck = tuple(sam["final_w"]) == w0
+    verdict = "reproduced" if stuck and asam["final_loss"] < 1e-5 else "not reproduced"
+    moved = "does not move" if stuck else f"moves to ({sam['final_w'][0]:.3f}, {sam['final_w'][1]:.3f})"
+    return f"{verdict}: from ({w0[0]:g}, {w0[1]:g}) SAM {moved}, ASAM reaches L = {asam['final_loss']:.0e}".replace("e-0", "e-")
+
+
+def correlation_verdict(corr: dict) -> str:
+    st = corr["stats"]
+    better = all(st[f"asharp_{p}"][k] > st[f"sharp_{p}"][k] for p in ("p2", "pinf") for k in ("tau", "Psi"))
+    return ("reproduced: adaptive sharpness has the higher Kendall's tau and Psi for both p" if better else
+            "not reproduced: adaptive sharpness does not have the higher Kendall's tau and Psi for both p")
+
+
+def multi30k_status(m30k: dict) -> str:
+    """Finished runs out of the planned ones (Adam on every seed; per method its rho grid on the grid seeds,
+    then the chosen rho on the other seeds; a widened grid adds runs, which the count then includes)."""
+    st, status = m30k["settings"], m30k["status"]
+    if status["complete"]:
+        return f"Multi30k study complete ({status['finished_runs']} runs)"
+    seeds, grid_seeds = st["seeds"], st["grid_seeds"]
+    widened = sum(len((m30k.get("plan", {}).get(m) or {}).get("widened", [])) for m in st["grids"])
+    planned = len(seeds) + sum(len(g) * len(grid_seeds) + len(seeds) - len(grid_seeds) for g in st["grids"].values())
+    return f"Multi30k study running: {status['finished_runs']} of {planned + widened * len(grid_seeds)} runs finished"
+
+
+def label_noise_result(study: dict) -> str:
+    pw = study["summary"]["mnist-mlp 40% noise"]["power"]
+    powered = ">= 3 SE" if pw["powered"] else f"{pw['ratio']:.1f} SE, under the 3 SE the study asks for"
+    return f"on the MNIST MLP with 40% noise ASAM gains {pw['gain']:.1f} points over SGD ({powered})"
+
+
+def reproduced_table(d: dict) -> str:
+    """The README's "What has been reproduced": the paper's claims, where each was checked, what it found."""
+    rows = [
+        ("Table 1, Figure 2: adaptive sharpness correlates with the generalization gap better than sharpness",
+         "CPU, small: 81 MLPs on scikit-learn's digits ([sharpness](docs/sharpness.md))",
+         correlation_verdict(d["correlation"]) + " ([the table](#sharpness-measures))"),
+        ("Figure 3: the toy example, SAM stuck where ASAM reaches the valley",
+         "CPU, exact ([sharpness](docs/sharpness.md#the-toy-example-section-51-figure-3))", toy_verdict(d["toy"])),
+        ("Figure 4: p = 2 beats p = inf; element-wise ~ filter-wise; bias normalization does not help",
+         f"CPU, small: ResNet-8 on digits, {len(d['figure4']['config']['seeds'])} seeds "
+         "([figure 4](docs/vision-figure4.md))", figure4_verdict(d["figure4"])),
+        ("Tables 2, 3: CIFAR-10/100, SGD < SAM < ASAM", "not yet (GPU): `bash scripts/reproduce-cifar.sh`",
+         "WRN-28-10: about 3 GPU-hours per run, 15 runs per data set"),
+        ("Table 4: ImageNet, ResNet-50", "not yet (GPU): `torchrun --nproc_per_node 4 -m fairseq_asam.vision "
+         "--dataset imagenet --data-dir /data/imagenet --minimizer asam --m-sharpness 128 --amp bf16` "
+         "([vision](docs/vision.md#several-gpus-resuming))", "about 30 GPU-hours per run, 9 runs"),
+        ("Table 5: IWSLT'14 DE-EN, ASAM 35.02 vs Adam 34.86 test BLEU",
+         "not yet (GPU): `asam-iwslt-train` ([IWSLT'14](docs/iwslt.md)); CPU: the pipeline on a generated corpus "
+         "(`make demo`) and real text at small scale ([Multi30k](docs/multi30k.md))",
+         f"about 1.5 GPU-hours per ASAM run, 9 runs; {multi30k_status(d['multi30k'])}"),
+        ("Table 6: CIFAR-10 label noise, ResNet-32", "not yet (GPU): `LABEL_NOISE=0.4 MODELS=resnet32 bash "
+         "scripts/reproduce-cifar.sh`; CPU, small: MNIST with 40% label noise ([efficiency](docs/efficiency.md))",
+         f"under 1 GPU-hour per run; {label_noise_result(d['study'])}"),
+    ]
+    return "\n".join(["| paper | checked | result here |", "|---|---|---|"]
+                     + [f"| {paper} | {where} | {found} |" for paper, where, found in rows])
+
+
+# name: (render from the loaded JSON documents, the Markdown files that show it)
 TABLES = {
-    "cost": (lambda b, s, c: cost_table(b), [ROOT / "README.md"]),
-    "cheaper-updates": (lambda b, s, c: decision_table(s, b), [ROOT / "README.md", ROOT / "docs" / "efficiency.md"]),
-    "policy-cost": (lambda b, s, c: efficient_tables(b), [ROOT / "docs" / "efficiency.md"]),
-    "bench": (lambda b, s, c: bench_tables(b), [ROOT / "docs" / "performance.md"]),
-    "correlation": (lambda b, s, c: correlation_table(c), [ROOT / "docs" / "sharpness.md"]),
-    "correlation-summary": (lambda b, s, c: correlation_summary(c), [ROOT / "README.md"]),
+    "cost": (lambda d: cost_table(d["bench"]), [ROOT / "README.md"]),
+    "cheaper-updates": (lambda d: decision_table(d["study"], d["bench"]),
+                        [ROOT / "README.md", ROOT / "docs" / "efficiency.md"]),
+    "policy-cost": (lambda d: efficient_tables(d["bench"]), [ROOT / "docs" / "efficiency.md"]),
+    "bench": (lambda d: bench_tables(d["bench"]), [ROOT / "docs" / "performance.md"]),
+    "correlation": (lambda d: correlation_table(d["correlation"]), [ROOT / "docs" / "sharpness.md"]),
+    "correlation-summary": (lambda d: correlation_summary(d["correlation"]), [ROOT / "README.md"]),
+    "reproduced": (reproduced_table, [ROOT / "README.md"]),
+    "toy-output": (lambda d: toy_output(d["toy"]), [ROOT / "docs" / "sharpness.md"]),
+    "figure4": (lambda d: figure4_accuracy(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
+    "figure4-time": (lambda d: figure4_time(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
+    "figure4-findings": (lambda d: figure4_findings(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
 }
 
 
@@ -162,11 +346,17 @@ def markers(name: str) -> tuple[str, str]:
             f"<!-- end of {name} table -->")
 
 
-def render(bench: dict | None = None, study: dict | None = None) -> dict[str, str]:
-    bench = bench if bench is not None else json.loads(BENCH.read_text())
-    study = study if study is not None else json.loads(STUDY.read_text())
-    corr = json.loads(CORRELATION.read_text())
-    return {name: fn(bench, study, corr) for name, (fn, _) in TABLES.items()}
+SOURCES = {"bench": BENCH, "study": STUDY, "correlation": CORRELATION, "toy": TOY, "figure4": FIGURE4,
+           "multi30k": MULTI30K}
+
+
+def render(**docs: dict) -> dict[str, str]:
+    """Every table; a document passed by name (``bench=...``, ``toy=...``) replaces the committed file's."""
+    unknown = set(docs) - set(SOURCES)
+    if unknown:
+        raise TypeError(f"render() got unknown documents {sorted(unknown)}; expected some of {sorted(SOURCES)}")
+    d = {name: docs[name] if name in docs else json.loads(path.read_text()) for name, path in SOURCES.items()}
+    return {name: fn(d) for name, (fn, _) in TABLES.items()}
 
 
 def between(text: str, name: str) -> str | None:
@@ -194,7 +384,7 @@ def write(tables: dict[str, str]) -> list[Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write", action="store_true", help="rewrite the tables in README.md and docs/efficiency.md")
+    ap.add_argument("--write", action="store_true", help="rewrite the tables in README.md and docs/*.md")
     a = ap.parse_args(argv)
     tables = render()
     if a.write:

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -80,11 +81,25 @@ def test_figure4_quick(tmp_path):
     # Run again: every run is reused, none retrained (their files are untouched).
     mtimes = {d: os.path.getmtime(os.path.join(out, d, "checkpoint_last.pt")) for d in os.listdir(out)
               if os.path.isdir(os.path.join(out, d))}
-    stdout = _run(argv)
+    js = str(tmp_path / "figure4-results.json")
+    stdout = _run([*argv, "--json", js])
     assert stdout.count("done, reusing") == 16 and "training:" not in stdout and "resuming:" not in stdout
     assert mtimes == {d: os.path.getmtime(os.path.join(out, d, "checkpoint_last.pt")) for d in mtimes}
     with open(os.path.join(out, "results.csv")) as f:
         assert list(csv.DictReader(f)) == rows
+
+    # --json: the same rows with where they come from; each run keeps the time it took when it trained.
+    doc = json.load(open(js))
+    assert doc["command"] == "OMP_NUM_THREADS=1 python scripts/figure4.py " + shlex.join([*argv, "--json", js])
+    assert len(doc["commit"].split("+")[0]) == 40 and doc["machine"]["torch_threads"] == 1
+    assert [{k: str(v) for k, v in r.items()} for r in doc["runs"]] == rows
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in doc["runs"])
+    assert doc["cpu_seconds"] == pytest.approx(sum(r["cpu_s"] for r in doc["runs"]), abs=0.1)
+    assert f4.accuracy_markdown(doc).splitlines()[2:] == md[2:]
+    # --from-json: the plot again, from the JSON alone.
+    png2 = str(tmp_path / "again.png")
+    assert f"== plot {png2}" in _run(["--from-json", js, "--plot", png2])
+    assert open(png2, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_figure4_presets_and_bad_rhos():

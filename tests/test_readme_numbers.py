@@ -1,7 +1,8 @@
-"""The measured tables of README.md and docs/efficiency.md are exactly what their committed JSON gives.
+"""The measured tables of README.md and the guides are exactly what their committed JSON gives.
 
-``scripts/readme_numbers.py`` renders them from ``docs/bench.json`` (``make bench``) and
-``docs/efficiency-results.json``; a number edited by hand, or a JSON rerun without ``--write``, fails here.
+``scripts/readme_numbers.py`` renders them from the JSON files under docs/ (``make bench``, the studies,
+the toy example, the Figure 4 laptop study); a number edited by hand, or a JSON rerun without ``--write``,
+fails here.
 """
 
 import json
@@ -48,3 +49,97 @@ def test_write_refuses_a_file_without_markers(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no 'cost' markers"):
         R.write({"cost": "x", "cheaper-updates": R.render()["cheaper-updates"]})
     assert page.read_text() == "# no markers here\n"
+
+
+def _load(path):
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path,script", [(R.TOY, "scripts/toy_example.py"), (R.FIGURE4, "scripts/figure4.py"),
+                                         (R.CORRELATION, "scripts/correlation_study.py")], ids=lambda v: str(v)[-20:])
+def test_study_json_says_where_its_numbers_come_from(path, script):
+    doc = _load(path)
+    assert script in doc["command"]
+    assert len(str(doc["commit"]).split("+")[0]) == 40 and str(doc["date"])[:2] == "20"
+
+
+def test_figure4_json_records_the_machine_and_every_run():
+    doc = _load(R.FIGURE4)
+    assert {"cpu", "cpu_count", "torch", "torch_threads"} <= set(doc["machine"])
+    c = doc["config"]
+    assert len(doc["runs"]) == len(c["factors"]) * len(c["rhos"]) * len(c["seeds"])
+    assert doc["cpu_seconds"] == pytest.approx(sum(r["cpu_s"] for r in doc["runs"]), abs=0.1)
+
+
+def test_reproduced_rows_follow_the_json():
+    # Each verdict of the README's "What has been reproduced" is computed, not written: change the JSON and
+    # the row changes with it.
+    toy, fig4, corr, m30k, study = (_load(p) for p in (R.TOY, R.FIGURE4, R.CORRELATION, R.MULTI30K, R.STUDY))
+    before = R.render()["reproduced"]
+    assert "reproduced: from (0.3, 0.033) SAM does not move, ASAM reaches L = " in before
+
+    toy["runs"][2]["final_w"] = [0.31, 0.1]
+    assert "not reproduced: from (0.3, 0.033) SAM moves to (0.310, 0.100)" in R.render(toy=toy)["reproduced"]
+
+    for r in fig4["runs"]:
+        if r["factor"] == "elem-p2":
+            r["best_test_acc"] = 99.5
+    assert "reproduced: p = inf breaks at rho >= " in R.render(figure4=fig4)["reproduced"]
+    assert "p = 2's best accuracy (99.5%) is above p = inf's" in R.render(figure4=fig4)["reproduced"]
+
+    corr["stats"]["asharp_pinf"]["Psi"] = -1.0
+    assert "not reproduced: adaptive sharpness" in R.render(correlation=corr)["reproduced"]
+
+    study["summary"]["mnist-mlp 40% noise"]["power"]["gain"] = 4.56
+    assert "ASAM gains 4.6 points over SGD" in R.render(study=study)["reproduced"]
+
+    m30k["status"] = {**m30k["status"], "finished_runs": 7}
+    assert "Multi30k study running: 7 of 18 runs finished" in R.render(multi30k=m30k)["reproduced"]
+    m30k["status"] = {**m30k["status"], "complete": True}
+    assert "Multi30k study complete (7 runs)" in R.render(multi30k=m30k)["reproduced"]
+
+
+def test_multi30k_planned_runs_count_the_plan():
+    # 3 seeds of Adam; per method a 3-point grid on seed 1 and the chosen rho on seeds 2 and 3: 3 + 3 * 5.
+    m30k = _load(R.MULTI30K)
+    m30k["settings"] = {**m30k["settings"], "seeds": [1, 2, 3], "grid_seeds": [1],
+                        "grids": {"asam": [0.1, 0.2, 0.5], "onepass": [0.1, 0.2, 0.5], "sam": [0.05, 0.1, 0.2]}}
+    m30k["status"] = {"finished_runs": 3, "complete": False}
+    m30k["plan"] = {"asam": {"widened": []}}
+    assert R.multi30k_status(m30k) == "Multi30k study running: 3 of 18 runs finished"
+    m30k["plan"] = {"asam": {"widened": [1.0]}}  # a widened grid: one more grid run per grid seed
+    assert R.multi30k_status(m30k) == "Multi30k study running: 3 of 19 runs finished"
+
+
+def test_toy_output_is_the_scripts_lines():
+    toy = _load(R.TOY)
+    toy["runs"][0]["final_loss"] = 1.23e-4
+    assert "    SAM  rho=0.05  w0=(0.200, 0.050) -> w=(" in R.render(toy=toy)["toy-output"]
+    assert "L=1.23e-04" in R.render(toy=toy)["toy-output"]
+    assert "L=1.23e-04" not in R.render()["toy-output"]
+
+
+def test_render_refuses_an_unknown_document():
+    with pytest.raises(TypeError, match="unknown documents"):
+        R.render(benchh={})
+
+
+def test_figure4_findings_follow_the_json():
+    fig4 = _load(R.FIGURE4)
+    top = max(fig4["config"]["rhos"])
+    for r in fig4["runs"]:
+        r["best_test_acc"] = {"elem-p2": 99.5, "filter-p2": 99.0 + (r["seed"] == 0),
+                              "elem-p2-bn": 99.5 - 5 * (r["rho"] == top)}.get(r["factor"], r["best_test_acc"])
+    text = R.render(figure4=fig4)["figure4-findings"]
+    assert "As in the paper, p = 2 gives the better accuracy: p = 2's best is 99.50 ± 0.00 (rho = " in text
+    assert "- Element-wise and filter-wise do not differ over the whole grid, as in the paper." in text
+    assert f"- Bias normalization differs at rho = {top:g} (94.5 against 99.5 without)." in text
+    assert "reproduced: p = inf breaks at rho >= " in R.render(figure4=fig4)["reproduced"]
+    for r in fig4["runs"]:
+        if r["factor"] == "elem-pinf":
+            r["best_test_acc"] = 99.0 + r["seed"]  # 99.5 ± 0.71: the same as p = 2's best, and never broken
+    text = R.render(figure4=fig4)["figure4-findings"]
+    assert f"- p = inf does not break down within the grid (rho up to {top:g})." in text
+    assert "does not show at this scale: p = 2's best is 99.50 ± 0.00" in text and "within the seeds' spread" in text
+    assert "partly: p = inf does not break, but its best accuracy (99.5%) is within the seeds' spread of p = 2's" in \
+        R.render(figure4=fig4)["reproduced"]
