@@ -93,7 +93,7 @@ def test_reproduced_rows_follow_the_json():
     study["summary"]["mnist-mlp 40% noise"]["power"]["gain"] = 4.56
     assert "ASAM gains 4.6 points over SGD" in R.render(study=study)["reproduced"]
 
-    m30k["status"] = {**m30k["status"], "finished_runs": 7}
+    m30k["status"], m30k["plan"] = {**m30k["status"], "finished_runs": 7}, {}  # the plan without a widened grid
     assert "Multi30k study running: 7 of 18 runs finished" in R.render(multi30k=m30k)["reproduced"]
     m30k["status"] = {**m30k["status"], "complete": True}
     assert "Multi30k study complete (7 runs)" in R.render(multi30k=m30k)["reproduced"]
