@@ -223,7 +223,7 @@ def _generate_main(spec: str) -> int:
     for ckpt, subset in s["jobs"]:
         argv = [s["data"], "--user-dir", evaluate.USER_DIR, "--task", "translation", "--source-lang", "de",
                 "--target-lang", "en", "--path", ckpt, "--gen-subset", subset, "--beam", "5", "--batch-size", "128",
-                "--remove-bpe", s["remove_bpe"], "--required-batch-size-multiple", "1"]
+                "--remove-bpe", s["remove_bpe"], "--required-batch-size-multiple", "1", "--num-workers", "0"]
         args = options.parse_args_and_arch(options.get_generation_parser(), argv)
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
