@@ -617,7 +617,7 @@ def main(argv=None) -> int:
         todo = [j for j in jobs if key(*j) not in runs]
         summary = summarize(runs, decisions, seeds)
         res = {**{k: v for k, v in prior.items() if k not in ("runs", "summary", "markdown", "plan", "status",
-                                                                 "other_settings_runs")},
+                                                                 "status_markdown", "other_settings_runs")},
                "issue": 25, "command": cmd, "resume": f"rerun the command: finished runs in {a.json} are skipped",
                "commit": _commit(),
                "settings": {"model": MODEL, "recipe": RECIPE, "patience": a.patience, "max_epoch": a.max_epoch,
@@ -629,6 +629,7 @@ def main(argv=None) -> int:
                           "complete": not todo},
                "plan": decisions, "summary": summary, "markdown": markdown(summary, decisions),
                "runs": list(runs.values()), "other_settings_runs": other}
+        res["status_markdown"] = status_markdown(res)  # docs/multi30k.md's status (scripts/readme_numbers.py)
         write_json(res, a.json)
         if not todo or (a.max_runs is not None and started >= a.max_runs):
             break
