@@ -290,6 +290,12 @@ def multi30k_status(m30k: dict) -> str:
     return f"Multi30k study running: {status['finished_runs']} of {planned + widened * len(grid_seeds)} runs finished"
 
 
+def multi30k_page(m30k: dict) -> str:
+    """docs/multi30k.md's status: the count, every finished run, and the table so far (all as the study wrote them)."""
+    return "\n\n".join([f"{multi30k_status(m30k)} (as of the committed JSON; tokenized BLEU and sacreBLEU agree "
+                         "closely on these captions):", m30k["status_markdown"], m30k["markdown"]])
+
+
 def label_noise_result(study: dict) -> str:
     pw = study["summary"]["mnist-mlp 40% noise"]["power"]
     powered = ">= 3 SE" if pw["powered"] else f"{pw['ratio']:.1f} SE, under the 3 SE the study asks for"
@@ -337,6 +343,7 @@ TABLES = {
     "toy-output": (lambda d: toy_output(d["toy"]), [ROOT / "docs" / "sharpness.md"]),
     "figure4": (lambda d: figure4_accuracy(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
     "figure4-time": (lambda d: figure4_time(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
+    "multi30k": (lambda d: multi30k_page(d["multi30k"]), [ROOT / "docs" / "multi30k.md"]),
     "figure4-findings": (lambda d: figure4_findings(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
 }
 

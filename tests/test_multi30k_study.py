@@ -108,6 +108,8 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
     assert res["status"] == {"finished_runs": 3, "planned_runs_known": 4, "next": ["asam-seed1-rho0.5"],
                              "complete": False}
     assert "studies.multi30k" in res["command"] and res["resume"]
+    # the page's status table (scripts/readme_numbers.py renders it into docs/multi30k.md) is the JSON's runs
+    assert res["status_markdown"] == S.status_markdown(res) and "| asam-seed1-rho0.2 | 100 |" in res["status_markdown"]
     # resumed from the JSON alone: only the missing runs train
     trained.clear()
     n_before = 3
