@@ -19,7 +19,7 @@ def rec(method, rho, seed, valid, test=None):
     args = S.train_args(method, seed, data=Path("data"), run_dir=Path("run"), rho=rho, model=S.MODEL, recipe=S.RECIPE,
                         max_epoch=S.MAX_EPOCH, patience=S.PATIENCE)
     return {"method": method, "rho": rho, "seed": seed, "key": S.key(method, rho, seed), "best": sc, "avg": sc,
-            "wall_s_per_update": 1.0, "cpu_s_per_update": 0.9, "updates": 100, "best_epoch": 5, "stop_epoch": 10,
+            "wall_s_per_update": 1.0, "train_wall_s": 600.0, "cpu_s_per_update": 0.9, "updates": 100, "best_epoch": 5, "stop_epoch": 10,
             "fairseq_train_args": args}
 
 
