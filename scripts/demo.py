@@ -160,7 +160,8 @@ def run_demo(out: Path = Path("demo-out"), *, corpus: Path = DEMO_DIR, methods=t
     wall, cpu = time.time() - t_start, _cpu_seconds() - cpu_start
     record = {**stamp(command), "max_update": max_update, "validate_every": validate_every, "methods": list(methods),
               "seeds": list(seeds), "extra_fairseq_args": list(extra),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cores_allowed": len(os.sched_getaffinity(0)),
+              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
               "load_average_before": [round(x, 2) for x in load_start],
               "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "reused": reused, "markdown": res["markdown"], "rows": res["rows"]}

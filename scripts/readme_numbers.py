@@ -5,7 +5,8 @@ Every number in these tables comes from a file under docs/ that records the comm
 date of its measurement: ``docs/bench.json`` (``make bench``), ``docs/efficiency-results.json`` (the
 cheaper-updates study), ``docs/correlation-results.json`` (``scripts/correlation_study.py``),
 ``docs/toy-results.json`` (``scripts/toy_example.py``), ``docs/figure4-results.json`` (``scripts/figure4.py
---preset laptop``) and ``docs/multi30k-results.json`` (``studies/multi30k.py``). Each table sits between two
+--preset laptop``), ``docs/multi30k-results.json`` (``studies/multi30k.py``), ``docs/demo-results.json``
+(``scripts/demo.sh --json``) and ``docs/quickstart-results.json`` (``scripts/quickstart.py``). Each table sits between two
 markers in the Markdown; ``--write`` puts the rendered tables there, and ``tests/test_readme_numbers.py``
 checks that the committed Markdown holds exactly what the JSON gives.
 
@@ -28,6 +29,8 @@ CORRELATION = ROOT / "docs" / "correlation-results.json"
 TOY = ROOT / "docs" / "toy-results.json"
 FIGURE4 = ROOT / "docs" / "figure4-results.json"
 MULTI30K = ROOT / "docs" / "multi30k-results.json"
+DEMO = ROOT / "docs" / "demo-results.json"
+QUICKSTART = ROOT / "docs" / "quickstart-results.json"
 # The study's three tasks where full ASAM's gain over SGD is >= 3 standard errors, in the table's order.
 POWERED = ("mnist-mlp 40% noise", "mnist-mlp clean", "mnist-resnet 40% noise")
 
@@ -296,6 +299,46 @@ def multi30k_page(m30k: dict) -> str:
                          "closely on these captions):", m30k["status_markdown"], m30k["markdown"]])
 
 
+def _load(xs: list[float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in xs)
+
+
+def _cores(n: int) -> str:
+    return f"{n} core{'s' if n > 1 else ''}"
+
+
+def _last_line(line: str) -> str:
+    """A log line without its ``HH:MM:SS | LEVEL | `` prefix."""
+    return re.sub(r"^\S+ \| [A-Z]+ \| ", "", line)
+
+
+def demo_time(demo: dict) -> str:
+    """How long ``make demo`` took, where, under what load (the README and docs/iwslt.md)."""
+    if demo["reused"]:
+        raise ValueError("docs/demo-results.json comes from a demo that reused earlier steps "
+                         f"({', '.join(demo['reused'])}): its time is not the demo's; rerun into an empty --out")
+    threads = demo["omp_num_threads"]
+    how = (f"one thread per process (`OMP_NUM_THREADS={threads}`)" if threads == "1"
+           else "torch's default threads per process" if threads is None else f"`OMP_NUM_THREADS={threads}`")
+    return (f"{demo['wall_s'] / 60:.1f} minutes of wall time and {demo['cpu_s']:.0f} s of CPU time on "
+            f"{_cores(demo['cores_allowed'])} of an {demo['machine']['cpu']} with {how}, load average "
+            f"(1 / 5 / 15 min) {_load(demo['load_average_before'])} before and {_load(demo['load_average_after'])} "
+            f"after (`{demo['command']}`, {demo['date']})")
+
+
+def quickstart_time(qs: dict) -> str:
+    """How long the README's CIFAR-10 quick start took as printed, and what it ended with."""
+    where = f"{_cores(qs['cores_allowed'])} of an {qs['machine']['cpu']}"
+    last = _last_line(qs["steps"][-1]["output_tail"][-1])
+    return (f"The two commands take {qs['wall_s']:.0f} s of wall time and {qs['cpu_s']:.0f} s of CPU time on {where} "
+            f"(`{qs['command']}`, {qs['date']}); the last line: `{last}`.")
+
+
+def demo_page(demo: dict) -> str:
+    """docs/iwslt.md's demo output: the time and the tables, as the demo printed them."""
+    return f"The demo's last recorded run took {demo_time(demo)}. Its tables:\n\n{demo['markdown'].rstrip()}"
+
+
 def label_noise_result(study: dict) -> str:
     pw = study["summary"]["mnist-mlp 40% noise"]["power"]
     powered = ">= 3 SE" if pw["powered"] else f"{pw['ratio']:.1f} SE, under the 3 SE the study asks for"
@@ -343,6 +386,9 @@ TABLES = {
     "toy-output": (lambda d: toy_output(d["toy"]), [ROOT / "docs" / "sharpness.md"]),
     "figure4": (lambda d: figure4_accuracy(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
     "figure4-time": (lambda d: figure4_time(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
+    "demo-time": (lambda d: f"Measured: {demo_time(d['demo'])}.", [ROOT / "README.md"]),
+    "quickstart-time": (lambda d: quickstart_time(d["quickstart"]), [ROOT / "README.md"]),
+    "demo": (lambda d: demo_page(d["demo"]), [ROOT / "docs" / "iwslt.md"]),
     "multi30k": (lambda d: multi30k_page(d["multi30k"]), [ROOT / "docs" / "multi30k.md"]),
     "figure4-findings": (lambda d: figure4_findings(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
 }
@@ -354,7 +400,8 @@ def markers(name: str) -> tuple[str, str]:
 
 
 SOURCES = {"bench": BENCH, "study": STUDY, "correlation": CORRELATION, "toy": TOY, "figure4": FIGURE4,
-           "multi30k": MULTI30K}
+           "multi30k": MULTI30K, "demo": DEMO,
+           "quickstart": QUICKSTART}
 
 
 def render(**docs: dict) -> dict[str, str]:

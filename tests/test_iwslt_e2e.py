@@ -16,7 +16,7 @@ import pytest
 from iwslt_helpers import write_archive
 
 from fairseq_asam.iwslt import evaluate, summarize, train
-from scripts import demo
+from scripts import demo, readme_numbers
 
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
         "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
@@ -33,8 +33,10 @@ def pipeline(tmp_path_factory):
             if m.isfile():
                 (corpus / m.name).write_bytes(tar.extractfile(m).read())
     log: list[str] = []
-    res = demo.run_demo(root / "out", corpus=corpus, max_update=4, validate_every=2, extra=TINY, log=log.append)
-    return {"out": root / "out", "res": res, "log": log}
+    res = demo.run_demo(root / "out", corpus=corpus, max_update=4, validate_every=2, extra=TINY, log=log.append,
+                        json_out=root / "copy.json", command="pytest")
+    return {"out": root / "out", "res": res, "log": log, "record": json.loads((root / "out" / "demo.json").read_text()),
+            "copy": json.loads((root / "copy.json").read_text())}
 
 
 def _valid_records(stdout_log: str) -> list[dict]:
@@ -88,6 +90,21 @@ def test_each_method_trained_evaluated_and_summarized(pipeline):
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert any("[demo] 5/5 summary" in m for m in pipeline["log"])
+
+
+@pytest.mark.slow
+def test_demo_json_records_the_tables_the_time_and_where_they_come_from(pipeline):
+    rec, res = pipeline["record"], pipeline["res"]
+    assert rec == pipeline["copy"]  # --json writes the same record
+    assert rec["markdown"] == res["markdown"] and rec["rows"] == json.loads(json.dumps(res["rows"]))
+    assert {"commit", "command", "machine", "date"} <= set(rec) and rec["command"] == "pytest"
+    assert rec["reused"] == [] and rec["max_update"] == 4 and rec["cores_allowed"] >= 1 and rec["methods"] == list(train.METHODS)
+    # the CPU time counts the fairseq-train and fairseq-generate processes (each imports torch and fairseq:
+    # seconds of CPU apiece), so it exceeds what this process alone spent
+    assert rec["wall_s"] > 0 and rec["cpu_s"] > 2 * len(train.METHODS)
+    assert len(rec["load_average_before"]) == 3 and len(rec["load_average_after"]) == 3
+    text = readme_numbers.demo_time(rec)
+    assert f"{rec['wall_s'] / 60:.1f} minutes of wall time and {rec['cpu_s']:.0f} s of CPU time" in text
 
 
 @pytest.mark.slow
@@ -189,6 +206,12 @@ def test_rerun_reuses_and_finished_run_is_not_extended(pipeline, capsys):
     assert text.count("already trained to 4 updates, reused") == n and text.count("already evaluated") == n
     assert text.count("adaptive sharpness already measured") == n
     assert "binarize: reused" in text
+    # demo.json says which steps were reused: such a record's time is not the demo's, and the docs refuse it
+    rec = json.loads((out / "demo.json").read_text())
+    assert sorted(rec["reused"]) == sorted(f"{step} {m}-seed1" for step in ("train", "evaluate", "sharpness")
+                                           for m in train.METHODS)
+    with pytest.raises(ValueError, match="reused earlier steps"):
+        readme_numbers.demo_time(rec)
     rc = train.main(["adam", "1", "--data", str(out / "data-bin"), "--run-dir", str(run), "--max-update", "4"])
     assert rc == 0 and "already reached 4 updates" in capsys.readouterr().out
     assert (run / "checkpoints" / "checkpoint_last.pt").read_bytes() == before

@@ -109,3 +109,33 @@ def test_links_to_files_in_the_repository_resolve(path):
         if not (path.parent / target).exists() and target not in ("docs/python-api.md", "docs/migrating.md"):
             missing.append(target)  # python-api.md and migrating.md are written separately
     assert not missing, f"{path.name}: broken links {missing}"
+
+
+def test_quickstart_block_is_the_readmes_cifar10_commands():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quickstart
+
+    cmds = quickstart.block((ROOT / "README.md").read_text())
+    assert [c.split()[0] for c in cmds] == [".venv/bin/python", ".venv/bin/asam-vision-train"]
+    assert "--run-dir runs/toy-asam" in cmds[1] and "\\" not in cmds[1]  # the continuation line is joined
+    with pytest.raises(ValueError, match="no paragraph starting with"):
+        quickstart.block("# nothing here\n")
+
+
+@pytest.mark.slow
+def test_cifar10_quick_start_runs_as_printed(tmp_path):
+    """The README's CIFAR-10 block, run as printed (scripts/quickstart.py), trains and reports top-1; its
+    record renders the README's time line."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quickstart
+    import readme_numbers
+
+    out = tmp_path / "qs.json"
+    assert quickstart.main(["--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [s["command"] for s in rec["steps"]] == quickstart.block((ROOT / "README.md").read_text())
+    assert "| best test top-1 " in rec["steps"][-1]["output_tail"][-1]
+    # the training's own CPU time is counted (child processes), not only this process's
+    assert rec["steps"][-1]["cpu_s"] > 1 and rec["wall_s"] == pytest.approx(sum(s["wall_s"] for s in rec["steps"]), abs=0.2)
+    text = readme_numbers.quickstart_time(rec)
+    assert f"{rec['wall_s']:.0f} s of wall time" in text and "the last line: `best test top-1 " in text

@@ -55,12 +55,15 @@ def _load(path):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("path,script", [(R.TOY, "scripts/toy_example.py"), (R.FIGURE4, "scripts/figure4.py"),
-                                         (R.CORRELATION, "scripts/correlation_study.py")], ids=lambda v: str(v)[-20:])
+@pytest.mark.parametrize("path,script", [
+    (R.TOY, "scripts/toy_example.py"), (R.FIGURE4, "scripts/figure4.py"), (R.CORRELATION, "scripts/correlation_study.py"),
+    (R.DEMO, "scripts/demo.sh"), (R.QUICKSTART, "scripts/quickstart.py"), (R.STUDY, "scripts/efficiency_study.py"),
+    (R.ROOT / "docs" / "efficiency-mt.json", "studies.mt_convergence"),
+    (R.ROOT / "docs" / "efficiency-mt-dropout0.json", "studies.mt_convergence")], ids=lambda v: str(v)[-24:])
 def test_study_json_says_where_its_numbers_come_from(path, script):
     doc = _load(path)
     assert script in doc["command"]
-    assert len(str(doc["commit"]).split("+")[0]) == 40 and str(doc["date"])[:2] == "20"
+    assert len(str(doc["commit"]).split("+")[0]) == 40 and str(doc["date"])[:2] == "20" and doc["machine"]
 
 
 def test_figure4_json_records_the_machine_and_every_run():
