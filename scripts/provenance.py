@@ -54,6 +54,17 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (a script's fairseq-train, a command)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def conditions() -> dict:
+    """What a timing ran under besides the machine: torch's thread setting and the cores it was allowed."""
+    return {"omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cores_allowed": len(os.sched_getaffinity(0))}
+
+
 def stamp(command: str) -> dict:
     """The four provenance keys, in the order the committed JSON files show them."""
     return {"commit": commit(), "command": command, "machine": machine(),

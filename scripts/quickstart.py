@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from provenance import stamp, write_json  # noqa: E402  (scripts/, beside this file)
+from provenance import conditions, cpu_seconds, stamp, write_json  # noqa: E402  (scripts/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLE = "**CIFAR-10 with torchvision.**"
@@ -48,14 +47,11 @@ def run_block(commands: list[str], venv: Path, workdir: Path) -> list[dict]:
     (workdir / ".venv").symlink_to(venv.resolve())
     out = []
     for cmd in commands:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
         p = subprocess.run(["bash", "-c", cmd], cwd=workdir, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         if p.returncode != 0:
             raise RuntimeError(f"`{cmd}` failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         out.append({"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                     "output_tail": p.stdout.strip().splitlines()[-6:]})
     return out
@@ -70,8 +66,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="asam-quickstart-") as d:
         steps = run_block(commands, ROOT / ".venv", Path(d))
     rec = {**stamp(shlex.join(["python", "scripts/quickstart.py", *(sys.argv[1:] if argv is None else argv)])),
-           "title": a.title, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-           "cores_allowed": len(os.sched_getaffinity(0)),
+           "title": a.title, **conditions(),
            "load_average": [round(x, 2) for x in os.getloadavg()], "steps": steps,
            "wall_s": round(sum(s["wall_s"] for s in steps), 1), "cpu_s": round(sum(s["cpu_s"] for s in steps), 1)}
     for s in steps:

@@ -299,7 +299,7 @@ def multi30k_page(m30k: dict) -> str:
                          "closely on these captions):", m30k["status_markdown"], m30k["markdown"]])
 
 
-def _load(xs: list[float]) -> str:
+def _load_average(xs: list[float]) -> str:
     return " / ".join(f"{x:.1f}" for x in xs)
 
 
@@ -322,7 +322,7 @@ def demo_time(demo: dict) -> str:
            else "torch's default threads per process" if threads is None else f"`OMP_NUM_THREADS={threads}`")
     return (f"{demo['wall_s'] / 60:.1f} minutes of wall time and {demo['cpu_s']:.0f} s of CPU time on "
             f"{_cores(demo['cores_allowed'])} of an {demo['machine']['cpu']} with {how}, load average "
-            f"(1 / 5 / 15 min) {_load(demo['load_average_before'])} before and {_load(demo['load_average_after'])} "
+            f"(1 / 5 / 15 min) {_load_average(demo['load_average_before'])} before and {_load_average(demo['load_average_after'])} "
             f"after (`{demo['command']}`, {demo['date']})")
 
 
@@ -400,8 +400,7 @@ def markers(name: str) -> tuple[str, str]:
 
 
 SOURCES = {"bench": BENCH, "study": STUDY, "correlation": CORRELATION, "toy": TOY, "figure4": FIGURE4,
-           "multi30k": MULTI30K, "demo": DEMO,
-           "quickstart": QUICKSTART}
+           "multi30k": MULTI30K, "demo": DEMO, "quickstart": QUICKSTART}
 
 
 def render(**docs: dict) -> dict[str, str]:

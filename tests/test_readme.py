@@ -112,8 +112,7 @@ def test_links_to_files_in_the_repository_resolve(path):
 
 
 def test_quickstart_block_is_the_readmes_cifar10_commands():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import quickstart
+    from scripts import quickstart
 
     cmds = quickstart.block((ROOT / "README.md").read_text())
     assert [c.split()[0] for c in cmds] == [".venv/bin/python", ".venv/bin/asam-vision-train"]
@@ -126,9 +125,7 @@ def test_quickstart_block_is_the_readmes_cifar10_commands():
 def test_cifar10_quick_start_runs_as_printed(tmp_path):
     """The README's CIFAR-10 block, run as printed (scripts/quickstart.py), trains and reports top-1; its
     record renders the README's time line."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import quickstart
-    import readme_numbers
+    from scripts import quickstart, readme_numbers
 
     out = tmp_path / "qs.json"
     assert quickstart.main(["--json", str(out)]) == 0
