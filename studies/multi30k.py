@@ -454,26 +454,62 @@ def status_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(res: dict) -> dict:
+    """The plot's data: per method at its chosen rho, the validation loss per epoch (mean over the seeds that
+    reached it) and the paired difference against Adam of the same seed (mean and SE over seeds)."""
+    chosen = {m: d.get("chosen") for m, d in res.get("plan", {}).items()}
+    by = {}
+    for r in res.get("runs", []):
+        if r["method"] == "adam" or (chosen.get(r["method"]) is not None and r["rho"] == chosen[r["method"]]):
+            by.setdefault(r["method"], {})[r["seed"]] = {p["epoch"]: (p["update"], p["loss"]) for p in r["valid_curve"]}
+    out = {}
+    for m, seeds in by.items():
+        epochs = sorted(set.intersection(*(set(c) for c in seeds.values())))
+        curve = [{"epoch": e, "update": sum(seeds[s][e][0] for s in seeds) / len(seeds),
+                  "loss": _mean_sd([seeds[s][e][1] for s in seeds])[0]} for e in epochs]
+        diff = []
+        if m != "adam" and "adam" in by:
+            common = sorted(set(seeds) & set(by["adam"]))
+            for e in epochs:
+                d = [seeds[s][e][1] - by["adam"][s][e][1] for s in common if e in by["adam"][s]]
+                if len(d) == len(common) and d:
+                    mu, sd = _mean_sd(d)
+                    diff.append({"epoch": e, "diff": mu, "se": sd / math.sqrt(len(d)) if sd is not None else None})
+        out[m] = {"seeds": sorted(seeds), "curve": curve, "diff_vs_adam": diff}
+    return out
+
+
 def plot(res: dict, path: Path) -> None:
-    """Validation loss against updates, one line per finished run (colour: method)."""
+    """Left: validation loss against updates per method at its chosen rho, mean over its seeds. Right: the
+    paired difference to Adam (same seed) per epoch, mean ± SE; below zero is better than Adam."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colours = {"adam": "tab:blue", "asam": "tab:red", "onepass": "tab:green", "sam": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    seen = set()
-    for r in res.get("runs", []):
-        c = r["valid_curve"]
-        label = r["method"] if r["method"] not in seen else None
-        seen.add(r["method"])
-        ax.plot([p["update"] for p in c], [p["loss"] for p in c], color=colours[r["method"]], alpha=0.6, lw=1,
-                label=label)
+    data = plot_curves(res)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for m, d in data.items():
+        rho = "" if m == "adam" else f", rho {res['plan'][m]['chosen']:g}"
+        label = f"{LABELS[m]}{rho} (n={len(d['seeds'])})"
+        ax.plot([p["update"] for p in d["curve"]], [p["loss"] for p in d["curve"]], color=colours[m], lw=1.5,
+                marker=".", label=label)
+        if d["diff_vs_adam"]:
+            e = [p["epoch"] for p in d["diff_vs_adam"]]
+            y = [p["diff"] for p in d["diff_vs_adam"]]
+            se = [p["se"] or 0.0 for p in d["diff_vs_adam"]]
+            bx.errorbar(e, y, yerr=se, color=colours[m], marker=".", capsize=2, label=label)
     ax.set_xlabel("updates")
     ax.set_ylabel("validation loss (label-smoothed, base 2)")
-    ax.set_title("Multi30k DE-EN: every finished run")
-    ax.legend()
+    ax.set_title("Multi30k DE-EN: validation loss, mean over seeds")
+    ax.legend(fontsize=8)
+    bx.axhline(0.0, color="tab:blue", lw=1)
+    bx.set_xlabel("epoch")
+    bx.set_ylabel("loss - Adam's (same seed)")
+    bx.set_title("paired difference to Adam, mean ± SE")
+    if bx.get_legend_handles_labels()[0]:
+        bx.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -185,3 +185,22 @@ def test_report_prints_every_finished_run_from_the_json_alone(tmp_path, capsys):
     assert "1 runs finished; next: asam-seed1-rho0.1" in out and "- asam: grid [0.1, 0.2, 0.5] still running" in out
     assert "| BLEU (test_2016_flickr) | Adam |" in out and "| sacreBLEU, best checkpoint | 31.50 ± - (n=1) |" in out
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_plot_data_is_the_mean_curve_at_the_chosen_rho_and_the_paired_difference_to_adam():
+    def curve(*losses):
+        return [{"epoch": e + 1, "update": 100 * (e + 1), "loss": v} for e, v in enumerate(losses)]
+
+    runs = [dict(rec("adam", None, 1, 30.0), valid_curve=curve(5.0, 4.0, 3.0)),
+            dict(rec("adam", None, 2, 30.0), valid_curve=curve(5.2, 4.2)),  # stopped one epoch earlier
+            dict(rec("asam", 0.1, 1, 30.0), valid_curve=curve(5.5, 4.1, 2.9)),
+            dict(rec("asam", 0.1, 2, 30.0), valid_curve=curve(5.3, 4.5, 3.5)),
+            dict(rec("asam", 0.5, 1, 30.0), valid_curve=curve(9.0, 9.0, 9.0))]  # not the chosen rho: left out
+    d = S.plot_curves({"runs": runs, "plan": {"asam": {"chosen": 0.1}}})
+    assert d["adam"]["seeds"] == [1, 2] and [p["loss"] for p in d["adam"]["curve"]] == pytest.approx([5.1, 4.1])
+    assert [p["epoch"] for p in d["adam"]["curve"]] == [1, 2] and d["adam"]["diff_vs_adam"] == []
+    # epoch 1: diffs 0.5, 0.1 -> mean 0.3, std 0.2828, SE 0.2; epoch 2: 0.1, 0.3 -> 0.2, SE 0.1; epoch 3: adam 2 has none
+    diff = d["asam"]["diff_vs_adam"]
+    assert [p["epoch"] for p in diff] == [1, 2]
+    assert [p["diff"] for p in diff] == pytest.approx([0.3, 0.2]) and [p["se"] for p in diff] == pytest.approx([0.2, 0.1])
+    assert [p["loss"] for p in d["asam"]["curve"]] == pytest.approx([5.4, 4.3, 3.2])
