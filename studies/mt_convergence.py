@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import io
 import json
 import math
 import os
@@ -199,40 +198,13 @@ def epoch_checkpoints(ckpt_dir: Path, n: int, upper: int | None = None) -> list[
 def _generate_all(data: Path, jobs: list[tuple[Path, str]]) -> dict:
     """fairseq-generate (beam 5, BPE removed, as evaluate.py) for each (checkpoint, subset), one process:
     fairseq is imported once instead of once per call. Returns {"<ckpt>|<subset>": scores}."""
-    remove_bpe = json.loads((data / "prep-info.json").read_text()).get("remove_bpe", "subword_nmt")
-    spec = json.dumps({"data": str(data), "jobs": [[str(c), s] for c, s in jobs], "remove_bpe": remove_bpe})
-    p = subprocess.run([sys.executable, "-m", "studies.mt_convergence", "--generate", spec],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=_pythonpath()))
-    if p.returncode != 0:
-        raise RuntimeError(f"generation failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    texts = evaluate.generate(data, jobs, extra=["--num-workers", "0"], progress=False)
+    return {f"{c}|{s}": evaluate.scores(t, data, s) for (c, s), t in zip(jobs, texts)}
 
 
 def _pythonpath() -> str:
     root = str(Path(__file__).resolve().parent.parent)
     return root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-
-
-def _generate_main(spec: str) -> int:
-    """The body of _generate_all's child process."""
-    from fairseq import options
-    from fairseq_cli import generate
-
-    s = json.loads(spec)
-    res = {}
-    for ckpt, subset in s["jobs"]:
-        argv = [s["data"], "--user-dir", evaluate.USER_DIR, "--task", "translation", "--source-lang", "de",
-                "--target-lang", "en", "--path", ckpt, "--gen-subset", subset, "--beam", "5", "--batch-size", "128",
-                "--remove-bpe", s["remove_bpe"], "--required-batch-size-multiple", "1", "--num-workers", "0"]
-        args = options.parse_args_and_arch(options.get_generation_parser(), argv)
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            generate.main(args)
-        parsed = evaluate.parse_generate(buf.getvalue())
-        res[f"{ckpt}|{subset}"] = {"bleu_tokenized": parsed["fairseq_bleu4"],
-                                   **evaluate.score(parsed["hyps"], parsed["refs"])}
-    print(json.dumps(res))
-    return 0
 
 
 def best_checkpoint_epoch(ckpt_dir: Path, curve: list[dict]) -> dict:
@@ -492,10 +464,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--avg", type=int, default=AVG_N, help="epoch checkpoints averaged, up to the best one (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side (default %(default)s)")
-    ap.add_argument("--generate", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.generate:
-        return _generate_main(a.generate)
     seeds = [int(s) for s in a.seeds.split(",")]
     grid_seeds = [int(s) for s in a.grid_seeds.split(",")]
     grid = [float(r) for r in a.rho_grid.split(",")]
@@ -531,7 +500,7 @@ def main(argv=None) -> int:
     runs += run_all([(m, r, s) for m, r in rest for s in seeds if s not in grid_seeds])
     summary = summarize(runs, grid_seeds)
     md = markdown(summary)
-    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "generate"},
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "data": info, "checkpoint": f"checkpoint_best.pt (lowest validation loss); +avg: the mean of the {a.avg} "
                                       f"epoch checkpoints up to the best (saved every {a.validate_interval} epoch(s))",
            "summary": summary, "markdown": md, "runs": runs, "wall_min": round((time.time() - t0) / 60, 1)}

@@ -35,8 +35,6 @@ the finished records, so the JSON alone is enough to continue. Command::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
@@ -168,30 +166,14 @@ def generate_scores(data: Path, jobs: list[tuple[Path, str]]) -> tuple[dict, flo
 
 
 def _generate_main(spec: str) -> int:
+    """The body of generate_scores' child: fairseq imported once for every job, one thread."""
     import torch
-    from fairseq import options
-    from fairseq_cli import generate
 
     torch.set_num_threads(1)
     s = json.loads(spec)
-    data = Path(s["data"])
-    info = evaluate.data_info(data)
-    res = {}
-    for ckpt, subset in s["jobs"]:
-        argv = [str(data), "--user-dir", evaluate.USER_DIR, "--task", "translation", "--source-lang",
-                info["source_lang"], "--target-lang", info["target_lang"], "--path", ckpt, "--gen-subset", subset,
-                "--beam", "5", "--batch-size", "128", "--remove-bpe", info["remove_bpe"],
-                "--required-batch-size-multiple", "1", "--num-workers", "0"]
-        args = options.parse_args_and_arch(options.get_generation_parser(), argv)
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            generate.main(args)
-        text = buf.getvalue()
-        parsed = evaluate.parse_generate(text)
-        raw = evaluate.raw_references(data, subset, evaluate.hypothesis_ids(text))
-        res[f"{ckpt}|{subset}"] = {"bleu_tokenized": parsed["fairseq_bleu4"],
-                                   **evaluate.score(parsed["hyps"], parsed["refs"], raw, info["target_lang"])}
-    print(json.dumps(res))
+    data, jobs = Path(s["data"]), [(c, sub) for c, sub in s["jobs"]]
+    texts = evaluate.generate_in_process(data, jobs, extra=["--num-workers", "0"])
+    print(json.dumps({f"{c}|{sub}": evaluate.scores(t, data, sub) for (c, sub), t in zip(jobs, texts)}))
     return 0
 
 

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
-import threading
+import tempfile
 from pathlib import Path
 
-__all__ = ["evaluate_run", "parse_generate", "score"]
+__all__ = ["evaluate_run", "generate", "generate_in_process", "parse_generate", "score", "scores"]
 
 _BLEU_LINE = re.compile(r"^Generate (\S+) with beam=(\d+): BLEU4 = ([0-9.]+),")
 _PROGRESS = re.compile(r"(\d+) / (\d+) wps=")  # fairseq's SimpleProgressBar: "<prefix>:  i / n wps=..."
+_JOB_LINE = re.compile(r"^\[generate\] job (\d+)/(\d+): (\S+)$")
 USER_DIR = str(Path(__file__).resolve().parent.parent)
 
 
@@ -112,46 +114,116 @@ def raw_references(data: Path, subset: str, ids: list[int] | None = None) -> lis
     return lines if ids is None else [lines[i] for i in ids]
 
 
-def _generate(data: Path, checkpoint: Path, subset: str, beam: int, batch_size: int, remove_bpe: str,
-              extra: list[str]) -> str:
+def generation_args(data: Path, checkpoint: Path, subset: str, *, beam: int = 5, batch_size: int = 128,
+                    extra=()) -> list[str]:
+    """fairseq-generate's arguments for one (checkpoint, subset): beam search, BPE removed as the data was
+    prepared, one progress line per batch."""
     info = data_info(data)
-    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data), "--user-dir", USER_DIR,
-           "--task", "translation", "--source-lang", info["source_lang"], "--target-lang", info["target_lang"],
-           "--path", str(checkpoint), "--gen-subset", subset, "--beam", str(beam),
-           "--batch-size", str(batch_size), "--remove-bpe", remove_bpe,
-           # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
-           # default multiple of 8: the test set would silently lose up to 7 sentences.
-           "--required-batch-size-multiple", "1",
-           # One progress line per batch on stderr (fairseq's form when stderr is not a terminal, as
-           # here), turned into a progress bar below; a --log-interval in extra comes later and wins.
-           "--log-interval", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tail: list[str] = []
+    return [str(data), "--user-dir", USER_DIR, "--task", "translation", "--source-lang", info["source_lang"],
+            "--target-lang", info["target_lang"], "--path", str(checkpoint), "--gen-subset", subset,
+            "--beam", str(beam), "--batch-size", str(batch_size), "--remove-bpe", info["remove_bpe"],
+            # fairseq-fixed 0.12.3.1's compiled batch_by_size drops the last (n mod 8) sentences with the
+            # default multiple of 8: the test set would silently lose up to 7 sentences.
+            "--required-batch-size-multiple", "1",
+            # One progress line per batch on stderr (fairseq's form when stderr is not a terminal), turned
+            # into a progress bar by generate(); a --log-interval in extra comes later and wins.
+            "--log-interval", "1", *extra]
 
-    def follow_progress():
-        # stdout must be read whole (the hypotheses), so stderr is read on this thread: fairseq's
-        # "  i / n wps=..." lines move a tqdm bar; the rest (warnings, its config) is kept for errors.
+
+def generate_in_process(data: Path, jobs, *, beam: int = 5, batch_size: int = 128, extra=()):
+    """fairseq-generate for each (checkpoint, subset) of ``jobs`` in this process, one after the other
+    (fairseq is imported once); yields each job's output, the text fairseq-generate prints. Before each job,
+    one line ``[generate] job i/n: <subset>`` on stderr."""
+    import contextlib
+    import io
+
+    from fairseq import options
+    from fairseq_cli import generate as fairseq_generate
+
+    # fairseq-generate's main configures logging onto the stream it prints hypotheses to (here the buffer)
+    # unless the root logger has a handler already: its messages and progress lines go to stderr instead.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                            datefmt="%Y-%m-%d %H:%M:%S", level=os.environ.get("LOGLEVEL", "INFO").upper(),
+                            stream=sys.stderr)
+    jobs = list(jobs)
+    for i, (ckpt, subset) in enumerate(jobs):
+        print(f"[generate] job {i + 1}/{len(jobs)}: {subset}", file=sys.stderr, flush=True)
+        args = options.parse_args_and_arch(options.get_generation_parser(),
+                                           generation_args(data, ckpt, subset, beam=beam, batch_size=batch_size,
+                                                           extra=extra))
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            fairseq_generate.main(args)
+        yield buf.getvalue()
+
+
+def _generate_child(spec_file: str) -> int:
+    """The body of generate()'s child process: the jobs of the spec, each output written to its file."""
+    s = json.loads(Path(spec_file).read_text())
+    jobs = [(Path(c), sub) for c, sub in s["jobs"]]
+    for text, out in zip(generate_in_process(Path(s["data"]), jobs, beam=s["beam"], batch_size=s["batch_size"],
+                                             extra=s["extra"]), s["outputs"]):
+        Path(out).write_text(text, encoding="utf-8")
+    return 0
+
+
+def generate(data: Path, jobs, *, beam: int = 5, batch_size: int = 128, extra=(), env: dict | None = None,
+             progress: bool = True) -> list[str]:
+    """fairseq-generate for each (checkpoint, subset) of ``jobs``, all in one child process (fairseq is
+    imported once, not once per job); each job's output text, in order. With ``progress``, fairseq's
+    per-batch lines move a progress bar per job on stderr; its other messages are shown only if it fails."""
+    jobs = [(Path(c), s) for c, s in jobs]
+    if not jobs:
+        return []
+    with tempfile.TemporaryDirectory(prefix="asam-generate-") as tmp:
+        outputs = [str(Path(tmp) / f"job{i}.txt") for i in range(len(jobs))]
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"data": str(data), "jobs": [[str(c), s] for c, s in jobs], "beam": beam,
+                                    "batch_size": batch_size, "extra": list(extra), "outputs": outputs}))
+        cmd = [sys.executable, "-c", "import sys; from fairseq_asam.iwslt.evaluate import _generate_child; "
+               "sys.exit(_generate_child(sys.argv[1]))", str(spec)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         from tqdm import tqdm
 
-        with tqdm(desc=f"  fairseq-generate {subset}", unit="batch", leave=False, file=sys.stderr,
-                  mininterval=0.5, dynamic_ncols=True) as bar:
+        tail: list[str] = []
+        current, bar = jobs[0][1], None
+        try:
             for line in proc.stderr:
+                job = _JOB_LINE.match(line)
                 m = _PROGRESS.search(line)
-                if m:
+                if job:
+                    current = job.group(3)
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(desc=f"  fairseq-generate {current}", unit="batch", leave=False, file=sys.stderr,
+                               mininterval=0.5, dynamic_ncols=True, disable=not progress)
+                elif m and bar is not None:
                     bar.total = int(m.group(2))
                     bar.update(int(m.group(1)) - bar.n)
                 else:
                     tail.append(line)
                     del tail[:-200]
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            rc = proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"fairseq-generate failed on {current} (exit {rc}):\n{''.join(tail)[-3000:]}")
+        return [Path(o).read_text(encoding="utf-8") for o in outputs]
 
-    relay = threading.Thread(target=follow_progress, daemon=True)
-    relay.start()
-    out = proc.stdout.read()
-    rc = proc.wait()
-    relay.join()
-    if rc != 0:
-        raise RuntimeError(f"fairseq-generate failed on {subset} (exit {rc}):\n{''.join(tail)[-3000:]}")
-    return out
+
+def scores(text: str, data: Path, subset: str) -> dict:
+    """The three BLEU numbers of one fairseq-generate output (see the module's docstring)."""
+    parsed = parse_generate(text)
+    if parsed["fairseq_bleu4"] is None:
+        raise RuntimeError(f"no 'Generate {subset} with beam=...: BLEU4 = ...' line in fairseq-generate's output")
+    raw = raw_references(data, subset, hypothesis_ids(text))
+    return {"bleu_tokenized": parsed["fairseq_bleu4"],
+            **score(parsed["hyps"], parsed["refs"], raw, data_info(data)["target_lang"])}
 
 
 def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "checkpoint_best.pt",
@@ -173,20 +245,14 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "
     remove_bpe = json.loads(info.read_text()).get("remove_bpe", "subword_nmt") if info.exists() else "subword_nmt"
     result = {"run_dir": str(run_dir), "method": meta.get("method"), "seed": meta.get("seed"), "rho": meta.get("rho"),
               "checkpoint": str(ckpt), "data": str(data), "beam": beam, "remove_bpe": remove_bpe}
-    for subset in subsets:
-        log(f"[evaluate-iwslt14] {run_dir.name}: fairseq-generate on {subset} (beam {beam})")
-        out = _generate(data, ckpt, subset, beam, batch_size, remove_bpe, list(extra))
+    log(f"[evaluate-iwslt14] {run_dir.name}: fairseq-generate on {', '.join(subsets)} (beam {beam})")
+    outputs = generate(data, [(ckpt, subset) for subset in subsets], beam=beam, batch_size=batch_size, extra=extra)
+    for subset, out in zip(subsets, outputs):
         gen_file = run_dir / f"generate-{subset}.txt"
         tmp = gen_file.with_name(gen_file.name + f".tmp-{os.getpid()}")
         tmp.write_text(out, encoding="utf-8")
         os.replace(tmp, gen_file)
-        parsed = parse_generate(out)
-        if parsed["fairseq_bleu4"] is None:
-            raise RuntimeError(f"no 'Generate {subset} with beam=...: BLEU4 = ...' line in {gen_file}")
-        raw = raw_references(data, subset, hypothesis_ids(out))
-        res = {"bleu_tokenized": parsed["fairseq_bleu4"],
-               **score(parsed["hyps"], parsed["refs"], raw, data_info(data)["target_lang"]),
-               "generate_output": str(gen_file)}
+        res = {**scores(out, data, subset), "generate_output": str(gen_file)}
         result[subset] = res
         log(f"[evaluate-iwslt14] {run_dir.name} {subset}: tokenized BLEU {res['bleu_tokenized']:.2f} "
             f"(sacreBLEU tok=none {res['bleu_tokenized_sacrebleu']:.2f}), detokenized sacreBLEU {res['bleu_detok']:.2f} "
