@@ -143,7 +143,6 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
                     peaks[m].append(r["peak_rss_bytes"])
                     if r["peak_heap_in_use_bytes"]:
                         heap[m].append(r["peak_heap_in_use_bytes"])
-        peak = {m: statistics.median(v) for m, v in peaks.items() if v}
     out = {
         "model": "Marian, opus-mt-de-en config" if not quick else "Marian, tiny config",
         "n_params": rec["n_params"],
@@ -154,16 +153,21 @@ def bench_trainer(*, rounds: int = 3, updates: int = 4, warmup: int = 1, quick: 
         **times,
     }
     if memory:
-        out["peak_rss_bytes"] = peak
-        out["peak_rss_bytes_per_rep"] = peaks
-        out["extra_memory_over_adamw_in_param_bytes"] = {m: (peak[m] - peak["adamw"]) / rec["param_bytes"]
-                                                         for m in METHODS}
-        out["extra_memory_range_in_param_bytes"] = {
-            m: [(min(v) - peak["adamw"]) / rec["param_bytes"], (max(v) - peak["adamw"]) / rec["param_bytes"]]
-            for m, v in peaks.items()}
-        if all(heap.values()):  # glibc's mallinfo2 (not on other C libraries)
-            hp = {m: statistics.median(v) for m, v in heap.items()}
-            out["peak_heap_in_use_bytes"] = hp
-            out["extra_heap_in_use_over_adamw_in_param_bytes"] = {m: (hp[m] - hp["adamw"]) / rec["param_bytes"]
-                                                                  for m in METHODS}
+        out.update(memory_summary(peaks, heap, rec["param_bytes"]))
+    return out
+
+
+def memory_summary(peaks: dict[str, list[int]], heap: dict[str, list[int]], param_bytes: int) -> dict:
+    """Per method, the median over its processes of the peak RSS and its range, and of the peak live heap
+    (when every method has one: glibc's mallinfo2), each over AdamW's median in parameter bytes."""
+    peak = {m: statistics.median(v) for m, v in peaks.items()}
+    out = {"peak_rss_bytes": peak, "peak_rss_bytes_per_rep": peaks,
+           "extra_memory_over_adamw_in_param_bytes": {m: (peak[m] - peak["adamw"]) / param_bytes for m in peaks},
+           "extra_memory_range_in_param_bytes": {
+               m: [(min(v) - peak["adamw"]) / param_bytes, (max(v) - peak["adamw"]) / param_bytes]
+               for m, v in peaks.items()}}
+    if heap and all(heap.values()):  # glibc's mallinfo2 (not on other C libraries)
+        hp = {m: statistics.median(v) for m, v in heap.items()}
+        out["peak_heap_in_use_bytes"] = hp
+        out["extra_heap_in_use_over_adamw_in_param_bytes"] = {m: (hp[m] - hp["adamw"]) / param_bytes for m in hp}
     return out
