@@ -146,3 +146,19 @@ def test_figure4_findings_follow_the_json():
     assert "does not show at this scale: p = 2's best is 99.50 ± 0.00" in text and "within the seeds' spread" in text
     assert "partly: p = inf does not break, but its best accuracy (99.5%) is within the seeds' spread of p = 2's" in \
         R.render(figure4=fig4)["reproduced"]
+
+
+def test_multi30k_result_sets_the_paired_gain_beside_the_papers_and_the_seeds_it_would_take():
+    m30k = _load(R.MULTI30K)
+    m30k["summary"] = {**m30k["summary"], "power": {"gain": 0.3, "paired_std": 0.4, "se": 0.2, "ratio": 1.5,
+                                                     "seeds": [1, 2, 3, 4], "powered": False}}
+    m30k["status"] = {**m30k["status"], "complete": True}
+    # the paper: 35.02 - 34.86 = +0.16 = 0.8 SE of 0.2; (3 * 0.4 / 0.16)^2 = 56.25 -> 57 seeds
+    want = ("ASAM - Adam on Multi30k: +0.30 ± 0.20 SE test sacreBLEU over 4 paired seeds (+1.5 SE, not powered); "
+            "the paper's IWSLT'14 gain, +0.16, would be 0.8 SE here: resolving it at 3 SE takes about 57 paired seeds")
+    assert R.multi30k_result(m30k) == want
+    assert want in R.render(multi30k=m30k)["reproduced"] and want + "." in R.render(multi30k=m30k)["multi30k"]
+    m30k["status"]["complete"] = False
+    assert R.multi30k_result(m30k).startswith("ASAM - Adam on Multi30k so far: +0.30")
+    m30k["summary"]["power"] = None  # before ASAM and Adam share a seed
+    assert R.multi30k_result(m30k) == "" and "; ASAM - Adam" not in R.render(multi30k=m30k)["reproduced"]
