@@ -45,7 +45,9 @@ lint: install
 # Two tiers (tests/conftest.py): test-fast is the unit and equality tests, in-process, no test that
 # starts a process or trains for more than about a second (those are marked slow); test is everything,
 # on PYTEST_WORKERS xdist workers, one test file per worker at a time (--dist loadfile): a module's tests
-# share its module-scoped runs. (Not loadgroup: xdist 3.8's xdist_group does nothing under pytest 9.2,
+# share its module-scoped runs. --no-loadscope-reorder: the workers take the files in collection order, the
+# longest first (tests/conftest.py), not xdist's default order by number of tests, which leaves the
+# modules with a few long end-to-end tests for last. (Not loadgroup: xdist 3.8's xdist_group does nothing under pytest 9.2,
 # which no longer reads the item._nodeid it sets.)
 PYTEST_WORKERS ?= 2
 
@@ -55,7 +57,7 @@ test-fast: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/pytest -ra --durations=25 -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh

@@ -87,8 +87,8 @@ def pytest_runtest_teardown(item, nextitem):
 
 # ---- order: the longest modules first -----------------------------------------------------------------
 
-# `make test` runs `pytest -n 2 --dist loadfile`: each module is one unit of work, handed to the workers in
-# collection order. These modules start many processes (serial seconds on this project's 2-core machine,
+# `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each module is one unit of work,
+# handed to the workers in collection order (xdist's default would reorder them by number of tests). These modules start many processes (serial seconds on this project's 2-core machine,
 # measured per test with their child processes: test_fsdp 159, test_mt_study 119, test_iwslt_e2e 107, ...
 # down to test_precision 21); started first, they no longer leave one worker running a two-minute module
 # alone at the end while the other is idle. Within a module, and among the other modules, the order stays.

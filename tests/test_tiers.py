@@ -65,3 +65,17 @@ def test_a_test_that_catches_the_refusal_still_fails_and_slow_is_the_way_out(pyt
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*test_swallows starts a process (Popen._execute_child) but is not marked slow*"])
+
+
+def test_make_test_hands_out_the_modules_longest_first():
+    """`make test` keeps the collection order (tests/conftest.py puts the longest modules first) instead of
+    xdist's default order by number of tests, and every module named there exists."""
+    from pathlib import Path
+
+    import conftest
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = root.joinpath("Makefile").read_text().split("\ntest: install\n", 1)[1].split("\n\n", 1)[0]
+    assert "--dist loadfile --no-loadscope-reorder" in recipe
+    missing = [n for n in conftest.HEAVY_FIRST if not (root / "tests" / n).is_file()]
+    assert not missing and len(set(conftest.HEAVY_FIRST)) == len(conftest.HEAVY_FIRST)
