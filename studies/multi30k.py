@@ -156,25 +156,10 @@ def _run_fairseq(args: list[str], stdout: Path) -> tuple[int, float, float]:
 def generate_scores(data: Path, jobs: list[tuple[Path, str]]) -> tuple[dict, float, float]:
     """fairseq-generate (beam 5, BPE removed) for each (checkpoint, subset) in one child process; returns
     ({"<ckpt>|<subset>": scores}, wall seconds, CPU seconds)."""
-    spec = json.dumps({"data": str(data), "jobs": [[str(c), s] for c, s in jobs]})
     cpu0, t0 = _child_cpu(), time.time()
-    p = subprocess.run([sys.executable, "-m", "studies.multi30k", "--generate", spec], capture_output=True, text=True,
-                       env=_env())
-    if p.returncode != 0:
-        raise RuntimeError(f"generation failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1]), time.time() - t0, _child_cpu() - cpu0
-
-
-def _generate_main(spec: str) -> int:
-    """The body of generate_scores' child: fairseq imported once for every job, one thread."""
-    import torch
-
-    torch.set_num_threads(1)
-    s = json.loads(spec)
-    data, jobs = Path(s["data"]), [(c, sub) for c, sub in s["jobs"]]
-    texts = evaluate.generate_in_process(data, jobs, extra=["--num-workers", "0"])
-    print(json.dumps({f"{c}|{sub}": evaluate.scores(t, data, sub) for (c, sub), t in zip(jobs, texts)}))
-    return 0
+    texts = evaluate.generate(data, jobs, extra=THREADS, env=_env(), progress=False)
+    return ({f"{c}|{sub}": evaluate.scores(t, data, sub) for (c, sub), t in zip(jobs, texts)},
+            time.time() - t0, _child_cpu() - cpu0)
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -577,10 +562,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true",
                     help="only print the finished runs of --json as a table (and --plot them); trains nothing")
     ap.add_argument("--plot", type=Path, default=None, help="with --report: validation loss per update, to this PNG")
-    ap.add_argument("--generate", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.generate:
-        return _generate_main(a.generate)
     if a.report:
         res = json.loads(a.json.read_text())
         st = res["settings"]  # the plan and the table recomputed from the finished runs alone

@@ -241,8 +241,7 @@ def evaluate_run(run_dir: Path, *, data: Path | None = None, checkpoint: str = "
         raise ValueError(f"--checkpoint {ckpt}: no such file (train first: bash scripts/train-iwslt14.sh ...)")
     if beam < 1:
         raise ValueError(f"--beam must be >= 1, got {beam}")
-    info = data / "prep-info.json"
-    remove_bpe = json.loads(info.read_text()).get("remove_bpe", "subword_nmt") if info.exists() else "subword_nmt"
+    remove_bpe = data_info(data)["remove_bpe"]
     result = {"run_dir": str(run_dir), "method": meta.get("method"), "seed": meta.get("seed"), "rho": meta.get("rho"),
               "checkpoint": str(ckpt), "data": str(data), "beam": beam, "remove_bpe": remove_bpe}
     log(f"[evaluate-iwslt14] {run_dir.name}: fairseq-generate on {', '.join(subsets)} (beam {beam})")
