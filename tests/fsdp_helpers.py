@@ -1,5 +1,6 @@
 """The FSDP2 side of tests/test_fsdp.py: a tiny model, a few SGD/SAM/ASAM updates through the vision
-step, and the runs the test launches under torch.distributed.run (gloo, CPU):
+step, and the runs the test launches on gloo ranks (CPU; tests/workers.py starts them with torchrun's
+environment), as these commands do by hand:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_helpers.py train OUT
     python -m torch.distributed.run --standalone --nproc_per_node 1 tests/fsdp_helpers.py load OUT

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from workers import run_ranks  # tests/ is on sys.path under pytest
 
 from fairseq_asam import ASAM, sharpness_cli
 from fairseq_asam.vision import fsdp as vfsdp
@@ -29,8 +30,16 @@ def _env():
 
 
 def _torchrun(nproc, *args, cwd):
+    """The real torchrun (the docs' command)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=cwd)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p
+
+
+def _ranks(nproc, *args, cwd):
+    """``torchrun --nproc_per_node nproc ARGS`` as its workers see it, forked warm (tests/workers.py)."""
+    p = run_ranks(nproc, list(args), cwd=cwd, env=_env())
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p
 
@@ -39,7 +48,7 @@ def _torchrun(nproc, *args, cwd):
 def sharded_run(tmp_path_factory):
     """tests/fsdp_helpers.py train on 2 workers (every configuration, the shard check, a checkpoint)."""
     out = tmp_path_factory.mktemp("fsdp")
-    _torchrun(2, HELPER, "train", str(out), cwd=str(out))
+    _ranks(2, HELPER, "train", str(out), cwd=str(out))
     return str(out)
 
 
@@ -102,7 +111,7 @@ def test_each_shard_perturbation_is_the_slice_of_the_unsharded_one(sharded_run, 
 @pytest.mark.slow
 def test_sharded_checkpoint_reloads_on_another_number_of_workers(sharded_run):
     # Saved by 2 workers after 4 ASAM (filter) updates, loaded by 1: weights, momentum and rho/eta/p exact.
-    _torchrun(1, HELPER, "load", sharded_run, cwd=sharded_run)
+    _ranks(1, HELPER, "load", sharded_run, cwd=sharded_run)
     saved = torch.load(os.path.join(sharded_run, "ck-full.pt"), weights_only=True)
     got = torch.load(os.path.join(sharded_run, "loaded-1.pt"), weights_only=True)
     for key in ("weights", "momentum"):
@@ -117,7 +126,7 @@ def test_hsdp_two_replicas_of_two_shards_equal_one_process(tmp_path):
     # HSDP (mesh 2 x 2, placements (Replicate(), Shard(0))): the replicas hold the same reduced gradient, so
     # the norm must be totalled over the shard group only; over all 4 workers it would count every shard
     # twice and eps would be sqrt(2) too small. Measured: max |difference| 3.0e-8 (sam), 1.5e-8 (asam filter).
-    _torchrun(4, HELPER, "hsdp", str(tmp_path), cwd=str(tmp_path))
+    _ranks(4, HELPER, "hsdp", str(tmp_path), cwd=str(tmp_path))
     got = torch.load(os.path.join(str(tmp_path), "hsdp-4.pt"), weights_only=True)
     for name in ("sam", "asam-filter"):
         assert got[name]["placements"] == "(Replicate(), Shard(dim=0))"
@@ -217,11 +226,11 @@ def test_cli_fsdp_resume_equals_uninterrupted(cifar_dir, tmp_path, capsys):
     common = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2",
               "--minimizer", "asam", "--normalization", "filter", *TINY]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    _torchrun(2, *common, "--run-dir", a, cwd=str(tmp_path))
-    _torchrun(2, *common, "--run-dir", b, "--stop-after", "1", cwd=str(tmp_path))
+    _ranks(2, *common, "--run-dir", a, cwd=str(tmp_path))
+    _ranks(2, *common, "--run-dir", b, "--stop-after", "1", cwd=str(tmp_path))
     c = str(tmp_path / "c")
     shutil.copytree(b, c)  # for the 1-worker resume below
-    p = _torchrun(2, *common, "--run-dir", b, "--resume", cwd=str(tmp_path))
+    p = _ranks(2, *common, "--run-dir", b, "--resume", cwd=str(tmp_path))
     assert "resumed from" in p.stdout
     ca = _full(os.path.join(a, vfsdp.CHECKPOINT), str(tmp_path))
     cb = _full(os.path.join(b, vfsdp.CHECKPOINT), str(tmp_path))
@@ -294,9 +303,9 @@ def test_cli_fsdp_schedules_resume_equals_uninterrupted(cifar_dir, tmp_path, fla
     common = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2",
               "--minimizer", "asam", *TINY, *flags]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    _torchrun(2, *common, "--run-dir", a, cwd=str(tmp_path))
-    _torchrun(2, *common, "--run-dir", b, "--stop-after", "1", cwd=str(tmp_path))
-    _torchrun(2, *common, "--run-dir", b, "--resume", cwd=str(tmp_path))
+    _ranks(2, *common, "--run-dir", a, cwd=str(tmp_path))
+    _ranks(2, *common, "--run-dir", b, "--stop-after", "1", cwd=str(tmp_path))
+    _ranks(2, *common, "--run-dir", b, "--resume", cwd=str(tmp_path))
     ca = _full(os.path.join(a, vfsdp.CHECKPOINT), str(tmp_path))
     cb = _full(os.path.join(b, vfsdp.CHECKPOINT), str(tmp_path))
     for k in ca["model"]:

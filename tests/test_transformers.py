@@ -238,14 +238,13 @@ def test_ddp_two_gloo_workers_equal_one_process_on_the_global_batch(tmp_path, po
     whole batch; a per-worker eps (a first pass without any reduction) would not be. Tokens are not
     re-weighted across workers (average_tokens_across_devices=False: Marian's loss is a per-batch mean).
     """
-    import torch.multiprocessing as mp
+    from workers import run_workers
 
     from tests.hf_helpers import ddp_worker
 
     kw = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2, optim="sgd",
               learning_rate=0.1, average_tokens_across_devices=False, **policy)
-    mp.start_processes(ddp_worker, args=(2, _free_port(), str(tmp_path), kw), nprocs=2, join=True,
-                       start_method="spawn")
+    run_workers(ddp_worker, (2, _free_port(), str(tmp_path), kw))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ddp"] == "DistributedDataParallel"
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))

@@ -33,13 +33,12 @@ def _free_port() -> int:
 
 def _launch(out, kw, resume=None) -> dict:
     """The 2-worker FSDP2 run; rank 0's record (full weights, ||eps|| per update, grad norms, ...)."""
-    import torch.multiprocessing as mp
+    from workers import run_workers
 
     from tests.hf_helpers import fsdp_worker
 
     os.makedirs(out, exist_ok=True)
-    mp.start_processes(fsdp_worker, args=(2, _free_port(), str(out), kw, resume), nprocs=2, join=True,
-                       start_method="spawn")
+    run_workers(fsdp_worker, (2, _free_port(), str(out), kw, resume))
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["params"][n], r1["params"][n]) for n in r0["params"])
     assert r0["eps"] == r1["eps"]  # one global eps: every rank logs the same ||eps||

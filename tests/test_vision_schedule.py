@@ -5,11 +5,10 @@ the checkpoint), the fraction of updates with a second pass per epoch, fp16 AMP 
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from workers import run_ranks  # tests/ is on sys.path under pytest
 
 from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.toydata import write_cifar
@@ -78,11 +77,11 @@ def test_ddp_two_processes_gloo(cifar_dir, tmp_path, flags):
     # The first pass runs per worker (no_sync): the schedule's decision, statistics and stored direction
     # must still agree on every rank, or the weights drift apart (checked by the entry point itself).
     d = str(tmp_path / "ddp")
+    # Two ranks as torchrun starts them, forked warm (tests/workers.py).
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2",
-           "--device", "cpu", "--run-dir", d, "--minimizer", "asam", *TINY, *flags]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    argv = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2",
+            "--device", "cpu", "--run-dir", d, "--minimizer", "asam", *TINY, *flags]
+    p = run_ranks(2, argv, env=env, timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "weights identical on all 2 ranks" in p.stdout
     hist = json.load(open(os.path.join(d, "metrics.json")))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from workers import run_ranks  # tests/ is on sys.path under pytest
 
 from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.data import build_eval_dataset
@@ -140,10 +141,13 @@ def test_resume_equals_uninterrupted(cifar_dir, tmp_path):
                          ids=["asam", "sam-m8", "asam-accum2"])
 def test_ddp_two_processes_gloo(cifar_dir, tmp_path, extra):
     d = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1",
-           "--device", "cpu", "--run-dir", d, *TINY, *extra]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    argv = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1",
+            "--device", "cpu", "--run-dir", d, *TINY, *extra]
+    if "--m-sharpness" in extra:  # the real torchrun, which parses its own options first
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    else:  # the same two ranks, forked warm (tests/workers.py)
+        p = run_ranks(2, argv, env=_env(), timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "weights identical on all 2 ranks" in p.stdout
     args = json.load(open(os.path.join(d, "args.json")))
