@@ -3,16 +3,19 @@
 tests/conftest.py calls ``guard(item)`` around the setup, call and teardown of every test that is not
 marked slow (so also around the session and module fixtures it is the first to request). While it is on,
 every way of starting a process raises ``StartsAProcess``: ``subprocess.Popen`` (run, check_output,
-os.popen), multiprocessing's spawn and forkserver start methods (torch.multiprocessing, torchrun's
-workers) through ``_posixsubprocess.fork_exec``, its fork start method and DataLoader workers through
-``os.fork``, and ``os.system`` / ``os.posix_spawn``. Helpers that start a process another way (the warm
-fairseq fork server of tests/fairseq_helpers.py forks in its own process) call ``check(what)`` first.
+os.popen), multiprocessing's spawn start method (torch.multiprocessing, torchrun's workers) through
+``_posixsubprocess.fork_exec``, its forkserver start method through
+``multiprocessing.forkserver.connect_to_new_process`` (the request to the fork server, which may be running
+already: tests/workers.py keeps one), its fork start method and DataLoader workers through ``os.fork``, and
+``os.system`` / ``os.posix_spawn``. Helpers that start a process another way (the warm fairseq fork server
+of tests/fairseq_helpers.py forks in its own process) call ``check(what)`` first.
 """
 
 from __future__ import annotations
 
 import _posixsubprocess
 import contextlib
+import multiprocessing.forkserver
 import os
 import subprocess
 
@@ -26,6 +29,7 @@ class StartsAProcess(RuntimeError):
 _STARTERS = [
     (subprocess.Popen, "_execute_child"),
     (_posixsubprocess, "fork_exec"),
+    (multiprocessing.forkserver, "connect_to_new_process"),
     (os, "fork"),
     (os, "forkpty"),
     (os, "posix_spawn"),

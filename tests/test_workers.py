@@ -15,9 +15,11 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
         "MASTER_ADDR", "OMP_NUM_THREADS", "MARK"]
-print(json.dumps({"argv": sys.argv[1:], "name": __name__, "cwd": os.getcwd(), "rank": dist.get_rank(),
-                  "world": dist.get_world_size(), "env": {k: os.environ.get(k) for k in keys}}))
-if sys.argv[1] == "fail":
+with open(f"{sys.argv[1]}.rank{dist.get_rank()}.json", "w") as f:  # stdout: torchrun interleaves the ranks' lines
+    json.dump({"argv": sys.argv[1:], "name": __name__, "cwd": os.getcwd(), "rank": dist.get_rank(),
+               "world": dist.get_world_size(), "env": {k: os.environ.get(k) for k in keys}}, f)
+print(f"rank {dist.get_rank()} here")
+if sys.argv[2] == "fail":
     if dist.get_rank() == 1:
         sys.exit("rank 1 gives up")
     dist.barrier()  # rank 0 would wait here forever: the launcher stops it
@@ -34,21 +36,22 @@ def test_ranks_see_what_torchrun_gives_its_workers(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
     real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), "ok", "--flag"], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                           str(script), "real", "ok", "--flag"], env=_env(), cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert real.returncode == 0, real.stderr[-3000:]
-    warm = run_ranks(2, [str(script), "ok", "--flag"], cwd=str(tmp_path), env=_env())
+    warm = run_ranks(2, [str(script), "warm", "ok", "--flag"], cwd=str(tmp_path), env=_env())
     assert warm.returncode == 0, warm.stderr[-3000:]
-    by_rank = lambda out: sorted((json.loads(x) for x in out.splitlines() if x.startswith("{")),  # noqa: E731
-                                 key=lambda r: r["rank"])
-    a, b = by_rank(real.stdout), by_rank(warm.stdout)
-    assert [r["rank"] for r in b] == [0, 1] and all(r["world"] == 2 for r in b)
-    assert a == b  # argv, __main__, working directory, ranks and every variable listed
+    assert "rank 0 here" in warm.stdout and "rank 1 here" in warm.stdout  # every rank's output comes back
+    for r in (0, 1):
+        a, b = (json.loads((tmp_path / f"{how}.rank{r}.json").read_text()) for how in ("real", "warm"))
+        assert b["rank"] == r and b["world"] == 2 and b["argv"] == ["warm", "ok", "--flag"]
+        a["argv"][0] = "warm"
+        assert a == b  # argv, __main__, working directory, rank, world size and every variable listed
 
 
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_run_and_stops_the_others(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
-    p = run_ranks(2, [str(script), "fail"], cwd=str(tmp_path), env=_env(), timeout=120)
+    p = run_ranks(2, [str(script), "out", "fail"], cwd=str(tmp_path), env=_env(), timeout=120)
     assert p.returncode == 1 and "rank 1 gives up" in p.stderr
