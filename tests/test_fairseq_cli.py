@@ -17,7 +17,6 @@ About 2 minutes on two cores::
 """
 
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -33,6 +32,7 @@ from fairseq_helpers import (
     tiny_train_args,
     train_logs,
 )
+from workers import free_port  # tests/ is on sys.path under pytest
 
 import fairseq_asam.fairseq_ext  # noqa: F401  (the checkpoint allow-list: torch.load below runs with weights_only=True)
 
@@ -254,15 +254,10 @@ def test_a_task_without_the_second_pass_is_refused_at_startup(work, tiny_data_bi
 # ---- DDP ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_train(data_bin, save_dir, *extra, timeout=240):
     """fairseq-train on 2 CPU processes: gloo, legacy_ddp (fairseq's pytorch_ddp wrapper needs CUDA devices)."""
-    port = _free_port()
+    port = free_port()
     args = tiny_train_args(
         data_bin, save_dir, *extra, "--distributed-world-size", "2", "--distributed-init-method",
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--ddp-backend", "legacy_ddp",

@@ -6,15 +6,13 @@ workers, and ``asam-vision-train --fsdp`` resume == uninterrupted. The 2-process
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import fsdp_helpers as fh  # tests/ is on sys.path under pytest
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from workers import run_ranks  # tests/ is on sys.path under pytest
+from workers import run_ranks, torchrun  # tests/ is on sys.path under pytest
 
 from fairseq_asam import ASAM, sharpness_cli
 from fairseq_asam.vision import fsdp as vfsdp
@@ -31,8 +29,7 @@ def _env():
 
 def _torchrun(nproc, *args, cwd):
     """The real torchrun (the docs' command)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=cwd)
+    p = torchrun(nproc, list(args), cwd=cwd, env=_env())
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p
 

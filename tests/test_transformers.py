@@ -220,13 +220,6 @@ def test_importing_the_package_imports_no_transformers():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", [{}, dict(asam_one_pass="previous")], ids=["full", "one-pass"])
@@ -238,13 +231,13 @@ def test_ddp_two_gloo_workers_equal_one_process_on_the_global_batch(tmp_path, po
     whole batch; a per-worker eps (a first pass without any reduction) would not be. Tokens are not
     re-weighted across workers (average_tokens_across_devices=False: Marian's loss is a per-batch mean).
     """
-    from workers import run_workers
+    from workers import free_port, run_workers
 
     from tests.hf_helpers import ddp_worker
 
     kw = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2, optim="sgd",
               learning_rate=0.1, average_tokens_across_devices=False, **policy)
-    run_workers(ddp_worker, (2, _free_port(), str(tmp_path), kw))
+    run_workers(ddp_worker, (2, free_port(), str(tmp_path), kw))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ddp"] == "DistributedDataParallel"
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))

@@ -23,22 +23,14 @@ from fairseq_asam.integrations.transformers import SHARDED_STATE_NAME, STATE_NAM
 from tests.hf_helpers import tiny_marian, token_data, trainer_args  # noqa: E402
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out, kw, resume=None) -> dict:
     """The 2-worker FSDP2 run; rank 0's record (full weights, ||eps|| per update, grad norms, ...)."""
-    from workers import run_workers
+    from workers import free_port, run_workers
 
     from tests.hf_helpers import fsdp_worker
 
     os.makedirs(out, exist_ok=True)
-    run_workers(fsdp_worker, (2, _free_port(), str(out), kw, resume))
+    run_workers(fsdp_worker, (2, free_port(), str(out), kw, resume))
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["params"][n], r1["params"][n]) for n in r0["params"])
     assert r0["eps"] == r1["eps"]  # one global eps: every rank logs the same ||eps||

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from workers import run_ranks  # tests/ is on sys.path under pytest
+from workers import run_ranks, torchrun  # tests/ is on sys.path under pytest
 
 from fairseq_asam.vision import train as vtrain
 from fairseq_asam.vision.data import build_eval_dataset
@@ -144,8 +144,7 @@ def test_ddp_two_processes_gloo(cifar_dir, tmp_path, extra):
     argv = ["-m", "fairseq_asam.vision", "--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "1",
             "--device", "cpu", "--run-dir", d, *TINY, *extra]
     if "--m-sharpness" in extra:  # the real torchrun, which parses its own options first
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
-        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        p = torchrun(2, argv, env=_env(), timeout=300, cwd=str(tmp_path))
     else:  # the same two ranks, forked warm (tests/workers.py)
         p = run_ranks(2, argv, env=_env(), timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

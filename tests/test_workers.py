@@ -3,11 +3,9 @@ torchrun worker sees, the exit status and output of a failing rank, and the othe
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from workers import run_ranks  # tests/ is on sys.path under pytest
+from workers import run_ranks, torchrun  # tests/ is on sys.path under pytest
 
 SCRIPT = r"""
 import json, os, sys
@@ -35,9 +33,7 @@ def _env():
 def test_ranks_see_what_torchrun_gives_its_workers(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
-    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), "real", "ok", "--flag"], env=_env(), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    real = torchrun(2, [str(script), "real", "ok", "--flag"], cwd=str(tmp_path), env=_env(), timeout=120)
     assert real.returncode == 0, real.stderr[-3000:]
     warm = run_ranks(2, [str(script), "warm", "ok", "--flag"], cwd=str(tmp_path), env=_env())
     assert warm.returncode == 0, warm.stderr[-3000:]

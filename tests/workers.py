@@ -8,6 +8,7 @@ operation and holds no thread and no process group when it forks, so each worker
 its imports done.
 
 - ``run_workers(fn, args, nprocs)``: ``fn(rank, *args)`` per worker, as ``torch.multiprocessing.start_processes``.
+- ``torchrun(nproc, argv, cwd=, env=)``: the real torchrun, for the tests of what it does itself.
 - ``run_ranks(nproc, argv, cwd=, env=)``: a command line (``-m module ...`` or ``script.py ...``) on ``nproc``
   ranks with the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
   MASTER_ADDR, MASTER_PORT; rank 0 hosts the store), run as ``python`` would run it (``__main__``, sys.argv,
@@ -17,6 +18,7 @@ its imports done.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,20 +30,14 @@ from pathlib import Path
 # process with the list it has then, so it is one list, set in one place.
 PRELOAD = ["torch", "torch.distributed.fsdp", "torchvision", "fairseq_asam", "fairseq_asam.vision.train",
            "fairseq_asam.vision.fsdp", "fsdp_helpers"]
-try:
-    import transformers  # noqa: F401
-
+if importlib.util.find_spec("transformers") is not None:  # the hf extra (without it, its tests skip)
     PRELOAD += ["tests.hf_helpers", "fairseq_asam.integrations.transformers"]
-except ImportError:  # the hf extra is not installed: its tests skip
-    pass
 
 
-def _context():
+def _preload() -> None:
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
 
 
 def run_workers(fn, args: tuple, nprocs: int = 2) -> None:
@@ -49,11 +45,12 @@ def run_workers(fn, args: tuple, nprocs: int = 2) -> None:
     The workers set their own environment (RANK, MASTER_PORT, ...) and thread count."""
     import torch.multiprocessing as mp
 
-    _context()
+    _preload()
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for MASTER_PORT or fairseq's --distributed-init-method)."""
     import socket
 
     with socket.socket() as s:
@@ -91,10 +88,12 @@ def _rank_main(rank: int, nproc: int, port: int, argv: list[str], cwd: str, env:
             sys.argv = list(argv)
             sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
             runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
+    except SystemExit as e:  # as the interpreter: an int is the status, another object is printed, status 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
             print(e.code, file=sys.stderr)
+            code = 1
     except BaseException:
         import traceback
 
@@ -107,14 +106,20 @@ def _rank_main(rank: int, nproc: int, port: int, argv: list[str], cwd: str, env:
         os._exit(code)
 
 
+def torchrun(nproc: int, argv: list[str], *, cwd: str, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    """The real ``torchrun --standalone --nproc_per_node nproc ARGV`` (for what torchrun itself does)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *map(str, argv)]
+    return subprocess.run(cmd, env=env, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+
+
 def run_ranks(nproc: int, argv: list[str], *, cwd: str, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
     """``argv`` on ``nproc`` ranks; the CompletedProcess has the first non-zero exit status (or 0) and every rank's
     stdout and stderr, rank 0's first (torchrun prints them interleaved)."""
     import torch.multiprocessing as mp
 
-    _context()
+    _preload()
     with tempfile.TemporaryDirectory(prefix="ranks-") as logs:
-        ctx = mp.start_processes(_rank_main, args=(nproc, _free_port(), list(map(str, argv)), str(cwd), dict(env), logs),
+        ctx = mp.start_processes(_rank_main, args=(nproc, free_port(), list(map(str, argv)), str(cwd), dict(env), logs),
                                  nprocs=nproc, join=False, start_method="forkserver")
         deadline, code = time.monotonic() + timeout, 0
         try:
