@@ -35,8 +35,11 @@ the finished records, so the JSON alone is enough to continue. Command::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import math
+import multiprocessing
 import os
 import resource
 import shlex
@@ -287,6 +290,47 @@ def plan(runs: dict, *, seeds: list[int], grid_seeds: list[int], grids: dict, ma
                 if job not in jobs:
                     jobs.append(job)
     return jobs, decisions
+
+
+def speculative(runs: dict, decisions: dict, *, grid_seeds: list[int], max_widen: int = MAX_WIDEN,
+                busy=()) -> list[tuple]:
+    """Runs to start on an idle core while a rho choice still waits for its grid: for each method whose
+    choice waits, if the best of its finished grid values (mean validation sacreBLEU over the grid seeds)
+    sits at an end of the grid, the widening value on that side (the one :func:`plan` adds if that value
+    stays the best). Started early, not on the plan's word: if the choice moves, the run is kept in the
+    JSON and no comparison uses it."""
+    out = []
+    for m, d in decisions.items():
+        if d.get("chosen") is not None or len(d["widened"]) >= max_widen:
+            continue
+        done = [r for r in d["grid"] if all(key(m, r, s) in runs for s in grid_seeds)]
+        if not done:
+            continue
+        lead, _ = choose_rho(runs, m, done, grid_seeds)
+        side = "lowest" if lead == min(d["grid"]) else "highest" if lead == max(d["grid"]) else None
+        nxt = widen(d["grid"], side) if side else None
+        if nxt is not None:
+            out += [(m, nxt, s) for s in grid_seeds if key(m, nxt, s) not in runs and (m, nxt, s) not in busy]
+    return out
+
+
+def _run_job(core: int | None, out: Path, job: tuple, kw: dict) -> dict:
+    """One run in a worker process pinned to ``core`` (its fairseq children inherit the pin)."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    return train_one(out, *job, log=functools.partial(print, flush=True), **kw)
+
+
+def _submit(pool, fn, *args) -> concurrent.futures.Future:
+    """``pool.submit``; without a pool, ``fn`` runs here and the returned future is already done."""
+    if pool is not None:
+        return pool.submit(fn, *args)
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as e:  # noqa: BLE001 - handed to the caller through the future, as the pool does
+        fut.set_exception(e)
+    return fut
 
 
 # ---- summary --------------------------------------------------------------------------------------
@@ -555,6 +599,9 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=PATIENCE)
     ap.add_argument("--avg", type=int, default=AVG_N)
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each pinned to one of the allowed cores (default %(default)s); with a free "
+                         "core and a rho choice still waiting for its grid, the likely widening run starts early")
     ap.add_argument("--size", action="store_true", help="only measure the sizing candidates' speed")
     ap.add_argument("--size-updates", type=int, default=40)
     ap.add_argument("--size-models", default=",".join(SIZE_CANDIDATES))
@@ -609,12 +656,23 @@ def main(argv=None) -> int:
         else:
             other.append(r)
     grids = {m: GRID[m] for m in methods}
-    cmd = ("PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c 1 python -m studies.multi30k "
+    cmd = (f"PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} "
+           "python -m studies.multi30k "
            + shlex.join([a for a in (argv if argv is not None else sys.argv[1:])]))
-    started = 0
+    kw = {"model": MODEL, "recipe": RECIPE, "max_epoch": a.max_epoch, "patience": a.patience, "avg_n": a.avg}
+    cores = sorted(os.sched_getaffinity(0))[:a.jobs] if a.jobs > 1 else [None]
+    running: dict = {}  # future -> (job, core, keys of the runs that ran beside it)
+    started, failed = 0, None
+    # one run at a time runs in this process; several in forked workers (this process holds no thread and
+    # has not imported torch: train_one imports it in the worker)
+    pool = (concurrent.futures.ProcessPoolExecutor(len(cores), mp_context=multiprocessing.get_context("fork"))
+            if len(cores) > 1 else None)
     while True:
         jobs, decisions = plan(runs, seeds=seeds, grid_seeds=grid_seeds, grids=grids, methods=methods)
-        todo = [j for j in jobs if key(*j) not in runs]
+        busy = [j for j, _, _ in running.values()]
+        todo = [j for j in jobs if key(*j) not in runs and j not in busy]
+        if len(todo) < len(cores) - len(running):
+            todo += [j for j in speculative(runs, decisions, grid_seeds=grid_seeds, busy=busy) if j not in todo]
         summary = summarize(runs, decisions, seeds)
         res = {**{k: v for k, v in prior.items() if k not in ("runs", "summary", "markdown", "plan", "status",
                                                                  "status_markdown", "other_settings_runs")},
@@ -625,19 +683,36 @@ def main(argv=None) -> int:
                             "ladder": LADDER, "max_widen": MAX_WIDEN, "bpe": f"subword-nmt, {BPE_TOKENS} merges (joint)",
                             "beam": 5, "rho_choice": "mean validation sacreBLEU (best checkpoint) over the grid seeds"},
                "data": {k: info[k] for k in ("corpus", "counts", "dict_sizes", "dict_sha256", "cased", "sources")},
-               "status": {"finished_runs": len(runs), "planned_runs_known": len(jobs), "next": [key(*j) for j in todo[:3]],
-                          "complete": not todo},
+               "status": {"finished_runs": len(runs), "planned_runs_known": len(jobs),
+                          "running": [key(*j) for j in busy], "next": [key(*j) for j in todo[:3]],
+                          "complete": not todo and not running},
                "plan": decisions, "summary": summary, "markdown": markdown(summary, decisions),
                "runs": list(runs.values()), "other_settings_runs": other}
         res["status_markdown"] = status_markdown(res)  # docs/multi30k.md's status (scripts/readme_numbers.py)
         write_json(res, a.json)
-        if not todo or (a.max_runs is not None and started >= a.max_runs):
+        while failed is None and todo and len(running) < len(cores) and (a.max_runs is None or started < a.max_runs):
+            job = todo.pop(0)
+            core = next(c for c in cores if c not in {c2 for _, c2, _ in running.values()})
+            for _, _, beside in running.values():
+                beside.add(key(*job))
+            running[_submit(pool, _run_job, core, out, job, kw)] = (job, core, {key(*j) for j, _, _ in running.values()})
+            started += 1
+        if not running:
             break
-        m, rho, s = todo[0]
-        rec = train_one(out, m, rho, s, model=MODEL, recipe=RECIPE, max_epoch=a.max_epoch, patience=a.patience,
-                        avg_n=a.avg, log=lambda x: print(x, flush=True))
-        runs[rec["key"]] = rec
-        started += 1
+        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for fut in done:
+            job, _, beside = running.pop(fut)
+            try:
+                rec = fut.result()
+            except Exception as e:  # the other runs finish and are kept; then the failure is raised
+                failed = failed or e
+                continue
+            rec["beside"] = sorted(beside)  # the study's runs that shared the machine with it: its cost was measured beside them
+            runs[rec["key"]] = rec
+    if pool is not None:
+        pool.shutdown()
+    if failed is not None:
+        raise failed
     print(res["markdown"], flush=True)
     return 0
 

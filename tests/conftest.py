@@ -55,6 +55,10 @@ def pytest_sessionstart(session):
     from fairseq_asam import _compat
 
     _compat.release_freed_host_memory()
+    # matplotlib builds its font cache on a machine's first plot by running `fc-list`: a lookup of
+    # matplotlib's, not a process the test that plots first starts
+    with contextlib.suppress(ImportError):
+        import matplotlib.font_manager  # noqa: F401
 
 
 def _phase(item):

@@ -105,7 +105,7 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
     assert S.main([*argv, "--max-runs", "3"]) == 0
     assert trained == ["adam-seed1", "asam-seed1-rho0.1", "asam-seed1-rho0.2"]
     res = json.loads(js.read_text())
-    assert res["status"] == {"finished_runs": 3, "planned_runs_known": 4, "next": ["asam-seed1-rho0.5"],
+    assert res["status"] == {"finished_runs": 3, "planned_runs_known": 4, "running": [], "next": ["asam-seed1-rho0.5"],
                              "complete": False}
     assert "studies.multi30k" in res["command"] and res["resume"]
     # the page's status table (scripts/readme_numbers.py renders it into docs/multi30k.md) is the JSON's runs
@@ -132,6 +132,73 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
     monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: {**fake_info, "dict_sha256": {"de": "x"}})
     with pytest.raises(SystemExit, match="dictionaries differ"):
         S.main(argv)
+
+
+def test_speculative_widening_is_the_run_the_plan_adds_if_the_leading_rho_stays_the_best():
+    base = [rec("adam", None, 1, 30), rec("asam", 0.1, 1, 33), rec("asam", 0.2, 1, 32)]
+    runs = runs_of(*base)
+    _, dec = S.plan(runs, **KW)  # 0.5 still missing: the choice waits
+    assert dec["asam"]["chosen"] is None
+    assert S.speculative(runs, dec, grid_seeds=[1]) == [("asam", 0.05, 1)]
+    assert S.speculative(runs, dec, grid_seeds=[1], busy=[("asam", 0.05, 1)]) == []
+    # the leader inside the grid, or the widening budget spent: nothing to start early
+    runs = runs_of(base[0], rec("asam", 0.1, 1, 31), rec("asam", 0.2, 1, 33))
+    assert S.speculative(runs, S.plan(runs, **KW)[1], grid_seeds=[1]) == []
+    assert S.speculative(runs_of(*base), {"asam": {**dec["asam"], "widened": [1.0, 2.0]}}, grid_seeds=[1]) == []
+    # when the choice lands where the speculation bet, the plan asks for exactly the run already started
+    runs = runs_of(*base, rec("asam", 0.5, 1, 31))
+    jobs, dec = S.plan(runs, **KW)
+    assert jobs[-1] == ("asam", 0.05, 1) and dec["asam"]["widened"] == [0.05]
+
+
+def _timed_train(out, m, rho, seed, **kw):
+    """A stand-in for one run that logs when it ran and in which process and on which cores (a forked
+    worker: the test's monkeypatch is inherited)."""
+    import os
+    import time
+
+    t0 = time.time()
+    time.sleep(1.2 if rho == 0.5 else 0.3)
+    with open(Path(out) / "ran.jsonl", "a") as f:
+        f.write(json.dumps({"key": S.key(m, rho, seed), "pid": os.getpid(), "t0": t0, "t1": time.time(),
+                            "cores": sorted(os.sched_getaffinity(0))}) + "\n")
+    valid = {0.1: 33, 0.2: 32, 0.5: 31, None: 30}.get(rho, 34)  # the lowest end leads: the grid widens twice
+    return rec(m, rho, seed, valid, test=30 + seed + (m == "asam"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two allowed cores")
+def test_two_jobs_run_side_by_side_on_their_own_cores_and_reach_the_one_job_plan(tmp_path, monkeypatch):
+    fake_info = {"corpus": "multi30k", "counts": {}, "dict_sizes": {}, "dict_sha256": {"de": "a", "en": "b"},
+                 "cased": True, "sources": {}}
+    monkeypatch.setattr(S, "train_one", _timed_train)
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: fake_info)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--out", str(out), "--seeds", "1,2", "--grid-seeds", "1", "--methods", "asam"]
+    assert S.main([*argv, "--json", str(tmp_path / "one.json")]) == 0
+    (out / "ran.jsonl").unlink()
+    assert S.main([*argv, "--json", str(tmp_path / "two.json"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["plan"] == two["plan"] and one["summary"] == two["summary"] and two["status"]["complete"]
+    assert sorted(r["key"] for r in one["runs"]) == sorted(r["key"] for r in two["runs"])
+    ran = [json.loads(x) for x in (out / "ran.jsonl").read_text().splitlines()]
+    assert two["plan"]["asam"]["chosen"] == 0.02 and two["plan"]["asam"]["widened"] == [0.05, 0.02]
+    assert len(ran) == 8 and len({r["pid"] for r in ran}) == 2  # two worker processes
+    assert all(len(r["cores"]) == 1 for r in ran) and len({r["cores"][0] for r in ran}) == 2
+    at = {r["key"]: r for r in ran}
+    # the first pair overlaps in time; the widening run starts while the grid's last run still trains
+    first = sorted(ran, key=lambda r: r["t0"])[:2]
+    assert first[1]["t0"] < first[0]["t1"]
+    assert at["asam-seed1-rho0.05"]["t0"] < at["asam-seed1-rho0.5"]["t1"]
+    # every run records (at least) the runs that shared the machine with it
+    for r in two["runs"]:
+        me = at[r["key"]]
+        overlap = {k for k, x in at.items() if k != r["key"] and x["t0"] < me["t1"] and me["t0"] < x["t1"]}
+        assert set(r["beside"]) >= overlap
+    assert "asam-seed1-rho0.5" in next(r for r in two["runs"] if r["key"] == "asam-seed1-rho0.05")["beside"]
+    assert all(r["beside"] == [] for r in one["runs"])
+    assert "taskset -c" in two["command"] and "--jobs 2" in two["command"]
 
 
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
