@@ -314,11 +314,13 @@ def multi30k_result(m30k: dict) -> str:
 
 
 def multi30k_page(m30k: dict) -> str:
-    """docs/multi30k.md's status: the count, every finished run, and the table so far (all as the study wrote them)."""
+    """docs/multi30k.md's results: the count, the table (so far), what it means beside the paper, then every
+    finished run (all as the study wrote them)."""
     result = multi30k_result(m30k)
     return "\n\n".join([f"{multi30k_status(m30k)} (as of the committed JSON; tokenized BLEU and sacreBLEU agree "
-                         "closely on these captions):", m30k["status_markdown"], m30k["markdown"]]
-                        + ([result + "."] if result else []))
+                         "closely on these captions):", m30k["markdown"]]
+                        + ([result + "."] if result else [])
+                        + ["Every finished run, in the order it finished:", m30k["status_markdown"]])
 
 
 def _load_average(xs: list[float]) -> str:

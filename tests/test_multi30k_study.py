@@ -199,6 +199,9 @@ def test_two_jobs_run_side_by_side_on_their_own_cores_and_reach_the_one_job_plan
     assert "asam-seed1-rho0.5" in next(r for r in two["runs"] if r["key"] == "asam-seed1-rho0.05")["beside"]
     assert all(r["beside"] == [] for r in one["runs"])
     assert "taskset -c" in two["command"] and "--jobs 2" in two["command"]
+    # the page's run table says which runs shared the machine
+    assert "asam-seed1-rho0.05 with asam-seed1-rho0.5" in two["status_markdown"]
+    assert "side by side" not in one["status_markdown"]
 
 
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",

@@ -158,6 +158,9 @@ def test_multi30k_result_sets_the_paired_gain_beside_the_papers_and_the_seeds_it
             "the paper's IWSLT'14 gain, +0.16, would be 0.8 SE here: resolving it at 3 SE takes about 57 paired seeds")
     assert R.multi30k_result(m30k) == want
     assert want in R.render(multi30k=m30k)["reproduced"] and want + "." in R.render(multi30k=m30k)["multi30k"]
+    # the page leads with the table and what it means; every run's row follows
+    page = R.render(multi30k=m30k)["multi30k"]
+    assert page.index(m30k["markdown"]) < page.index(want) < page.index(m30k["status_markdown"])
     m30k["status"]["complete"] = False
     assert R.multi30k_result(m30k).startswith("ASAM - Adam on Multi30k so far: +0.30")
     m30k["summary"]["power"] = None  # before ASAM and Adam share a seed
