@@ -144,12 +144,23 @@ def _child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent ends (prctl PR_SET_PDEATHSIG): a study that is
+    killed leaves no worker or fairseq-train running on. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
 def _run_fairseq(args: list[str], stdout: Path) -> tuple[int, float, float]:
-    """fairseq-train in a child process; (exit code, wall seconds, CPU seconds of the child)."""
+    """fairseq-train in a child process that ends with this one; (exit code, wall seconds, CPU seconds of the
+    child)."""
     cpu0, t0 = _child_cpu(), time.time()
     with open(stdout, "w", encoding="utf-8") as f:
         rc = subprocess.call([sys.executable, "-m", "fairseq_cli.train", *args], stdout=f, stderr=subprocess.STDOUT,
-                             env=_env())
+                             env=_env(), preexec_fn=die_with_parent)
     return rc, time.time() - t0, _child_cpu() - cpu0
 
 
@@ -629,6 +640,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     grid_seeds = [int(s) for s in a.grid_seeds.split(",")]
     methods = [m for m in a.methods.split(",") if m]
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {a.jobs}")
     if not set(grid_seeds) <= set(seeds) or any(m not in TUNED for m in methods):
         raise SystemExit(f"--grid-seeds must be a subset of --seeds and --methods a subset of {','.join(TUNED)}")
     out = a.out.resolve()
@@ -669,7 +682,8 @@ def main(argv=None) -> int:
     started, failed = 0, None
     # one run at a time runs in this process; several in forked workers (this process holds no thread and
     # has not imported torch: train_one imports it in the worker)
-    pool = (concurrent.futures.ProcessPoolExecutor(len(cores), mp_context=multiprocessing.get_context("fork"))
+    pool = (concurrent.futures.ProcessPoolExecutor(len(cores), mp_context=multiprocessing.get_context("fork"),
+                                                   initializer=die_with_parent)
             if len(cores) > 1 else None)
     while True:
         jobs, decisions = plan(runs, seeds=seeds, grid_seeds=grid_seeds, grids=grids, methods=methods)

@@ -1,6 +1,7 @@
 """studies/multi30k.py (issue 25): the plan decided from finished runs alone (rho grid, widening at an edge,
 paired seeds), the results JSON rewritten after every run, and a rerun that skips finished runs."""
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -202,6 +203,62 @@ def test_two_jobs_run_side_by_side_on_their_own_cores_and_reach_the_one_job_plan
     # the page's run table says which runs shared the machine
     assert "asam-seed1-rho0.05 with asam-seed1-rho0.5" in two["status_markdown"]
     assert "side by side" not in one["status_markdown"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie has ended; only its parent's reaping is left
+
+
+def _train_that_sleeps(out, m, rho, seed, **kw):
+    """A run whose child process (as fairseq-train is started) sleeps; its pid goes to a file."""
+    import os
+    import subprocess
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], preexec_fn=S.die_with_parent)
+    (Path(out) / f"{S.key(m, rho, seed)}.pid").write_text(f"{child.pid} {os.getpid()}")
+    time.sleep(300)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_study_leaves_no_worker_or_training_process_behind(tmp_path, monkeypatch):
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    fake_info = {"corpus": "multi30k", "counts": {}, "dict_sizes": {}, "dict_sha256": {"de": "a", "en": "b"},
+                 "cased": True, "sources": {}}
+    monkeypatch.setattr(S, "train_one", _train_that_sleeps)
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: fake_info)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--out", str(out), "--json", str(tmp_path / "r.json"), "--seeds", "1", "--methods", "asam", "--jobs", "2"]
+    study = multiprocessing.get_context("fork").Process(target=S.main, args=(argv,))
+    study.start()
+    deadline = time.time() + 60
+    while len(list(out.glob("*.pid"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(p) for f in out.glob("*.pid") for p in f.read_text().split()]  # each run's child and worker
+    try:
+        assert len(pids) == 4 and not any(_gone(p) for p in pids)
+        os.kill(study.pid, signal.SIGKILL)  # as `kill -9` of the study: no handler of its own runs
+        study.join()
+        deadline = time.time() + 20
+        while not all(_gone(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(p) for p in pids), "a worker or a training process outlived the killed study"
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(study.pid, signal.SIGKILL)
 
 
 TINY = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
