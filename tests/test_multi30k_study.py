@@ -28,6 +28,9 @@ def runs_of(*recs):
     return {r["key"]: r for r in recs}
 
 
+# what corpora.prepare_multi30k returns, for the tests whose runs do not read the data
+PREPARED = {"corpus": "multi30k", "counts": {}, "dict_sizes": {}, "dict_sha256": {"de": "a", "en": "b"}, "cased": True,
+            "sources": {}}
 KW = {"seeds": [1, 2, 3], "grid_seeds": [1], "grids": {"asam": (0.1, 0.2, 0.5)}, "methods": ("asam",)}
 
 
@@ -95,10 +98,8 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
         assert len(on_disk) == len(trained) - 1 + n_before
         return rec(m, rho, seed, scores.get((m, rho), 30), test=30 + seed + (m == "asam"))
 
-    fake_info = {"corpus": "multi30k", "counts": {}, "dict_sizes": {}, "dict_sha256": {"de": "a", "en": "b"},
-                 "cased": True, "sources": {}}
     monkeypatch.setattr(S, "train_one", fake_train)
-    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: fake_info)
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: PREPARED)
     js = tmp_path / "res.json"
     argv = ["--out", str(tmp_path / "out"), "--json", str(js), "--seeds", "1,2", "--grid-seeds", "1",
             "--methods", "asam"]
@@ -130,7 +131,7 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
     res = json.loads(js.read_text())
     assert [r["key"] for r in res["other_settings_runs"]] == ["adam-seed2"] and len(res["runs"]) == 6
     # runs made with other dictionaries are not mixed in
-    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: {**fake_info, "dict_sha256": {"de": "x"}})
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: {**PREPARED, "dict_sha256": {"de": "x"}})
     with pytest.raises(SystemExit, match="dictionaries differ"):
         S.main(argv)
 
@@ -170,10 +171,8 @@ def _timed_train(out, m, rho, seed, **kw):
 @pytest.mark.slow
 @pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two allowed cores")
 def test_two_jobs_run_side_by_side_on_their_own_cores_and_reach_the_one_job_plan(tmp_path, monkeypatch):
-    fake_info = {"corpus": "multi30k", "counts": {}, "dict_sizes": {}, "dict_sha256": {"de": "a", "en": "b"},
-                 "cased": True, "sources": {}}
     monkeypatch.setattr(S, "train_one", _timed_train)
-    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: fake_info)
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: PREPARED)
     out = tmp_path / "out"
     out.mkdir()
     argv = ["--out", str(out), "--seeds", "1,2", "--grid-seeds", "1", "--methods", "asam"]
@@ -232,10 +231,8 @@ def test_a_killed_study_leaves_no_worker_or_training_process_behind(tmp_path, mo
     import signal
     import time
 
-    fake_info = {"corpus": "multi30k", "counts": {}, "dict_sizes": {}, "dict_sha256": {"de": "a", "en": "b"},
-                 "cased": True, "sources": {}}
     monkeypatch.setattr(S, "train_one", _train_that_sleeps)
-    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: fake_info)
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: PREPARED)
     out = tmp_path / "out"
     out.mkdir()
     argv = ["--out", str(out), "--json", str(tmp_path / "r.json"), "--seeds", "1", "--methods", "asam", "--jobs", "2"]
