@@ -323,6 +323,14 @@ def multi30k_page(m30k: dict) -> str:
                         + ["Every finished run, in the order it finished:", m30k["status_markdown"]])
 
 
+def multi30k_readme(m30k: dict) -> str:
+    """The README's Multi30k block: the count, the Table 5 layout (the study's markdown begins with it) and
+    what it means beside the paper."""
+    result = multi30k_result(m30k)
+    return "\n\n".join([f"{multi30k_status(m30k)}:", m30k["markdown"].split("\n\n", 1)[0]]
+                         + ([result + "."] if result else []))
+
+
 def _load_average(xs: list[float]) -> str:
     return " / ".join(f"{x:.1f}" for x in xs)
 
@@ -415,6 +423,7 @@ TABLES = {
     "quickstart-time": (lambda d: quickstart_time(d["quickstart"]), [ROOT / "README.md"]),
     "demo": (lambda d: demo_page(d["demo"]), [ROOT / "docs" / "iwslt.md"]),
     "multi30k": (lambda d: multi30k_page(d["multi30k"]), [ROOT / "docs" / "multi30k.md"]),
+    "multi30k-summary": (lambda d: multi30k_readme(d["multi30k"]), [ROOT / "README.md"]),
     "figure4-findings": (lambda d: figure4_findings(d["figure4"]), [ROOT / "docs" / "vision-figure4.md"]),
 }
 

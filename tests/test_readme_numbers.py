@@ -161,6 +161,10 @@ def test_multi30k_result_sets_the_paired_gain_beside_the_papers_and_the_seeds_it
     # the page leads with the table and what it means; every run's row follows
     page = R.render(multi30k=m30k)["multi30k"]
     assert page.index(m30k["markdown"]) < page.index(want) < page.index(m30k["status_markdown"])
+    # the README shows the Table 5 layout (the study's first table) and the same sentence, not the run list
+    readme = R.render(multi30k=m30k)["multi30k-summary"]
+    assert "| BLEU (test_2016_flickr) | Adam |" in readme and want + "." in readme
+    assert m30k["markdown"].split("\n\n")[0] in readme and "| run | updates |" not in readme
     m30k["status"]["complete"] = False
     assert R.multi30k_result(m30k).startswith("ASAM - Adam on Multi30k so far: +0.30")
     m30k["summary"]["power"] = None  # before ASAM and Adam share a seed
