@@ -303,25 +303,27 @@ def plan(runs: dict, *, seeds: list[int], grid_seeds: list[int], grids: dict, ma
     return jobs, decisions
 
 
-def speculative(runs: dict, decisions: dict, *, grid_seeds: list[int], max_widen: int = MAX_WIDEN,
-                busy=()) -> list[tuple]:
-    """Runs to start on an idle core while a rho choice still waits for its grid: for each method whose
-    choice waits, if the best of its finished grid values (mean validation sacreBLEU over the grid seeds)
-    sits at an end of the grid, the widening value on that side (the one :func:`plan` adds if that value
-    stays the best). Started early, not on the plan's word: if the choice moves, the run is kept in the
-    JSON and no comparison uses it."""
+def speculative(runs: dict, decisions: dict, *, grid_seeds: list[int], seeds: list[int] = (),
+                max_widen: int = MAX_WIDEN, busy=()) -> list[tuple]:
+    """Runs to start on an idle core while a rho choice still waits for its grid, for each method whose
+    choice waits, from the best of its finished grid values (mean validation sacreBLEU over the grid seeds),
+    the leader: first, if the leader sits at an end of the grid, the widening value on that side (the run
+    :func:`plan` adds if the leader stays the best); then the other ``seeds`` at the leader (the runs the
+    plan asks for if the leader is chosen). Started early, not on the plan's word: if the choice lands
+    elsewhere, such a run is kept in the JSON and no comparison uses it."""
     out = []
     for m, d in decisions.items():
-        if d.get("chosen") is not None or len(d["widened"]) >= max_widen:
+        if d.get("chosen") is not None:
             continue
         done = [r for r in d["grid"] if all(key(m, r, s) in runs for s in grid_seeds)]
         if not done:
             continue
         lead, _ = choose_rho(runs, m, done, grid_seeds)
         side = "lowest" if lead == min(d["grid"]) else "highest" if lead == max(d["grid"]) else None
-        nxt = widen(d["grid"], side) if side else None
-        if nxt is not None:
-            out += [(m, nxt, s) for s in grid_seeds if key(m, nxt, s) not in runs and (m, nxt, s) not in busy]
+        nxt = widen(d["grid"], side) if side and len(d["widened"]) < max_widen else None
+        cand = [(m, nxt, s) for s in grid_seeds] if nxt is not None else []
+        cand += [(m, lead, s) for s in seeds if s not in grid_seeds]
+        out += [j for j in cand if key(*j) not in runs and j not in busy and j not in out]
     return out
 
 
@@ -615,8 +617,9 @@ def main(argv=None) -> int:
     ap.add_argument("--avg", type=int, default=AVG_N)
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="runs at once, each pinned to one of the allowed cores (default %(default)s); with a free "
-                         "core and a rho choice still waiting for its grid, the likely widening run starts early")
+                    help="runs at once, each pinned to one of the allowed cores, or all unpinned when there are "
+                         "more runs than cores (default %(default)s); with a free slot and a rho choice still "
+                         "waiting for its grid, the runs the leading rho would call for start early")
     ap.add_argument("--size", action="store_true", help="only measure the sizing candidates' speed")
     ap.add_argument("--size-updates", type=int, default=40)
     ap.add_argument("--size-models", default=",".join(SIZE_CANDIDATES))
@@ -677,7 +680,9 @@ def main(argv=None) -> int:
            "python -m studies.multi30k "
            + shlex.join([a for a in (argv if argv is not None else sys.argv[1:])]))
     kw = {"model": MODEL, "recipe": RECIPE, "max_epoch": a.max_epoch, "patience": a.patience, "avg_n": a.avg}
-    cores = sorted(os.sched_getaffinity(0))[:a.jobs] if a.jobs > 1 else [None]
+    # one core per run while there are enough; more runs than cores share them all, unpinned
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = [None] if a.jobs == 1 else allowed[:a.jobs] if a.jobs <= len(allowed) else [None] * a.jobs
     running: dict = {}  # future -> (job, core, keys of the runs that ran beside it)
     started, failed = 0, None
     # one run at a time runs in this process; several in forked workers (this process holds no thread and
@@ -690,7 +695,8 @@ def main(argv=None) -> int:
         busy = [j for j, _, _ in running.values()]
         todo = [j for j in jobs if key(*j) not in runs and j not in busy]
         if len(todo) < len(cores) - len(running):
-            todo += [j for j in speculative(runs, decisions, grid_seeds=grid_seeds, busy=busy) if j not in todo]
+            todo += [j for j in speculative(runs, decisions, grid_seeds=grid_seeds, seeds=seeds, busy=busy)
+                     if j not in todo]
         summary = summarize(runs, decisions, seeds)
         res = {**{k: v for k, v in prior.items() if k not in ("runs", "summary", "markdown", "plan", "status",
                                                                  "status_markdown", "other_settings_runs")},
@@ -710,7 +716,8 @@ def main(argv=None) -> int:
         write_json(res, a.json)
         while failed is None and todo and len(running) < len(cores) and (a.max_runs is None or started < a.max_runs):
             job = todo.pop(0)
-            core = next(c for c in cores if c not in {c2 for _, c2, _ in running.values()})
+            used = {c for _, c, _ in running.values()}
+            core = next(c for c in cores if c not in used) if cores[0] is not None else None
             for _, _, beside in running.values():
                 beside.add(key(*job))
             running[_submit(pool, _run_job, core, out, job, kw)] = (job, core, {key(*j) for j, _, _ in running.values()})

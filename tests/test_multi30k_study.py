@@ -143,9 +143,13 @@ def test_speculative_widening_is_the_run_the_plan_adds_if_the_leading_rho_stays_
     assert dec["asam"]["chosen"] is None
     assert S.speculative(runs, dec, grid_seeds=[1]) == [("asam", 0.05, 1)]
     assert S.speculative(runs, dec, grid_seeds=[1], busy=[("asam", 0.05, 1)]) == []
-    # the leader inside the grid, or the widening budget spent: nothing to start early
+    # then the other seeds at the leader, the runs the plan asks for if it is chosen
+    assert S.speculative(runs, dec, grid_seeds=[1], seeds=[1, 2, 3], busy=[("asam", 0.05, 1)]) == [
+        ("asam", 0.1, 2), ("asam", 0.1, 3)]
+    # the leader inside the grid, or the widening budget spent: no widening to start early
     runs = runs_of(base[0], rec("asam", 0.1, 1, 31), rec("asam", 0.2, 1, 33))
     assert S.speculative(runs, S.plan(runs, **KW)[1], grid_seeds=[1]) == []
+    assert S.speculative(runs, S.plan(runs, **KW)[1], grid_seeds=[1], seeds=[1, 2]) == [("asam", 0.2, 2)]
     assert S.speculative(runs_of(*base), {"asam": {**dec["asam"], "widened": [1.0, 2.0]}}, grid_seeds=[1]) == []
     # when the choice lands where the speculation bet, the plan asks for exactly the run already started
     runs = runs_of(*base, rec("asam", 0.5, 1, 31))
@@ -181,10 +185,13 @@ def test_two_jobs_run_side_by_side_on_their_own_cores_and_reach_the_one_job_plan
     assert S.main([*argv, "--json", str(tmp_path / "two.json"), "--jobs", "2"]) == 0
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["plan"] == two["plan"] and one["summary"] == two["summary"] and two["status"]["complete"]
-    assert sorted(r["key"] for r in one["runs"]) == sorted(r["key"] for r in two["runs"])
+    # runs started early on a leader that the choice then passed by are kept, unused
+    extra = {r["key"]: r for r in two["runs"]}.keys() - {r["key"] for r in one["runs"]}
+    assert {r["key"] for r in one["runs"]} <= {r["key"] for r in two["runs"]}
+    assert all(r["seed"] == 2 and r["rho"] != 0.02 for r in two["runs"] if r["key"] in extra)
     ran = [json.loads(x) for x in (out / "ran.jsonl").read_text().splitlines()]
     assert two["plan"]["asam"]["chosen"] == 0.02 and two["plan"]["asam"]["widened"] == [0.05, 0.02]
-    assert len(ran) == 8 and len({r["pid"] for r in ran}) == 2  # two worker processes
+    assert len(ran) == 8 + len(extra) and len({r["pid"] for r in ran}) == 2  # two worker processes
     assert all(len(r["cores"]) == 1 for r in ran) and len({r["cores"][0] for r in ran}) == 2
     at = {r["key"]: r for r in ran}
     # the first pair overlaps in time; the widening run starts while the grid's last run still trains
@@ -328,3 +335,22 @@ def test_plot_data_is_the_mean_curve_at_the_chosen_rho_and_the_paired_difference
     assert [p["epoch"] for p in diff] == [1, 2]
     assert [p["diff"] for p in diff] == pytest.approx([0.3, 0.2]) and [p["se"] for p in diff] == pytest.approx([0.2, 0.1])
     assert [p["loss"] for p in d["asam"]["curve"]] == pytest.approx([5.4, 4.3, 3.2])
+
+
+@pytest.mark.slow
+def test_more_jobs_than_cores_share_every_core_and_reach_the_same_choice(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(S, "train_one", _timed_train)
+    monkeypatch.setattr(S.corpora, "prepare_multi30k", lambda *a, **k: PREPARED)
+    out = tmp_path / "out"
+    out.mkdir()
+    allowed = sorted(os.sched_getaffinity(0))
+    jobs = len(allowed) + 1
+    assert S.main(["--out", str(out), "--seeds", "1,2", "--grid-seeds", "1", "--methods", "asam",
+                   "--json", str(tmp_path / "r.json"), "--jobs", str(jobs)]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["status"]["complete"] and res["plan"]["asam"]["chosen"] == 0.02
+    ran = [json.loads(x) for x in (out / "ran.jsonl").read_text().splitlines()]
+    assert all(r["cores"] == allowed for r in ran)  # unpinned
+    assert len({r["pid"] for r in ran}) == jobs
