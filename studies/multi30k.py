@@ -474,7 +474,7 @@ def status_markdown(res: dict) -> str:
                          f"{r['train_wall_s'] / 60:.1f} | {r['wall_s_per_update']:.3f} / {r['cpu_s_per_update']:.3f} |")
     pairs = sorted({tuple(sorted([r["key"], b])) for r in res.get("runs", []) for b in r.get("beside", [])})
     if pairs:
-        lines += ["", "Ran side by side, one run per core (`--jobs 2`; their times are measured beside each other): "
+        lines += ["", "Ran at the same time (`--jobs`; each one's time is measured beside the other's): "
                   + "; ".join(f"{a} with {b}" for a, b in pairs)]
     st = res.get("status", {})
     lines += ["", f"{st.get('finished_runs', 0)} runs finished; next: {', '.join(st.get('next', [])) or 'none'}"

@@ -208,7 +208,7 @@ def test_two_jobs_run_side_by_side_on_their_own_cores_and_reach_the_one_job_plan
     assert "taskset -c" in two["command"] and "--jobs 2" in two["command"]
     # the page's run table says which runs shared the machine
     assert "asam-seed1-rho0.05 with asam-seed1-rho0.5" in two["status_markdown"]
-    assert "side by side" not in one["status_markdown"]
+    assert "at the same time" not in one["status_markdown"]
 
 
 def _gone(pid: int) -> bool:
