@@ -319,7 +319,7 @@ def speculative(runs: dict, decisions: dict, *, grid_seeds: list[int], seeds: li
         if not done:
             continue
         lead, _ = choose_rho(runs, m, done, grid_seeds)
-        side = "lowest" if lead == min(d["grid"]) else "highest" if lead == max(d["grid"]) else None
+        side = edge(lead, d["grid"])
         nxt = widen(d["grid"], side) if side and len(d["widened"]) < max_widen else None
         cand = [(m, nxt, s) for s in grid_seeds] if nxt is not None else []
         cand += [(m, lead, s) for s in seeds if s not in grid_seeds]
@@ -676,12 +676,12 @@ def main(argv=None) -> int:
         else:
             other.append(r)
     grids = {m: GRID[m] for m in methods}
-    cmd = (f"PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c {','.join(map(str, sorted(os.sched_getaffinity(0))))} "
+    allowed = sorted(os.sched_getaffinity(0))
+    cmd = (f"PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c {','.join(map(str, allowed))} "
            "python -m studies.multi30k "
            + shlex.join([a for a in (argv if argv is not None else sys.argv[1:])]))
     kw = {"model": MODEL, "recipe": RECIPE, "max_epoch": a.max_epoch, "patience": a.patience, "avg_n": a.avg}
     # one core per run while there are enough; more runs than cores share them all, unpinned
-    allowed = sorted(os.sched_getaffinity(0))
     cores = [None] if a.jobs == 1 else allowed[:a.jobs] if a.jobs <= len(allowed) else [None] * a.jobs
     running: dict = {}  # future -> (job, core, keys of the runs that ran beside it)
     started, failed = 0, None
