@@ -43,6 +43,22 @@ def _close_fork_servers():
         fairseq_helpers.close_fork_servers()
 
 
+@pytest.fixture(scope="module")
+def warm_launches():
+    """For one module: ``sys.executable`` is the warm python launcher (tests/warm_python.py), so the Python
+    processes the library starts (fairseq-train, -preprocess, -generate, a study's runs) skip the imports of
+    torch and fairseq; one thread per process (``OMP_NUM_THREADS=1``), as the tests' own fairseq runs.
+    Their CPU time is not counted in this process's children's: a test that checks a recorded CPU time or
+    a process tree does not use this."""
+    import warm_python
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        mp.setattr(sys, "executable", warm_python.warm_executable())
+        yield sys.executable
+
+
 # ---- the fast tier's guard: no process starts in a test that is not marked slow ---------------------
 
 _VIOLATIONS = pytest.StashKey[list]()

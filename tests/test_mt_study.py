@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,14 +107,15 @@ def test_summary_flags_a_rho_at_the_edge_of_its_grid_and_reads_the_other_seeds_a
 
 
 @pytest.mark.slow
-def test_toy_study_end_to_end(tmp_path):
+def test_toy_study_end_to_end(tmp_path, warm_launches):
+    # the study, its fairseq-train runs and the one below start warm (tests/warm_python.py), in a bare environment
     out, js = tmp_path / "out", tmp_path / "mt.json"
-    p = subprocess.run([sys.executable, "-m", "studies.mt_convergence", "--out", str(out), "--json", str(js),
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([warm_python.warm_executable(env), "-m", "studies.mt_convergence", "--out", str(out), "--json", str(js),
                         "--train-pairs", "80", "--test-pairs", "3", "--noise", "0.25", "--seeds", "1,2",
                         "--grid-seeds", "1", "--rho-grid", "0.3", "--max-epoch", "4", "--patience", "1",
                         "--avg", "2", "--jobs", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
     res = json.loads(js.read_text())
     assert res["data"]["valid_pairs"] == 6 and res["data"]["test_pairs"] == 9 and res["data"]["swapped"] == 20
