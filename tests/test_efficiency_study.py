@@ -73,7 +73,7 @@ def test_recompute_bn_gives_the_batch_statistics_at_the_current_weights():
 
 
 @pytest.mark.slow
-def test_quick_study_writes_power_check_table_json_and_plot(tmp_path):
+def test_quick_study_writes_power_check_table_json_and_plot(tmp_path, warm_launches):  # warm starts: tests/warm_python.py
     out, plot = tmp_path / "out", tmp_path / "eff.png"
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "efficiency_study.py"), "--quick", "--jobs", "2",
                         "--out", str(out), "--plot", str(plot)], capture_output=True, text=True, timeout=600)

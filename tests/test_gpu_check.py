@@ -34,7 +34,7 @@ def test_gpu_check_refuses_without_gpu_or_dry_run():
 
 
 @pytest.mark.slow
-def test_gpu_check_cpu_dry_run(tmp_path):
+def test_gpu_check_cpu_dry_run(tmp_path, warm_launches):  # its Python processes start warm (tests/warm_python.py)
     out = tmp_path / "gc.json"
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-dry-run", "--out", str(out)],

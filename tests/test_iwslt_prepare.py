@@ -39,7 +39,7 @@ def run_script(*args, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, warm_launches):  # fairseq-preprocess starts warm (tests/warm_python.py)
     root = tmp_path_factory.mktemp("iwslt")
     tgz = write_archive(root / "de-en.tgz", n_pairs=N_PAIRS)
     r = run_script("--tarball", tgz, "--dest", root / "bin", "--work-dir", root / "work", "--bpe-tokens", BPE_TOKENS,

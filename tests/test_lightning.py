@@ -410,7 +410,7 @@ torch.save({"state": {k: v.clone() for k, v in module.net.state_dict().items()},
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_ddp_two_workers_equal_one_worker_on_their_union(tmp_path, accum):
+def test_ddp_two_workers_equal_one_worker_on_their_union(tmp_path, accum, warm_launches):  # warm: tests/warm_python.py
     import json
     import os
     import subprocess

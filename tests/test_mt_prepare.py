@@ -150,7 +150,7 @@ def test_download_checks_every_file_and_leaves_nothing_that_looks_finished(serve
 
 
 @pytest.mark.slow
-def test_offline_folder_prepared_cased_with_raw_references(tmp_path, sums_of):
+def test_offline_folder_prepared_cased_with_raw_references(tmp_path, sums_of, warm_launches):
     src = tmp_path / "m30k"
     sums_of(write_multi30k(src))
     dest, work = tmp_path / "bin", tmp_path / "work"

@@ -34,7 +34,7 @@ def cifar_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(cifar_dir, tmp_path_factory):
+def runs(cifar_dir, tmp_path_factory, warm_launches):  # `python -m fairseq_asam.vision` starts warm (tests/warm_python.py)
     """One short real run per minimizer: SGD through `python -m fairseq_asam.vision`, SAM/ASAM in-process."""
     out = tmp_path_factory.mktemp("runs")
     common = ["--dataset", "cifar10", "--data-dir", cifar_dir, "--epochs", "2", "--lr", "0.05", *TINY]
@@ -210,7 +210,7 @@ def test_paper_defaults():
 
 
 @pytest.mark.slow
-def test_reproduce_cifar_script(cifar_dir, tmp_path):
+def test_reproduce_cifar_script(cifar_dir, tmp_path, warm_launches):
     out = tmp_path / "out"
     env = dict(_env(), MODELS="resnet8", METHODS="sgd asam", SEEDS="0", DATASETS="cifar10", EPOCHS="1",
                DATA_DIR=cifar_dir, OUT=str(out), PYTHON=sys.executable, EXTRA_ARGS="--workers 0 --batch-size 64 --device cpu")
