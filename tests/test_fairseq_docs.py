@@ -1,8 +1,9 @@
 """docs/fairseq.md's offline "Try it" runs as written, and the model it trains has learned the tiny corpus.
 
 The indented commands after "## Try it" run in one bash process (``set -euo pipefail``) in a temporary
-folder, with ``.venv/bin/`` replaced by this interpreter's folder and ``fairseq_asam`` linked in, so the
-relative paths of the guide resolve as they do from the repository root. What fairseq-generate and
+folder, with ``.venv/bin/`` replaced by a folder of warm launchers (tests/warm_python.py) of this
+interpreter's ``python`` and fairseq commands and ``fairseq_asam`` linked in, so the relative paths of the
+guide resolve as they do from the repository root. What fairseq-generate and
 fairseq-interactive print must show a trained model: the guide's 300 updates gave test BLEU 75.72, 94 of
 the 112 reference words in place, 6 of the 16 sentences exact, 3 to 9 words per hypothesis, and "t1 t2
 t3" for "s1 s2 s3" (CPU, one thread), where the guide's earlier 50 updates gave one or two tokens per
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_BIN = Path(sys.executable).parent  # the virtual environment's (read before warm_launches replaces it)
 pytestmark = pytest.mark.slow
 
 
@@ -45,9 +47,19 @@ def test_try_it_commands_are_found():
     assert "--max-update 300" in cmds[1] and "\\" not in "".join(cmds)
 
 
-def test_try_it_runs_and_the_model_learned(tmp_path):
+def warm_bin(folder: Path, launcher: str) -> str:
+    """A folder with ``python`` and the fairseq commands, each the real one run by the warm launcher."""
+    folder.mkdir()
+    (folder / "python").symlink_to(launcher)
+    for tool in ("fairseq-preprocess", "fairseq-train", "fairseq-generate", "fairseq-interactive"):
+        (folder / tool).write_text(f'#!/bin/sh\nexec "{launcher}" "{REAL_BIN / tool}" "$@"\n')
+        (folder / tool).chmod(0o755)
+    return str(folder) + "/"
+
+
+def test_try_it_runs_and_the_model_learned(tmp_path, warm_launches):
     cmds = try_it_commands((ROOT / "docs" / "fairseq.md").read_text(encoding="utf-8"))
-    bin_dir = str(Path(sys.executable).parent) + "/"
+    bin_dir = warm_bin(tmp_path / ".warm-bin", warm_launches)
     # Each command's stdout after a marker line, so generate's and interactive's H-0 lines stay apart.
     script = "set -euo pipefail\n" + "".join(f"echo @@{i}\n{c.replace('.venv/bin/', bin_dir)}\n"
                                              for i, c in enumerate(cmds))

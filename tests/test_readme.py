@@ -63,7 +63,7 @@ def test_block_parser_finds_blocks_and_opt_outs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_every_python_example_runs(tmp_path):
+def test_every_python_example_runs(tmp_path, warm_launches):  # in one warm process (tests/warm_python.py)
     blocks, skipped = [], []
     for path in DOCS:
         run, skip = python_blocks(path)
