@@ -282,12 +282,21 @@ def correlation_verdict(corr: dict) -> str:
             "not reproduced: adaptive sharpness does not have the higher Kendall's tau and Psi for both p")
 
 
-def multi30k_status(m30k: dict) -> str:
+def _unused_runs(m30k: dict) -> str:
+    """The runs no comparison uses: started early (``--jobs``) on a seed beyond the grid's, at a rho that was
+    then not chosen."""
+    chosen = {m: (m30k.get("plan", {}).get(m) or {}).get("chosen") for m in m30k["settings"]["grids"]}
+    unused = [r["key"] for r in m30k.get("runs", []) if chosen.get(r["method"]) is not None
+              and r["seed"] not in m30k["settings"]["grid_seeds"] and r["rho"] != chosen[r["method"]]]
+    return f"; {' and '.join(unused)} started early at a rho that was then not chosen, in no comparison" if unused else ""
+
+
+def multi30k_status(m30k: dict, unused: bool = True) -> str:
     """Finished runs out of the planned ones (Adam on every seed; per method its rho grid on the grid seeds,
     then the chosen rho on the other seeds; a widened grid adds runs, which the count then includes)."""
     st, status = m30k["settings"], m30k["status"]
     if status["complete"]:
-        return f"Multi30k study complete ({status['finished_runs']} runs)"
+        return f"Multi30k study complete ({status['finished_runs']} runs{_unused_runs(m30k) if unused else ''})"
     seeds, grid_seeds = st["seeds"], st["grid_seeds"]
     widened = sum(len((m30k.get("plan", {}).get(m) or {}).get("widened", [])) for m in st["grids"])
     planned = len(seeds) + sum(len(g) * len(grid_seeds) + len(seeds) - len(grid_seeds) for g in st["grids"].values())
@@ -317,17 +326,17 @@ def multi30k_page(m30k: dict) -> str:
     """docs/multi30k.md's results: the count, the table (so far), what it means beside the paper, then every
     finished run (all as the study wrote them)."""
     result = multi30k_result(m30k)
-    return "\n\n".join([f"{multi30k_status(m30k)} (as of the committed JSON; tokenized BLEU and sacreBLEU agree "
-                         "closely on these captions):", m30k["markdown"]]
+    when = "" if m30k["status"]["complete"] else " (as of the committed JSON)"
+    return "\n\n".join([f"{multi30k_status(m30k)}{when}. Tokenized BLEU and sacreBLEU agree closely on these "
+                         "captions:", m30k["markdown"]]
                         + ([result + "."] if result else [])
                         + ["Every finished run, in the order it finished:", m30k["status_markdown"]])
 
 
 def multi30k_readme(m30k: dict) -> str:
-    """The README's Multi30k block: the count, the Table 5 layout (the study's markdown begins with it) and
-    what it means beside the paper."""
+    """The README's Multi30k block: the count, the Table 5 layout and what it means beside the paper."""
     result = multi30k_result(m30k)
-    return "\n\n".join([f"{multi30k_status(m30k)}:", m30k["markdown"].split("\n\n", 1)[0]]
+    return "\n\n".join([f"{multi30k_status(m30k)}:", m30k["table5"]]
                          + ([result + "."] if result else []))
 
 
@@ -396,7 +405,7 @@ def reproduced_table(d: dict) -> str:
         ("Table 5: IWSLT'14 DE-EN, ASAM 35.02 vs Adam 34.86 test BLEU",
          "not yet (GPU): `asam-iwslt-train` ([IWSLT'14](docs/iwslt.md)); CPU: the pipeline on a generated corpus "
          "(`make demo`) and real text at small scale ([Multi30k](docs/multi30k.md))",
-         f"about 1.5 GPU-hours per ASAM run, 9 runs; {multi30k_status(d['multi30k'])}"
+         f"about 1.5 GPU-hours per ASAM run, 9 runs; {multi30k_status(d['multi30k'], unused=False)}"
          + (f"; {multi30k_result(d['multi30k'])}" if multi30k_result(d["multi30k"]) else "")),
         ("Table 6: CIFAR-10 label noise, ResNet-32", "not yet (GPU): `LABEL_NOISE=0.4 MODELS=resnet32 bash "
          "scripts/reproduce-cifar.sh`; CPU, small: MNIST with 40% label noise ([efficiency](docs/efficiency.md))",

@@ -710,7 +710,7 @@ def main(argv=None) -> int:
                "status": {"finished_runs": len(runs), "planned_runs_known": len(jobs),
                           "running": [key(*j) for j in busy], "next": [key(*j) for j in todo[:3]],
                           "complete": not todo and not running},
-               "plan": decisions, "summary": summary, "markdown": markdown(summary, decisions),
+               "plan": decisions, "summary": summary, "table5": table5(summary), "markdown": markdown(summary, decisions),
                "runs": list(runs.values()), "other_settings_runs": other}
         res["status_markdown"] = status_markdown(res)  # docs/multi30k.md's status (scripts/readme_numbers.py)
         write_json(res, a.json)

@@ -112,6 +112,8 @@ def test_study_writes_the_json_after_every_run_and_a_rerun_skips_finished_runs(t
     assert "studies.multi30k" in res["command"] and res["resume"]
     # the page's status table (scripts/readme_numbers.py renders it into docs/multi30k.md) is the JSON's runs
     assert res["status_markdown"] == S.status_markdown(res) and "| asam-seed1-rho0.2 | 100 |" in res["status_markdown"]
+    # the README's table (the paper's Table 5 layout) is the first table of the markdown, stored on its own
+    assert res["table5"] == S.table5(res["summary"]) and res["markdown"].startswith(res["table5"] + "\n\n")
     # resumed from the JSON alone: only the missing runs train
     trained.clear()
     n_before = 3

@@ -96,7 +96,7 @@ def test_reproduced_rows_follow_the_json():
     study["summary"]["mnist-mlp 40% noise"]["power"]["gain"] = 4.56
     assert "ASAM gains 4.6 points over SGD" in R.render(study=study)["reproduced"]
 
-    m30k["status"], m30k["plan"] = {**m30k["status"], "finished_runs": 7}, {}  # the plan without a widened grid
+    m30k["status"], m30k["plan"] = {**m30k["status"], "finished_runs": 7, "complete": False}, {}  # no widened grid
     assert "Multi30k study running: 7 of 18 runs finished" in R.render(multi30k=m30k)["reproduced"]
     m30k["status"] = {**m30k["status"], "complete": True}
     assert "Multi30k study complete (7 runs)" in R.render(multi30k=m30k)["reproduced"]
@@ -112,6 +112,14 @@ def test_multi30k_planned_runs_count_the_plan():
     assert R.multi30k_status(m30k) == "Multi30k study running: 3 of 18 runs finished"
     m30k["plan"] = {"asam": {"widened": [1.0]}}  # a widened grid: one more grid run per grid seed
     assert R.multi30k_status(m30k) == "Multi30k study running: 3 of 19 runs finished"
+    # complete: a run started early (--jobs) beyond the grid seeds at a rho that was then not chosen is named
+    m30k["status"], m30k["plan"] = {"finished_runs": 4, "complete": True}, {"asam": {"chosen": 0.2, "widened": []}}
+    m30k["runs"] = [{"key": "adam-seed2", "method": "adam", "seed": 2, "rho": None},
+                    {"key": "asam-seed1-rho0.1", "method": "asam", "seed": 1, "rho": 0.1},
+                    {"key": "asam-seed2-rho0.2", "method": "asam", "seed": 2, "rho": 0.2},
+                    {"key": "asam-seed2-rho0.1", "method": "asam", "seed": 2, "rho": 0.1}]
+    assert R.multi30k_status(m30k) == ("Multi30k study complete (4 runs; asam-seed2-rho0.1 started early at a rho "
+                                       "that was then not chosen, in no comparison)")
 
 
 def test_toy_output_is_the_scripts_lines():
@@ -164,7 +172,7 @@ def test_multi30k_result_sets_the_paired_gain_beside_the_papers_and_the_seeds_it
     # the README shows the Table 5 layout (the study's first table) and the same sentence, not the run list
     readme = R.render(multi30k=m30k)["multi30k-summary"]
     assert "| BLEU (test_2016_flickr) | Adam |" in readme and want + "." in readme
-    assert m30k["markdown"].split("\n\n")[0] in readme and "| run | updates |" not in readme
+    assert m30k["table5"] in readme and "| run | updates |" not in readme
     m30k["status"]["complete"] = False
     assert R.multi30k_result(m30k).startswith("ASAM - Adam on Multi30k so far: +0.30")
     m30k["summary"]["power"] = None  # before ASAM and Adam share a seed
