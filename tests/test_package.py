@@ -12,8 +12,11 @@ from fairseq.tasks import TASK_REGISTRY
 import torch
 assert {"asam_adam", "sam_adam"} <= set(OPTIMIZER_REGISTRY), sorted(OPTIMIZER_REGISTRY)
 assert "translation_sam" in TASK_REGISTRY
-import argparse
-assert argparse.Namespace in torch.serialization.get_safe_globals()  # the checkpoint allow-list
+import sys
+assert "fairseq_asam.fairseq_ext.checkpoint" in sys.modules  # imported (and so registered) at import, not below
+from fairseq_asam.fairseq_ext.checkpoint import SAFE_GLOBALS
+missing = [g for g in SAFE_GLOBALS if g not in torch.serialization.get_safe_globals()]  # the checkpoint allow-list
+assert not missing, missing
 """
 
 CASES = {

@@ -99,10 +99,16 @@ def test_other_command_lines_and_environments_run_cold(launcher):
     assert p.stdout == "False\n"
 
 
+def _default_signals():
+    # as from a shell: a test process may have SIGINT ignored (then python, cold or warm, ignores it too)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(launcher):
     """A warm run that prints its pid and sleeps; (launcher process, the run's pid)."""
     p = subprocess.Popen([launcher, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"],
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     pid = int(p.stdout.readline())
     assert pid != p.pid
     return p, pid
@@ -126,6 +132,18 @@ def test_a_signal_to_the_launcher_reaches_the_run_and_ends_both_alike(launcher):
         rc = p.wait(timeout=30)
         assert _gone(pid)
         assert rc == (-sig if sig == signal.SIGTERM else -signal.SIGINT)  # python ends by SIGINT after ^C
+
+
+def test_ignored_signals_stay_ignored_as_in_a_cold_run(launcher):
+    def ignore():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+    code = "import signal; print([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)])"
+    for pre in (ignore, _default_signals):
+        cold, warm = both(launcher, ["-c", code], preexec_fn=pre)
+        same(cold, warm)
+    assert cold.stdout == "[False, False, False]\n"
 
 
 def test_a_killed_launcher_takes_its_run_down(launcher):

@@ -57,6 +57,7 @@ _CLIENT = r'''
 import json, os, signal, socket, sys
 
 REAL, SOCK, SERVER_ENV = {real!r}, {sock!r}, {server_env!r}
+FORWARD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def cold():
@@ -87,13 +88,31 @@ def request():
             os.fstat(fd)
         except OSError:
             return None
+    # the signals this process was started with ignored (inherited from its caller, as a cold run's would be)
+    ignored = [int(s) for s in FORWARD if signal.getsignal(s) == signal.SIG_IGN]
     return {{"kind": kind, "target": target, "args": args, "cwd": os.getcwd(), "env": env,
-             "executable": os.path.abspath(sys.argv[0])}}
+             "executable": os.path.abspath(sys.argv[0]), "ignored": ignored}}
 
 
 req = request()
 if req is None:
     cold()
+pid, pending = None, []
+
+
+def forward(sig, frame):
+    if pid is None:  # the run is not started yet: it gets the signal as soon as it is
+        pending.append(sig)
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+for sig in FORWARD:
+    if signal.getsignal(sig) != signal.SIG_IGN:  # an ignored one the run ignores too
+        signal.signal(sig, forward)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
     s.connect(SOCK)
@@ -106,21 +125,12 @@ line = f.readline()
 if not line:
     cold()
 pid = json.loads(line)["pid"]
-
-
-def forward(sig, frame):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-    signal.signal(sig, forward)
+for sig in pending:
+    forward(sig, None)
 line = f.readline()
 status = json.loads(line)["status"] if line else -signal.SIGKILL
 if status < 0:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in FORWARD:
         signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), -status)
 os._exit(status if status >= 0 else 1)
@@ -175,6 +185,12 @@ def run(req, fds):
     for fd in fds:
         if fd > 2:
             os.close(fd)
+    # the signal dispositions python starts with, given what the caller left ignored
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        if sig in req["ignored"]:
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
