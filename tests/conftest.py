@@ -109,14 +109,15 @@ def pytest_runtest_teardown(item, nextitem):
 
 # `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each module is one unit of work,
 # handed to the workers in collection order (xdist's default would reorder them by number of tests). These modules
-# start many processes (seconds per module on one core of this project's 2-core machine, child processes included:
-# test_mt_study 167, test_iwslt_e2e 147, test_fairseq_schedule 123, test_fairseq_cli 122, ... down to
-# test_precision 25); started first, they no longer leave one worker running a two-minute module alone at the end
+# start many processes (seconds of wall time per module in `make test` on this project's 2-core machine:
+# test_fairseq_cli 92, test_fairseq_schedule 89, test_iwslt_e2e 51, test_multi30k_study 46, ... down to
+# test_fairseq_docs 15); started first, they no longer leave one worker running a long module alone at the end
 # while the other is idle. Within a module, and among the other modules, the order stays.
-HEAVY_FIRST = ("test_mt_study.py", "test_iwslt_e2e.py", "test_fairseq_schedule.py", "test_fairseq_cli.py",
-               "test_vision_train.py", "test_efficiency_study.py", "test_lightning.py", "test_fsdp.py",
-               "test_benchmark.py", "test_transformers.py", "test_fairseq_docs.py", "test_multi30k_study.py",
-               "test_gpu_check.py", "test_readme.py", "test_iwslt_prepare.py", "test_precision.py")
+HEAVY_FIRST = ("test_fairseq_cli.py", "test_fairseq_schedule.py", "test_iwslt_e2e.py", "test_multi30k_study.py",
+               "test_transformers.py", "test_vision_train.py", "test_benchmark.py", "test_mt_study.py", "test_fsdp.py",
+               "test_warm_python.py", "test_efficiency_study.py", "test_readme.py", "test_package.py",
+               "test_precision.py", "test_fairseq_update.py", "test_sharpness_cli.py", "test_tracking.py",
+               "test_lightning.py", "test_fairseq_docs.py", "test_gpu_check.py", "test_iwslt_prepare.py")
 
 
 def pytest_collection_modifyitems(config, items):

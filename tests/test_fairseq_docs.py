@@ -50,9 +50,9 @@ def test_try_it_commands_are_found():
 def warm_bin(folder: Path, launcher: str) -> str:
     """A folder with ``python`` and the fairseq commands, each the real one run by the warm launcher."""
     folder.mkdir()
-    (folder / "python").symlink_to(launcher)
-    for tool in ("fairseq-preprocess", "fairseq-train", "fairseq-generate", "fairseq-interactive"):
-        (folder / tool).write_text(f'#!/bin/sh\nexec "{launcher}" "{REAL_BIN / tool}" "$@"\n')
+    for tool in ("python", "fairseq-preprocess", "fairseq-train", "fairseq-generate", "fairseq-interactive"):
+        run = "" if tool == "python" else f' "{REAL_BIN / tool}"'
+        (folder / tool).write_text(f'#!/bin/sh\nexec "{launcher}"{run} "$@"\n')
         (folder / tool).chmod(0o755)
     return str(folder) + "/"
 

@@ -25,7 +25,7 @@ REPORT = ("import os, sys; print(sys.argv, repr(sys.path[0]), __name__, os.getcw
 
 @pytest.fixture(scope="module")
 def launcher():
-    return warm_python.warm_executable()
+    return warm_python.launcher()
 
 
 def both(launcher, argv, **kw):
@@ -165,6 +165,6 @@ def test_fairseq_sets_up_logging_in_the_runs_own_order(launcher):
 def test_a_bare_environment_is_warm_too():
     """Under the C locale python sets LC_CTYPE itself (PEP 538): the launcher compares what the server has."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    exe = warm_python.warm_executable(env)
+    exe = warm_python.launcher(env)
     p = subprocess.run([exe, "-c", "import sys; print('torch' in sys.modules)"], env=env, capture_output=True, text=True)
     assert p.stdout == "True\n", p.stderr

@@ -353,6 +353,11 @@ def warm_executable(env: dict | None = None) -> str:
     interpreter's with ``ASAM_TESTS_COLD=1`` in the environment (to compare, or to rule the launcher out)."""
     if os.environ.get("ASAM_TESTS_COLD") == "1":
         return sys.executable
+    return launcher(env)
+
+
+def launcher(env: dict | None = None) -> str:
+    """The launcher's path whatever ``ASAM_TESTS_COLD`` says (tests/test_warm_python.py tests the launcher)."""
     env = dict(os.environ if env is None else env)
     key = tuple(env.get(k) for k in ["PYTHONPATH", *STARTUP_ENV])
     if key not in _SERVERS or _SERVERS[key].proc.poll() is not None:
